@@ -1,0 +1,26 @@
+"""convmat: the exact matrix of every convolution PyTorch can run.
+
+>>> import torch, convmat
+>>> W = convmat.conv_matrix(torch.ones(1, 1, 3), 4)
+>>> W.shape
+torch.Size([2, 4])
+"""
+
+from ._errors import ConvMatError
+from ._pattern import clear_cache
+from .matrix import conv_matrix, conv_transpose_matrix, to_matrix
+from .shapes import conv_output_size, conv_transpose_output_size, same_padding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvMatError",
+    "__version__",
+    "clear_cache",
+    "conv_matrix",
+    "conv_output_size",
+    "conv_transpose_matrix",
+    "conv_transpose_output_size",
+    "same_padding",
+    "to_matrix",
+]

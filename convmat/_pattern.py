@@ -1,0 +1,291 @@
+"""Index arithmetic: the sparsity pattern of W for one :class:`~convmat.shapes.Geometry`.
+
+The pattern depends only on the configuration, never on the weight values, so it is computed
+once, cached, and reused; building W then only gathers kernel values into it.
+
+How the pattern is found, without a Python loop over positions, taps or channels:
+
+1. **One axis at a time.** Along spatial dimension ``d`` every output position ``r`` reads the
+   input positions ``c = r * s + m * dil - pad`` for taps ``m`` (for a transposed convolution the
+   same relation read the other way round). Zero padding drops the taps that fall outside the
+   input; reflect, replicate and circular padding map them back inside, where two taps may land
+   on the same input (they *fold*: their weights add up). Per output position the distinct input
+   positions are sorted into *slots*; this is an ``(R_d, k_d)`` problem, tiny next to W.
+2. **The product over axes and input channels.** A row of W is ``(channel, r_1, ..., r_N)``; its
+   non-zeros are the product of the slots of every axis with the input channels of its group.
+   In C order ``(c_in, slot_1, ..., slot_N)`` their columns come out sorted and distinct, so CSR
+   is written directly, in order. This is done for one output channel (the pattern of every
+   output channel in a group is the same) and then offset per channel in one pass.
+3. **Values** are a gather from the weight viewed as ``(C_rows, C_in_per_group * K)``: one
+   index per non-zero of a channel, plus a segment sum where taps fold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .shapes import Geometry
+
+__all__ = ["Pattern", "clear_cache", "get_pattern"]
+
+_INDEX = torch.int64
+
+
+@dataclass
+class _Axis:
+    """The slots of one spatial axis: per output position, the distinct input positions read."""
+
+    cols: torch.Tensor  # (R, S) input position of each slot (meaningless where ~mask)
+    mask: torch.Tensor  # (R, S) slot in use
+    count: torch.Tensor  # (R,) slots in use
+    slot_tap: torch.Tensor  # (R, S) the tap that fills each slot (when nothing folds)
+    tap_slot: torch.Tensor  # (R, k) the slot each tap lands in, -1 for zero padding
+    folds: bool  # some slot receives more than one tap
+
+
+def _axis_taps(geo: Geometry, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input position read by every ``(output position, tap)`` of one axis, and its validity."""
+    k, s, d = geo.kernel_size[dim], geo.stride[dim], geo.dilation[dim]
+    before = geo.padding[dim][0]
+    size = geo.input_size[dim]
+    r = torch.arange(geo.output_size[dim], dtype=_INDEX)[:, None]
+    m = torch.arange(k, dtype=_INDEX)[None, :]
+    if geo.transposed:
+        # Output r of the transposed convolution is input r of the matching convolution;
+        # it receives x[n] through tap m exactly when n * s + m * d - before == r.
+        num = r + before - m * d
+        valid = (num % s == 0) & (num >= 0) & (num < size * s)
+        return torch.div(num, s, rounding_mode="floor"), valid
+    p = r * s + m * d - before
+    mode = geo.padding_mode
+    if mode == "zeros":
+        return p, (p >= 0) & (p < size)
+    if mode == "reflect":
+        p = torch.where(p < 0, -p, torch.where(p >= size, 2 * (size - 1) - p, p))
+    elif mode == "replicate":
+        p = p.clamp(0, size - 1)
+    else:  # circular
+        p = p % size
+    return p, torch.ones_like(p, dtype=torch.bool)
+
+
+def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
+    rows, k = cols.shape
+    sentinel = torch.iinfo(_INDEX).max
+    key, order = torch.sort(torch.where(valid, cols, sentinel), dim=1, stable=True)
+    kept = key != sentinel
+    first = kept.clone()
+    first[:, 1:] &= key[:, 1:] != key[:, :-1]
+    rank = first.cumsum(1) - 1
+    count = first.sum(1)
+    slots = int(count.max()) if rows else 0
+    # Scatter the first tap of every slot to its rank; the rest go to a spare column, dropped.
+    target = torch.where(first, rank, slots)
+    spare = torch.zeros(rows, slots + 1, dtype=_INDEX)
+    slot_cols = spare.scatter(1, target, key)[:, :slots]
+    slot_tap = spare.scatter(1, target, order)[:, :slots]
+    tap_slot = torch.empty_like(order).scatter_(1, order, torch.where(kept, rank, -1))
+    return _Axis(
+        cols=slot_cols,
+        mask=torch.arange(slots)[None, :] < count[:, None],
+        count=count,
+        slot_tap=slot_tap,
+        tap_slot=tap_slot,
+        folds=bool((kept.sum(1) > count).any()),
+    )
+
+
+def _c_strides(sizes: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for v in reversed(sizes):
+        strides.append(acc)
+        acc *= v
+    return strides[::-1]
+
+
+@dataclass
+class Pattern:
+    """Cached index structure of W for one geometry on one device.
+
+    The non-zeros of row channel ``c`` are ``nnz_per_channel`` entries whose values are
+    ``weight_view[c, gather]`` (summed into ``segment`` where taps fold).
+    """
+
+    shape: tuple[int, int]
+    row_channels: int
+    nnz_per_channel: int
+    crow: torch.Tensor  # (rows + 1,) CSR row pointers
+    col: torch.Tensor  # (nnz,) column of every non-zero, rows in order, sorted within a row
+    row_pos: torch.Tensor  # (nnz_per_channel,) spatial row of each entry of one channel
+    gather: torch.Tensor  # index into weight_view's second dim
+    segment: torch.Tensor | None  # where folded taps add up, or None
+    coo: torch.Tensor | None = field(default=None)  # (2, nnz), made on first request
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors (``col`` is a view into ``coo`` once that exists)."""
+        held = [self.crow, self.row_pos, self.gather, self.segment]
+        held.append(self.coo if self.coo is not None else self.col)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def values(self, weight_view: torch.Tensor) -> torch.Tensor:
+        """The non-zeros of W in CSR order, shaped ``(row_channels, nnz_per_channel)``."""
+        taps = weight_view.index_select(1, self.gather)
+        if self.segment is None:
+            return taps
+        out = weight_view.new_zeros(self.row_channels, self.nnz_per_channel)
+        return out.index_add_(1, self.segment, taps)
+
+    def coo_indices(self) -> torch.Tensor:
+        """``(2, nnz)`` row and column indices in coalesced order, cached."""
+        if self.coo is None:
+            ch, per = self.row_channels, self.nnz_per_channel
+            spatial_rows = self.shape[0] // max(ch, 1)
+            coo = torch.empty(2, self.nnz, dtype=_INDEX, device=self.col.device)
+            rows = coo[0].view(ch, per)
+            torch.add(
+                self.row_pos[None, :],
+                torch.arange(ch, device=rows.device)[:, None] * spatial_rows,
+                out=rows,
+            )
+            coo[1].copy_(self.col)
+            self.coo, self.col = coo, coo[1]
+        return self.coo
+
+    def to(self, device: torch.device) -> Pattern:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Pattern(
+            self.shape,
+            self.row_channels,
+            self.nnz_per_channel,
+            *(move(t) for t in (self.crow, self.col, self.row_pos, self.gather, self.segment)),
+        )
+
+
+def _place(t: torch.Tensor, ndim: int, dim: int, inner: tuple[int, ...]) -> torch.Tensor:
+    """View an ``(R_d, X_d)`` axis table on axes ``dim`` and ``ndim + 1 + dim`` of the grid
+    ``(R_1..R_N, C, X_1..X_N)``."""
+    shape = [1] * (2 * ndim + 1)
+    shape[dim] = t.shape[0]
+    shape[ndim + 1 + dim] = inner[dim]
+    return t.view(shape)
+
+
+def build_pattern(geo: Geometry) -> Pattern:
+    """Compute the pattern of ``geo`` on the CPU (no loop over positions, taps or channels)."""
+    n = geo.ndim
+    axes = [_axis(*_axis_taps(geo, d)) for d in range(n)]
+    cg = geo.in_channels // geo.groups
+    k_total = math.prod(geo.kernel_size)
+    in_total = math.prod(geo.input_size)
+    slots = tuple(a.cols.shape[1] for a in axes)
+    chan = [1] * (2 * n + 1)
+    chan[n] = cg
+    ci = torch.arange(cg, dtype=_INDEX).view(chan)
+
+    # Grid (R_1..R_N, C_in_group, S_1..S_N): column and gather index of every slot.
+    col = ci * in_total
+    mask = torch.ones((), dtype=torch.bool)
+    for d, (a, st) in enumerate(zip(axes, _c_strides(geo.input_size))):
+        col = col + _place(a.cols * st, n, d, slots)
+        mask = mask & _place(a.mask, n, d, slots)
+    grid = torch.broadcast_shapes(col.shape, mask.shape)
+    mask = mask.expand(grid)
+    col_local = torch.masked_select(col, mask)
+
+    k_strides = _c_strides(geo.kernel_size)
+    if not any(a.folds for a in axes):
+        gather = ci * k_total
+        for d, (a, st) in enumerate(zip(axes, k_strides)):
+            gather = gather + _place(a.slot_tap * st, n, d, slots)
+        gather, segment = torch.masked_select(gather, mask), None
+    else:
+        # Grid (R_1..R_N, C_in_group, k_1..k_N): every tap, and the slot it adds into.
+        compressed = mask.reshape(-1).cumsum(0) - 1
+        grid_strides = _c_strides(grid)
+        pos = ci * grid_strides[n]
+        tap = ci * k_total
+        valid = torch.ones((), dtype=torch.bool)
+        for d, a in enumerate(axes):
+            r = torch.arange(a.tap_slot.shape[0], dtype=_INDEX)[:, None] * grid_strides[d]
+            slot = a.tap_slot.clamp(min=0) * grid_strides[n + 1 + d]
+            pos = pos + _place(r + slot, n, d, geo.kernel_size)
+            taps = torch.arange(geo.kernel_size[d], dtype=_INDEX) * k_strides[d]
+            tap = tap + _place(taps.expand_as(a.tap_slot), n, d, geo.kernel_size)
+            valid = valid & _place(a.tap_slot >= 0, n, d, geo.kernel_size)
+        valid = valid.expand(torch.broadcast_shapes(pos.shape, valid.shape))
+        segment = compressed[torch.masked_select(pos, valid)]
+        gather = torch.masked_select(tap, valid)
+
+    # Slots per output position, and the spatial row of each entry of one channel.
+    row_counts = torch.full((), cg, dtype=_INDEX)
+    for d, a in enumerate(axes):
+        shape = [1] * n
+        shape[d] = -1
+        row_counts = row_counts * a.count.view(shape)
+    row_counts = row_counts.reshape(-1)
+    spatial_rows = row_counts.numel()
+    row_pos = torch.repeat_interleave(torch.arange(spatial_rows, dtype=_INDEX), row_counts)
+
+    rows_c = geo.out_channels
+    per_group = rows_c // geo.groups
+    offsets = torch.div(torch.arange(rows_c, dtype=_INDEX), per_group, rounding_mode="floor")
+    offsets = offsets * (cg * in_total)
+    full_col = (col_local[None, :] + offsets[:, None]).reshape(-1)
+    crow = torch.zeros(rows_c * spatial_rows + 1, dtype=_INDEX)
+    torch.cumsum(row_counts.repeat(rows_c), 0, out=crow[1:])
+    return Pattern(
+        geo.matrix_shape, rows_c, col_local.numel(), crow, full_col, row_pos, gather, segment
+    )
+
+
+class _PatternCache:
+    """Least-recently-used patterns, bounded by the bytes they hold."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[Geometry, torch.device], Pattern] = OrderedDict()
+        self.builds = 0
+
+    def get(self, key: tuple[Geometry, torch.device], make: Callable[[], Pattern]) -> Pattern:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        pattern = make()
+        self.builds += 1
+        self.entries[key] = pattern
+        while len(self.entries) > 1 and self.total_bytes() > self.max_bytes:
+            self.entries.popitem(last=False)
+        return pattern
+
+    def total_bytes(self) -> int:
+        return sum(p.nbytes() for p in self.entries.values())
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_CACHE = _PatternCache(max_bytes=2 * 2**30)
+
+
+def get_pattern(geo: Geometry, device: torch.device) -> Pattern:
+    """The cached pattern of ``geo`` on ``device`` (built on the CPU, moved once)."""
+    cpu = torch.device("cpu")
+    if device == cpu:
+        return _CACHE.get((geo, cpu), lambda: build_pattern(geo))
+    return _CACHE.get((geo, device), lambda: get_pattern(geo, cpu).to(device))
+
+
+def clear_cache() -> None:
+    """Forget every cached pattern (they are rebuilt on demand)."""
+    _CACHE.clear()

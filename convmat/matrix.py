@@ -1,0 +1,295 @@
+"""The matrix W of a convolution: ``conv(x).flatten() == W @ x.flatten()``.
+
+Pure functions over tensors. Shapes come from :mod:`convmat.shapes`, the index pattern from
+:mod:`convmat._pattern` (cached per configuration and device); here only the values are
+gathered from the weight and the requested layout is assembled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from ._errors import ConvMatError
+from ._pattern import Pattern, get_pattern
+from ._typing import IntOrTuple, PaddingArg, PaddingMode
+from .shapes import Geometry, conv_geometry, conv_transpose_geometry
+
+__all__ = ["conv_matrix", "conv_transpose_matrix", "to_matrix"]
+
+_LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _check_weight(weight: object) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise ConvMatError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype == torch.bool:
+        raise ConvMatError(f"weight must have a numeric dtype, got {weight.dtype}")
+    if weight.layout != torch.strided:
+        raise ConvMatError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
+    return weight
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``, or None where that is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(geo: Geometry, layout: torch.layout, weight: torch.Tensor) -> None:
+    """Refuse, before allocating, a W that cannot fit in the memory of the weight's device."""
+    rows, cols = geo.matrix_shape
+    item = weight.element_size()
+    if layout == torch.strided:
+        need, what = rows * cols * item, "dense"
+    else:
+        # An upper bound: every row reads at most C_in/groups * prod(kernel) inputs.
+        nnz = rows * (geo.in_channels // geo.groups) * math.prod(geo.kernel_size)
+        index_bytes = 16 if layout == torch.sparse_coo else 8
+        need, what = nnz * (item + index_bytes), "sparse"
+    free = available_memory(weight.device)
+    if free is not None and need > free:
+        hint = (
+            "; use layout=torch.sparse_csr or torch.sparse_coo, which store only the non-zeros"
+            if layout == torch.strided
+            else ""
+        )
+        raise ConvMatError(
+            f"a {what} W of shape ({rows}, {cols}) and dtype {weight.dtype} needs {need:,} "
+            f"bytes, more than the {free:,} bytes available on {weight.device}{hint}"
+        )
+
+
+def _assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> torch.Tensor:
+    """W from the weight viewed as ``(C_rows, C_in_per_group * prod(kernel))``."""
+    if layout not in _LAYOUTS:
+        raise ConvMatError(
+            f"layout must be torch.strided, torch.sparse_coo or torch.sparse_csr, got {layout!r}"
+        )
+    _check_memory(geo, layout, weight_view)
+    pattern: Pattern = get_pattern(geo, weight_view.device)
+    values = pattern.values(weight_view)
+    rows, cols = pattern.shape
+    if layout == torch.strided:
+        index = pattern.col.view(pattern.row_channels, -1) + pattern.row_pos[None, :] * cols
+        dense = weight_view.new_zeros(pattern.row_channels, rows * cols // max(pattern.row_channels, 1))
+        return dense.scatter_(1, index, values).view(rows, cols)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        if layout == torch.sparse_csr:
+            return torch.sparse_csr_tensor(
+                pattern.crow, pattern.col, values.reshape(-1), (rows, cols), check_invariants=False
+            )
+        return torch.sparse_coo_tensor(
+            pattern.coo_indices(),
+            values.reshape(-1),
+            (rows, cols),
+            is_coalesced=True,
+            check_invariants=False,
+        )
+
+
+def conv_matrix(
+    weight: torch.Tensor,
+    input_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: PaddingMode = "zeros",
+    layout: torch.layout = torch.strided,
+) -> torch.Tensor:
+    """The matrix W of ``torch.nn.functional.conv{1,2,3}d`` for one input size.
+
+    For any ``x`` of shape ``(B, C_in, *input_size)``,
+    ``nn.Conv{N}d(...)(x).reshape(B, -1) == x.reshape(B, -1) @ W.T`` (bias excluded).
+    Non-zero padding modes fold into W: taps that land on the same input add up.
+    Gradients flow from W back to ``weight`` in every layout.
+
+    Args:
+        weight: ``(C_out, C_in // groups, *kernel)``; 1, 2 or 3 kernel dims.
+        input_size: spatial size of one input, an int or one int per dimension.
+        stride: step between windows.
+        padding: an int, a tuple of ints, ``"valid"``, ``"same"`` (stride 1; the odd extra zero
+            goes to the end) or one ``(before, after)`` pair per dimension.
+        dilation: spacing between kernel taps.
+        groups: blocked connections from input to output channels.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        layout: ``torch.strided`` (dense), ``torch.sparse_coo`` (coalesced) or ``torch.sparse_csr``.
+            The sparse layouts share their index tensors with a per-configuration cache.
+
+    Returns:
+        W, with the dtype and device of ``weight``; rows and columns in C order of
+        ``(channels, *spatial)``.
+
+    Raises:
+        ConvMatError: for any configuration torch rejects, or a W larger than free memory.
+
+    Shape:
+        ``W: (C_out * prod(out), C_in * prod(input_size))`` with
+        ``out = floor((in + pad_before + pad_after - dilation * (k - 1) - 1) / stride) + 1``.
+
+    >>> w = torch.tensor([[[1.0, 2.0, 3.0]]])
+    >>> conv_matrix(w, 5)
+    tensor([[1., 2., 3., 0., 0.],
+            [0., 1., 2., 3., 0.],
+            [0., 0., 1., 2., 3.]])
+    >>> conv_matrix(w, 5, stride=2, padding=1)
+    tensor([[2., 3., 0., 0., 0.],
+            [0., 1., 2., 3., 0.],
+            [0., 0., 0., 1., 2.]])
+    >>> conv_matrix(w, 3, padding=1, padding_mode="circular")
+    tensor([[2., 3., 1.],
+            [1., 2., 3.],
+            [3., 1., 2.]])
+    """
+    weight = _check_weight(weight)
+    geo = conv_geometry(
+        weight.shape,
+        input_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+    )
+    return _assemble(weight.reshape(geo.out_channels, -1), geo, layout)
+
+
+def conv_transpose_matrix(
+    weight: torch.Tensor,
+    input_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    layout: torch.layout = torch.strided,
+) -> torch.Tensor:
+    """The matrix of ``torch.nn.functional.conv_transpose{1,2,3}d`` for one input size.
+
+    It is the transpose of the :func:`conv_matrix` of the matching convolution (same weight,
+    stride, padding and dilation, applied to an input of this layer's output size): the
+    transposed convolution is the adjoint of that convolution.
+
+    Args:
+        weight: ``(C_in, C_out // groups, *kernel)``; 1, 2 or 3 kernel dims.
+        input_size: spatial size of one input, an int or one int per dimension.
+        stride: stride of the matching convolution.
+        padding: an int, a tuple of ints, ``"valid"`` or one ``(before, after)`` pair per dimension.
+        output_padding: size added to the end of each dimension,
+            ``0 <= output_padding < max(stride, dilation)`` as torch requires.
+        groups: blocked connections from input to output channels.
+        dilation: spacing between kernel taps.
+        layout: ``torch.strided``, ``torch.sparse_coo`` or ``torch.sparse_csr``.
+
+    Returns:
+        W with the dtype and device of ``weight``.
+
+    Raises:
+        ConvMatError: for any configuration torch rejects, or a W larger than free memory.
+
+    Shape:
+        ``W: (C_out * prod(out), C_in * prod(input_size))`` with
+        ``out = (in - 1) * stride - pad_before - pad_after + dilation * (k - 1) + output_padding + 1``.
+
+    >>> w = torch.tensor([[[1.0, 2.0, 3.0]]])
+    >>> conv_transpose_matrix(w, 2, stride=2)
+    tensor([[1., 0.],
+            [2., 0.],
+            [3., 1.],
+            [0., 2.],
+            [0., 3.]])
+    """
+    weight = _check_weight(weight)
+    geo = conv_transpose_geometry(
+        weight.shape,
+        input_size,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
+    )
+    g = geo.groups
+    view = weight.reshape(g, geo.in_channels // g, geo.out_channels // g, -1).transpose(1, 2)
+    return _assemble(view.reshape(geo.out_channels, -1), geo, layout)
+
+
+def to_matrix(
+    module: nn.Module, input_size: IntOrTuple, *, layout: torch.layout = torch.strided
+) -> torch.Tensor:
+    """W of an ``nn.Conv{1,2,3}d`` or ``nn.ConvTranspose{1,2,3}d``, honouring all its settings.
+
+    The bias is not part of W: ``module(x).flatten(1) == x.flatten(1) @ W.T + bias`` spread
+    over positions.
+
+    Args:
+        module: the convolution layer.
+        input_size: spatial size of one input.
+        layout: ``torch.strided``, ``torch.sparse_coo`` or ``torch.sparse_csr``.
+
+    Returns:
+        W with the dtype and device of ``module.weight``.
+
+    Shape:
+        as :func:`conv_matrix` or :func:`conv_transpose_matrix`.
+
+    >>> conv = nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect", bias=False)
+    >>> x = torch.randn(2, 1, 6)
+    >>> W = to_matrix(conv, 6)
+    >>> torch.allclose(conv(x).flatten(1), x.flatten(1) @ W.T, atol=1e-6)
+    True
+    """
+    if isinstance(module, _CONV):
+        return conv_matrix(
+            module.weight,
+            input_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+            layout=layout,
+        )
+    if isinstance(module, _CONV_T):
+        if module.padding_mode != "zeros":
+            raise ConvMatError(
+                f"padding_mode must be 'zeros' for a transposed convolution (as in torch), got "
+                f"{module.padding_mode!r}"
+            )
+        return conv_transpose_matrix(
+            module.weight,
+            input_size,
+            stride=module.stride,
+            padding=module.padding,
+            output_padding=module.output_padding,
+            groups=module.groups,
+            dilation=module.dilation,
+            layout=layout,
+        )
+    raise ConvMatError(
+        f"module must be an nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d, got "
+        f"{type(module).__name__}"
+    )

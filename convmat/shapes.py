@@ -1,0 +1,427 @@
+"""Every shape rule of the package: argument normalisation, output sizes and padding forms.
+
+Other modules ask this one; nothing else derives an output size. The public entry points
+validate their arguments and return a frozen :class:`Geometry` that the index arithmetic
+(:mod:`convmat._pattern`) takes as its only input.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import ConvMatError
+from ._typing import IntOrTuple, PaddingArg, Pads
+
+__all__ = [
+    "Geometry",
+    "conv_geometry",
+    "conv_output_size",
+    "conv_transpose_geometry",
+    "conv_transpose_output_size",
+    "same_padding",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A validated, normalised convolution configuration (hashable, used as a cache key).
+
+    Sizes are spatial (no batch, no channels). For a transposed convolution ``input_size`` and
+    ``output_size`` are those of the transposed layer itself, and ``padding`` holds the pads of
+    the matching (adjoint) convolution.
+    """
+
+    transposed: bool
+    in_channels: int
+    out_channels: int
+    groups: int
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: Pads
+    padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions."""
+        return len(self.input_size)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(out_channels * prod(output_size), in_channels * prod(input_size))``."""
+        return (
+            self.out_channels * math.prod(self.output_size),
+            self.in_channels * math.prod(self.input_size),
+        )
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ConvMatError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConvMatError(f"{name} must be an int, got {value!r}") from None
+
+
+def ntuple(value: Any, n: int, name: str, minimum: int | None = None) -> tuple[int, ...]:
+    """Normalise an int-or-sequence argument to ``n`` ints, each at least ``minimum``.
+
+    >>> ntuple(3, 2, "stride")
+    (3, 3)
+    """
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ConvMatError(
+                f"{name} must be an int or a tuple of {n} ints (one per spatial dimension), "
+                f"got {value!r}"
+            )
+        out = tuple(_as_int(v, name) for v in value)
+    else:
+        out = (_as_int(value, name),) * n
+    if minimum is not None and any(v < minimum for v in out):
+        raise ConvMatError(f"{name} must be >= {minimum} in every dimension, got {value!r}")
+    return out
+
+
+def _spatial_dims(*values: Any) -> int:
+    """The number of spatial dims implied by int-or-tuple arguments (ints broadcast)."""
+    lengths = {
+        len(v) for v in values if isinstance(v, Sequence) and not isinstance(v, str)
+    }
+    if len(lengths) > 1:
+        raise ConvMatError(
+            f"sizes must agree on the number of spatial dimensions, got lengths {sorted(lengths)}"
+        )
+    return lengths.pop() if lengths else 1
+
+
+def _padding_pairs(
+    padding: Any,
+    n: int,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    *,
+    transposed: bool = False,
+) -> Pads:
+    """Normalise every padding form to one ``(before, after)`` pair per dimension."""
+    allowed = (
+        f"an int, a tuple of {n} ints, a tuple of {n} (before, after) pairs"
+        + (" or 'valid'" if transposed else ", 'valid' or 'same'")
+    )
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * n
+        if padding == "same" and not transposed:
+            if any(s != 1 for s in stride):
+                raise ConvMatError(
+                    f"padding='same' is only defined for stride 1 (as in torch), got stride "
+                    f"{stride!r}; use same_padding() for the (before, after) pads of a strided "
+                    f"'SAME' convolution"
+                )
+            totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            return tuple((t // 2, t - t // 2) for t in totals)
+        raise ConvMatError(f"padding must be {allowed}, got {padding!r}")
+    if isinstance(padding, Sequence):
+        if len(padding) != n:
+            raise ConvMatError(f"padding must be {allowed}, got {padding!r}")
+        pairs = []
+        for p in padding:
+            if isinstance(p, Sequence) and not isinstance(p, str):
+                if len(p) != 2:
+                    raise ConvMatError(f"padding must be {allowed}, got {padding!r}")
+                pairs.append((_as_int(p[0], "padding"), _as_int(p[1], "padding")))
+            else:
+                v = _as_int(p, "padding")
+                pairs.append((v, v))
+    else:
+        v = _as_int(padding, "padding")
+        pairs = [(v, v)] * n
+    if any(b < 0 or a < 0 for b, a in pairs):
+        raise ConvMatError(f"padding must be >= 0 in every dimension, got {padding!r}")
+    return tuple(pairs)
+
+
+def _check_kernel_fits(
+    input_size: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...], pads: Pads
+) -> None:
+    for dim, (i, k, d, (b, a)) in enumerate(zip(input_size, kernel_size, dilation, pads)):
+        span = d * (k - 1) + 1
+        if span > i + b + a:
+            raise ConvMatError(
+                f"kernel_size {k} with dilation {d} spans {span} elements, more than the padded "
+                f"input in dimension {dim} (input {i} + padding {b}+{a} = {i + b + a}); the "
+                f"kernel must fit in the padded input"
+            )
+
+
+def _conv_out(i: int, k: int, s: int, d: int, pad: tuple[int, int]) -> int:
+    return (i + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
+
+
+def _check_output_padding(
+    output_padding: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], raw: Any
+) -> None:
+    for op, s, d in zip(output_padding, stride, dilation):
+        if op < 0 or op >= max(s, d):
+            raise ConvMatError(
+                f"output_padding must be >= 0 and smaller than either stride or dilation in "
+                f"every dimension (as in torch), got output_padding={raw!r} with stride "
+                f"{stride!r} and dilation {dilation!r}"
+            )
+
+
+def _transpose_out(
+    input_size: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    pads: Pads,
+    output_padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[int, ...]:
+    out = tuple(
+        (i - 1) * s - b - a + d * (k - 1) + op + 1
+        for i, k, s, (b, a), op, d in zip(
+            input_size, kernel_size, stride, pads, output_padding, dilation
+        )
+    )
+    if any(o < 1 for o in out):
+        raise ConvMatError(
+            f"the transposed convolution's output size (i-1)*s - pad_before - pad_after + "
+            f"d*(k-1) + output_padding + 1 must be >= 1 in every dimension, got {out!r} for "
+            f"input {input_size!r}, kernel {kernel_size!r}, stride {stride!r}, padding "
+            f"{pads!r}, dilation {dilation!r}, output_padding {output_padding!r}"
+        )
+    return out
+
+
+def conv_output_size(
+    input_size: IntOrTuple,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+) -> tuple[int, ...]:
+    """Spatial output size of a convolution (Dumoulin & Visin, relationship 6).
+
+    Ints apply to every dimension; the number of dimensions comes from the tuples.
+
+    Args:
+        input_size: spatial input size.
+        kernel_size: kernel size.
+        stride: step between windows.
+        padding: an int, a tuple, ``"valid"``, ``"same"`` or ``(before, after)`` pairs.
+        dilation: spacing between kernel taps.
+
+    Returns:
+        One output size per spatial dimension.
+
+    Shape:
+        ``out = floor((in + pad_before + pad_after - dilation * (kernel - 1) - 1) / stride) + 1``
+
+    >>> conv_output_size(10, 3, stride=2)
+    (4,)
+    >>> conv_output_size((32, 32), 3, padding=1)
+    (32, 32)
+    >>> conv_output_size(10, 4, padding="same")
+    (10,)
+    """
+    n = _spatial_dims(input_size, kernel_size, stride, dilation)
+    i = ntuple(input_size, n, "input_size", 1)
+    k = ntuple(kernel_size, n, "kernel_size", 1)
+    s = ntuple(stride, n, "stride", 1)
+    d = ntuple(dilation, n, "dilation", 1)
+    pads = _padding_pairs(padding, n, k, s, d)
+    _check_kernel_fits(i, k, d, pads)
+    return tuple(_conv_out(*args) for args in zip(i, k, s, d, pads))
+
+
+def conv_transpose_output_size(
+    input_size: IntOrTuple,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    output_padding: IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+) -> tuple[int, ...]:
+    """Spatial output size of a transposed convolution (Dumoulin & Visin, relationship 14).
+
+    Args:
+        input_size: spatial input size of the transposed convolution.
+        kernel_size: kernel size.
+        stride: stride of the matching convolution.
+        padding: an int, a tuple, ``"valid"`` or ``(before, after)`` pairs (the padding of the
+            matching convolution; ``"same"`` has no meaning here).
+        output_padding: extra size added to one side, ``0 <= output_padding < max(stride, dilation)``.
+        dilation: spacing between kernel taps.
+
+    Returns:
+        One output size per spatial dimension.
+
+    Shape:
+        ``out = (in - 1) * stride - pad_before - pad_after + dilation * (kernel - 1) + output_padding + 1``
+
+    >>> conv_transpose_output_size(4, 3, stride=2)
+    (9,)
+    >>> conv_transpose_output_size((16, 16), 2, stride=2)
+    (32, 32)
+    """
+    n = _spatial_dims(input_size, kernel_size, stride, output_padding, dilation)
+    i = ntuple(input_size, n, "input_size", 1)
+    k = ntuple(kernel_size, n, "kernel_size", 1)
+    s = ntuple(stride, n, "stride", 1)
+    d = ntuple(dilation, n, "dilation", 1)
+    op = ntuple(output_padding, n, "output_padding")
+    pads = _padding_pairs(padding, n, k, s, d, transposed=True)
+    _check_output_padding(op, s, d, output_padding)
+    return _transpose_out(i, k, s, pads, op, d)
+
+
+def same_padding(
+    input_size: IntOrTuple,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+) -> Pads:
+    """The ``(before, after)`` pads that make the output size ``ceil(input / stride)``.
+
+    This is TensorFlow's ``"SAME"``, defined for every stride and dilation; the odd extra zero
+    goes to the end. For stride 1 it equals torch's ``padding="same"``.
+
+    Args:
+        input_size: spatial input size.
+        kernel_size: kernel size.
+        stride: step between windows.
+        dilation: spacing between kernel taps.
+
+    Returns:
+        One ``(before, after)`` pair per spatial dimension.
+
+    Shape:
+        ``total = max((ceil(in / s) - 1) * s + d * (k - 1) + 1 - in, 0)``,
+        ``before = total // 2``, ``after = total - before``
+
+    >>> same_padding(10, 3, stride=2)
+    ((0, 1),)
+    >>> conv_output_size(10, 3, stride=2, padding=same_padding(10, 3, stride=2))
+    (5,)
+    """
+    n = _spatial_dims(input_size, kernel_size, stride, dilation)
+    i = ntuple(input_size, n, "input_size", 1)
+    k = ntuple(kernel_size, n, "kernel_size", 1)
+    s = ntuple(stride, n, "stride", 1)
+    d = ntuple(dilation, n, "dilation", 1)
+    pads = []
+    for ii, kk, ss, dd in zip(i, k, s, d):
+        total = max((-(-ii // ss) - 1) * ss + dd * (kk - 1) + 1 - ii, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def _weight_dims(weight_shape: Sequence[int], what: str) -> int:
+    if len(weight_shape) not in (3, 4, 5):
+        raise ConvMatError(
+            f"weight must have 3, 4 or 5 dimensions {what} for a 1-D, 2-D or 3-D convolution, "
+            f"got shape {tuple(weight_shape)!r}"
+        )
+    if any(v < 1 for v in weight_shape):
+        raise ConvMatError(f"weight must have no empty dimension, got shape {tuple(weight_shape)!r}")
+    return len(weight_shape) - 2
+
+
+def _check_groups(groups: Any, channels: int, which: str) -> int:
+    g = _as_int(groups, "groups")
+    if g < 1:
+        raise ConvMatError(f"groups must be >= 1, got {groups!r}")
+    if channels % g:
+        raise ConvMatError(
+            f"{which} ({channels}) must be divisible by groups, got groups={groups!r}"
+        )
+    return g
+
+
+def _check_padding_mode(
+    padding_mode: Any, input_size: tuple[int, ...], pads: Pads, raw: Any
+) -> None:
+    if padding_mode not in PADDING_MODES:
+        raise ConvMatError(f"padding_mode must be one of {PADDING_MODES!r}, got {padding_mode!r}")
+    for dim, (i, (b, a)) in enumerate(zip(input_size, pads)):
+        if padding_mode == "reflect" and max(b, a) >= i:
+            raise ConvMatError(
+                f"reflect padding must be smaller than the input in every dimension, got "
+                f"padding={raw!r} for input size {i} in dimension {dim}"
+            )
+        if padding_mode == "circular" and max(b, a) > i:
+            raise ConvMatError(
+                f"circular padding must be at most the input size in every dimension (it may "
+                f"wrap around once), got padding={raw!r} for input size {i} in dimension {dim}"
+            )
+
+
+def conv_geometry(
+    weight_shape: Sequence[int],
+    input_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Geometry:
+    """Validate a convolution's arguments and normalise them into a :class:`Geometry`.
+
+    >>> g = conv_geometry((4, 2, 3, 3), (8, 8), padding=1)
+    >>> g.output_size, g.matrix_shape
+    ((8, 8), (256, 128))
+    """
+    n = _weight_dims(weight_shape, "(C_out, C_in // groups, *kernel)")
+    out_channels, cin_g, *kernel = (int(v) for v in weight_shape)
+    k = tuple(kernel)
+    g = _check_groups(groups, out_channels, "out_channels (weight.shape[0])")
+    i = ntuple(input_size, n, "input_size", 1)
+    s = ntuple(stride, n, "stride", 1)
+    d = ntuple(dilation, n, "dilation", 1)
+    pads = _padding_pairs(padding, n, k, s, d)
+    _check_padding_mode(padding_mode, i, pads, padding)
+    _check_kernel_fits(i, k, d, pads)
+    out = tuple(_conv_out(*args) for args in zip(i, k, s, d, pads))
+    return Geometry(False, cin_g * g, out_channels, g, i, out, k, s, d, pads, padding_mode)
+
+
+def conv_transpose_geometry(
+    weight_shape: Sequence[int],
+    input_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+) -> Geometry:
+    """Validate a transposed convolution's arguments and normalise them into a :class:`Geometry`.
+
+    >>> conv_transpose_geometry((4, 2, 2, 2), (8, 8), stride=2).output_size
+    (16, 16)
+    """
+    n = _weight_dims(weight_shape, "(C_in, C_out // groups, *kernel)")
+    in_channels, cout_g, *kernel = (int(v) for v in weight_shape)
+    k = tuple(kernel)
+    g = _check_groups(groups, in_channels, "in_channels (weight.shape[0])")
+    i = ntuple(input_size, n, "input_size", 1)
+    s = ntuple(stride, n, "stride", 1)
+    d = ntuple(dilation, n, "dilation", 1)
+    op = ntuple(output_padding, n, "output_padding")
+    pads = _padding_pairs(padding, n, k, s, d, transposed=True)
+    _check_output_padding(op, s, d, output_padding)
+    out = _transpose_out(i, k, s, pads, op, d)
+    return Geometry(True, in_channels, cout_g * g, g, i, out, k, s, d, pads, "zeros", op)
