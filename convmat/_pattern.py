@@ -112,28 +112,40 @@ def _c_strides(sizes: tuple[int, ...]) -> list[int]:
 class Pattern:
     """Cached index structure of W for one geometry on one device.
 
-    The non-zeros of row channel ``c`` are ``nnz_per_channel`` entries whose values are
-    ``weight_view[c, gather]`` (summed into ``segment`` where taps fold).
+    Stored per row channel (the pattern of every row channel is the same up to a column
+    offset): the non-zeros of row channel ``c`` are ``nnz_per_channel`` entries in CSR order,
+    at columns ``col_local + offsets[c]`` of spatial rows ``row_pos``, with values
+    ``weight_view[c, gather]`` (summed into ``segment`` where taps fold). The full index
+    tensors of a layout are made on first request and kept.
     """
 
     shape: tuple[int, int]
-    row_channels: int
-    nnz_per_channel: int
-    crow: torch.Tensor  # (rows + 1,) CSR row pointers
-    col: torch.Tensor  # (nnz,) column of every non-zero, rows in order, sorted within a row
-    row_pos: torch.Tensor  # (nnz_per_channel,) spatial row of each entry of one channel
+    col_local: torch.Tensor  # (nnz_per_channel,) column within the channel's group
+    row_pos: torch.Tensor  # (nnz_per_channel,) spatial row of each entry
+    row_counts: torch.Tensor  # (spatial rows,) non-zeros per spatial row
+    offsets: torch.Tensor  # (row channels,) column offset of each row channel's group
     gather: torch.Tensor  # index into weight_view's second dim
     segment: torch.Tensor | None  # where folded taps add up, or None
-    coo: torch.Tensor | None = field(default=None)  # (2, nnz), made on first request
+    _crow: torch.Tensor | None = field(default=None, repr=False)
+    _col: torch.Tensor | None = field(default=None, repr=False)
+    _coo: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def row_channels(self) -> int:
+        return self.offsets.numel()
+
+    @property
+    def nnz_per_channel(self) -> int:
+        return self.col_local.numel()
 
     @property
     def nnz(self) -> int:
-        return self.col.numel()
+        return self.row_channels * self.nnz_per_channel
 
     def nbytes(self) -> int:
-        """Bytes held by the cached tensors (``col`` is a view into ``coo`` once that exists)."""
-        held = [self.crow, self.row_pos, self.gather, self.segment]
-        held.append(self.coo if self.coo is not None else self.col)
+        """Bytes held by the cached tensors (``_col`` is a view into ``_coo`` once that exists)."""
+        held = [self.col_local, self.row_pos, self.row_counts, self.offsets, self.gather,
+                self.segment, self._crow, self._coo if self._coo is not None else self._col]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def values(self, weight_view: torch.Tensor) -> torch.Tensor:
@@ -144,21 +156,45 @@ class Pattern:
         out = weight_view.new_zeros(self.row_channels, self.nnz_per_channel)
         return out.index_add_(1, self.segment, taps)
 
+    def _full_cols(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the ``(nnz,)`` column indices into ``out`` and return it."""
+        torch.add(
+            self.col_local[None, :], self.offsets[:, None], out=out.view(self.row_channels, -1)
+        )
+        return out
+
+    def crow(self) -> torch.Tensor:
+        """``(rows + 1,)`` CSR row pointers, cached."""
+        if self._crow is None:
+            crow = torch.zeros(self.shape[0] + 1, dtype=_INDEX, device=self.offsets.device)
+            torch.cumsum(self.row_counts.repeat(self.row_channels), 0, out=crow[1:])
+            self._crow = crow
+        return self._crow
+
+    def col(self) -> torch.Tensor:
+        """``(nnz,)`` column indices, rows in order and sorted within each row, cached."""
+        if self._col is None:
+            self._col = self._full_cols(torch.empty(self.nnz, dtype=_INDEX, device=self.offsets.device))
+        return self._col
+
     def coo_indices(self) -> torch.Tensor:
         """``(2, nnz)`` row and column indices in coalesced order, cached."""
-        if self.coo is None:
-            ch, per = self.row_channels, self.nnz_per_channel
-            spatial_rows = self.shape[0] // max(ch, 1)
-            coo = torch.empty(2, self.nnz, dtype=_INDEX, device=self.col.device)
-            rows = coo[0].view(ch, per)
-            torch.add(
-                self.row_pos[None, :],
-                torch.arange(ch, device=rows.device)[:, None] * spatial_rows,
-                out=rows,
-            )
-            coo[1].copy_(self.col)
-            self.coo, self.col = coo, coo[1]
-        return self.coo
+        if self._coo is None:
+            coo = torch.empty(2, self.nnz, dtype=_INDEX, device=self.offsets.device)
+            spatial_rows = self.row_counts.numel()
+            channel = torch.arange(self.row_channels, device=coo.device)[:, None] * spatial_rows
+            torch.add(self.row_pos[None, :], channel, out=coo[0].view(self.row_channels, -1))
+            if self._col is None:
+                self._full_cols(coo[1])
+            else:
+                coo[1].copy_(self._col)
+            self._coo, self._col = coo, coo[1]
+        return self._coo
+
+    def dense_index(self) -> torch.Tensor:
+        """``(row_channels, nnz_per_channel)`` positions in W viewed as ``(row_channels, -1)``."""
+        local = self.col_local + self.row_pos * self.shape[1]
+        return local[None, :] + self.offsets[:, None]
 
     def to(self, device: torch.device) -> Pattern:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -166,9 +202,8 @@ class Pattern:
 
         return Pattern(
             self.shape,
-            self.row_channels,
-            self.nnz_per_channel,
-            *(move(t) for t in (self.crow, self.col, self.row_pos, self.gather, self.segment)),
+            *(move(t) for t in (self.col_local, self.row_pos, self.row_counts, self.offsets,
+                                self.gather, self.segment)),
         )
 
 
@@ -238,15 +273,9 @@ def build_pattern(geo: Geometry) -> Pattern:
     row_pos = torch.repeat_interleave(torch.arange(spatial_rows, dtype=_INDEX), row_counts)
 
     rows_c = geo.out_channels
-    per_group = rows_c // geo.groups
-    offsets = torch.div(torch.arange(rows_c, dtype=_INDEX), per_group, rounding_mode="floor")
-    offsets = offsets * (cg * in_total)
-    full_col = (col_local[None, :] + offsets[:, None]).reshape(-1)
-    crow = torch.zeros(rows_c * spatial_rows + 1, dtype=_INDEX)
-    torch.cumsum(row_counts.repeat(rows_c), 0, out=crow[1:])
-    return Pattern(
-        geo.matrix_shape, rows_c, col_local.numel(), crow, full_col, row_pos, gather, segment
-    )
+    group = torch.div(torch.arange(rows_c, dtype=_INDEX), rows_c // geo.groups, rounding_mode="floor")
+    offsets = group * (cg * in_total)
+    return Pattern(geo.matrix_shape, col_local, row_pos, row_counts, offsets, gather, segment)
 
 
 class _PatternCache:

@@ -90,14 +90,13 @@ def _assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) ->
     values = pattern.values(weight_view)
     rows, cols = pattern.shape
     if layout == torch.strided:
-        index = pattern.col.view(pattern.row_channels, -1) + pattern.row_pos[None, :] * cols
-        dense = weight_view.new_zeros(pattern.row_channels, rows * cols // max(pattern.row_channels, 1))
-        return dense.scatter_(1, index, values).view(rows, cols)
+        dense = weight_view.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
+        return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         if layout == torch.sparse_csr:
             return torch.sparse_csr_tensor(
-                pattern.crow, pattern.col, values.reshape(-1), (rows, cols), check_invariants=False
+                pattern.crow(), pattern.col(), values.reshape(-1), (rows, cols), check_invariants=False
             )
         return torch.sparse_coo_tensor(
             pattern.coo_indices(),

@@ -184,7 +184,7 @@ def test_sparse_layouts_are_canonical(cfg):
     key = idx[0] * coo.shape[1] + idx[1]
     assert bool((key[1:] > key[:-1]).all())
     csr = build(cfg, w, torch.sparse_csr)
-    torch.sparse.check_sparse_tensor_invariants.is_enabled()
+    assert csr.crow_indices().dim() == csr.col_indices().dim() == csr.values().dim() == 1
     torch._validate_sparse_csr_tensor_args(
         csr.crow_indices(), csr.col_indices(), csr.values(), csr.shape
     )

@@ -1,0 +1,174 @@
+"""Benchmark: building W in every layout, against the memory-bandwidth floor and jacrev.
+
+Each (configuration, layout) runs in a fresh subprocess so that its peak memory is its own.
+Columns:
+  nnz, bytes     non-zeros and bytes of the result (values and indices)
+  cold           first build: index pattern computed, then values gathered
+  warm           rebuild with the pattern cached (what a layer pays after an optimizer step)
+  floor          a plain copy of a tensor of the result's bytes (fresh allocation, like a build)
+  x floor        build time / floor
+  peak/result    peak resident memory during the build / bytes of the result
+  jacrev         torch.func.jacrev of the convolution (dense only, where it is reasonable)
+
+Run: python benchmarks/build.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+
+CONFIGS = [
+    # name, weight shape, input size, stride, padding
+    ("1-D 1->1 k=3 L=4096", (1, 1, 3), (4096,), 1, 0),
+    ("2-D 16->16 3x3 32x32 pad 1", (16, 16, 3, 3), (32, 32), 1, 1),
+    ("2-D 64->64 3x3 32x32 pad 1", (64, 64, 3, 3), (32, 32), 1, 1),
+    ("2-D 64->128 3x3 56x56 s2 pad 1", (128, 64, 3, 3), (56, 56), 2, 1),
+    ("3-D 8->8 3x3x3 16^3 pad 1", (8, 8, 3, 3, 3), (16, 16, 16), 1, 1),
+]
+LAYOUTS = ["csr", "coo", "dense"]
+DENSE_LIMIT = 5 * 2**30  # bytes: larger dense results are not built here
+JACREV_LIMIT = 2**28  # entries of W: jacrev above that takes minutes
+
+
+def _rss_peak_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _best(fn, repeat: int) -> float:
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+        del out
+    return best
+
+
+def run_one(index: int, layout_name: str, repeat: int) -> dict:
+    import torch
+
+    import convmat
+
+    torch.set_num_threads(2)
+    name, shape, size, stride, padding = CONFIGS[index]
+    layout = {"csr": torch.sparse_csr, "coo": torch.sparse_coo, "dense": torch.strided}[layout_name]
+    weight = torch.randn(shape)
+    # Warm torch's own lazy initialisation of sparse tensors on a tiny case.
+    convmat.conv_matrix(torch.randn(1, 1, 3), 5, layout=layout)
+
+    def build():
+        return convmat.conv_matrix(weight, size, stride=stride, padding=padding, layout=layout)
+
+    convmat.clear_cache()
+    base = _status("VmRSS")
+    _rss_peak_reset()
+    t0 = time.perf_counter()
+    W = build()
+    cold = time.perf_counter() - t0
+    peak_cold = _status("VmHWM") - base
+    if layout == torch.strided:
+        result_bytes = W.numel() * W.element_size()
+        nnz = int(torch.count_nonzero(W))
+    elif layout == torch.sparse_csr:
+        nnz = W._nnz()
+        result_bytes = sum(t.numel() * t.element_size() for t in (W.crow_indices(), W.col_indices(), W.values()))
+    else:
+        nnz = W._nnz()
+        result_bytes = sum(t.numel() * t.element_size() for t in (W.indices(), W.values()))
+    del W
+    base = _status("VmRSS")
+    _rss_peak_reset()
+    W = build()
+    peak_warm = _status("VmHWM") - base
+    del W
+    warm = _best(build, repeat)
+    src = torch.empty(result_bytes, dtype=torch.uint8)
+    floor = _best(src.clone, repeat)
+    del src
+    row = dict(
+        name=name, layout=layout_name, nnz=nnz, bytes=result_bytes, cold=cold, warm=warm,
+        floor=floor, peak_cold=peak_cold / result_bytes, peak_warm=peak_warm / result_bytes,
+    )
+    numel = math.prod(W_shape(shape, size, stride, padding))
+    if layout == torch.strided and numel <= JACREV_LIMIT:
+        conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[len(shape)]
+        x = torch.randn(1, shape[1], *size)
+
+        def jac():
+            return torch.func.jacrev(lambda v: conv(v, weight, stride=stride, padding=padding).flatten())(x)
+
+        row["jacrev"] = _best(jac, 1)
+        J = jac().reshape(-1, x.numel())
+        row["jacrev_max_diff"] = float((J - build()).abs().max())
+    return row
+
+
+def W_shape(shape, size, stride, padding):
+    import convmat
+
+    out = convmat.conv_output_size(size, shape[2:], stride, padding)
+    return shape[0] * math.prod(out), shape[1] * math.prod(size)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", nargs=2, metavar=("INDEX", "LAYOUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=5, help="timing repeats (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="only the first two configurations")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.repeat)))
+        return
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32\n")
+    header = ("configuration", "layout", "nnz", "bytes", "cold", "warm", "floor", "cold x floor",
+              "warm x floor", "peak/result cold", "peak/result warm", "jacrev", "speed-up")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    configs = CONFIGS[:2] if args.quick else CONFIGS
+    for index, (name, shape, size, stride, padding) in enumerate(configs):
+        rows, cols = W_shape(shape, size, stride, padding)
+        for layout in LAYOUTS:
+            if layout == "dense" and rows * cols * 4 > DENSE_LIMIT:
+                print(f"| {name} | dense | | {_fmt_bytes(rows * cols * 4)} | not built (over {_fmt_bytes(DENSE_LIMIT)}) |" + " |" * 8)
+                continue
+            cmd = [sys.executable, __file__, "--one", str(index), layout, "--repeat", str(args.repeat)]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            jac = f"{r['jacrev']:.2f} s" if "jacrev" in r else "-"
+            speed = f"{r['jacrev'] / r['cold']:.0f}x" if "jacrev" in r else "-"
+            print(
+                f"| {name} | {layout} | {r['nnz']:,} | {_fmt_bytes(r['bytes'])} | "
+                f"{r['cold'] * 1e3:.1f} ms | {r['warm'] * 1e3:.1f} ms | {r['floor'] * 1e3:.1f} ms | "
+                f"{r['cold'] / r['floor']:.2f} | {r['warm'] / r['floor']:.2f} | "
+                f"{r['peak_cold']:.2f} | {r['peak_warm']:.2f} | {jac} | {speed} |",
+                flush=True,
+            )
+            if "jacrev_max_diff" in r:
+                assert r["jacrev_max_diff"] < 1e-4, r
+
+
+if __name__ == "__main__":
+    main()
