@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -85,7 +86,9 @@ def run_one(index: int, layout_name: str, repeat: int) -> dict:
         nnz = int(torch.count_nonzero(W))
     elif layout == torch.sparse_csr:
         nnz = W._nnz()
-        result_bytes = sum(t.numel() * t.element_size() for t in (W.crow_indices(), W.col_indices(), W.values()))
+        result_bytes = sum(
+            t.numel() * t.element_size() for t in (W.crow_indices(), W.col_indices(), W.values())
+        )
     else:
         nnz = W._nnz()
         result_bytes = sum(t.numel() * t.element_size() for t in (W.indices(), W.values()))
@@ -100,16 +103,29 @@ def run_one(index: int, layout_name: str, repeat: int) -> dict:
     floor = _best(src.clone, repeat)
     del src
     row = dict(
-        name=name, layout=layout_name, nnz=nnz, bytes=result_bytes, cold=cold, warm=warm,
-        floor=floor, peak_cold=peak_cold / result_bytes, peak_warm=peak_warm / result_bytes,
+        name=name,
+        layout=layout_name,
+        nnz=nnz,
+        bytes=result_bytes,
+        cold=cold,
+        warm=warm,
+        floor=floor,
+        peak_cold=peak_cold / result_bytes,
+        peak_warm=peak_warm / result_bytes,
     )
     numel = math.prod(W_shape(shape, size, stride, padding))
     if layout == torch.strided and numel <= JACREV_LIMIT:
-        conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[len(shape)]
+        conv = {
+            3: torch.nn.functional.conv1d,
+            4: torch.nn.functional.conv2d,
+            5: torch.nn.functional.conv3d,
+        }[len(shape)]
         x = torch.randn(1, shape[1], *size)
 
         def jac():
-            return torch.func.jacrev(lambda v: conv(v, weight, stride=stride, padding=padding).flatten())(x)
+            return torch.func.jacrev(
+                lambda v: conv(v, weight, stride=stride, padding=padding).flatten()
+            )(x)
 
         row["jacrev"] = _best(jac, 1)
         J = jac().reshape(-1, x.numel())
@@ -133,7 +149,9 @@ def _fmt_bytes(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--one", nargs=2, metavar=("INDEX", "LAYOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (best is kept)")
     parser.add_argument("--quick", action="store_true", help="only the first two configurations")
@@ -143,20 +161,51 @@ def main() -> None:
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32\n")
-    header = ("configuration", "layout", "nnz", "bytes", "cold", "warm", "floor", "cold x floor",
-              "warm x floor", "peak/result cold", "peak/result warm", "jacrev", "speed-up")
+    print(
+        f"torch {torch.__version__}, 2 threads, float32; times are best of {args.repeat} "
+        "(cold: one run, in a fresh process)\n"
+    )
+    header = (
+        "configuration",
+        "layout",
+        "nnz",
+        "bytes",
+        "cold",
+        "warm",
+        "floor",
+        "cold x floor",
+        "warm x floor",
+        "peak/result cold",
+        "peak/result warm",
+        "jacrev",
+        "speed-up",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     configs = CONFIGS[:2] if args.quick else CONFIGS
+    # Every allocation over 1 MB is fresh memory from the kernel, for the copy and the build
+    # alike (glibc would otherwise reuse some sizes and not others, making floors incomparable).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
     for index, (name, shape, size, stride, padding) in enumerate(configs):
         rows, cols = W_shape(shape, size, stride, padding)
         for layout in LAYOUTS:
             if layout == "dense" and rows * cols * 4 > DENSE_LIMIT:
-                print(f"| {name} | dense | | {_fmt_bytes(rows * cols * 4)} | not built (over {_fmt_bytes(DENSE_LIMIT)}) |" + " |" * 8)
+                print(
+                    f"| {name} | dense | | {_fmt_bytes(rows * cols * 4)} | not built (over {_fmt_bytes(DENSE_LIMIT)}) |"
+                    + " |" * 8
+                )
                 continue
-            cmd = [sys.executable, __file__, "--one", str(index), layout, "--repeat", str(args.repeat)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                str(index),
+                layout,
+                "--repeat",
+                str(args.repeat),
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+            r = json.loads(out)
             jac = f"{r['jacrev']:.2f} s" if "jacrev" in r else "-"
             speed = f"{r['jacrev'] / r['cold']:.0f}x" if "jacrev" in r else "-"
             print(

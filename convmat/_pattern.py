@@ -75,7 +75,7 @@ def _axis_taps(geo: Geometry, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
-    rows, k = cols.shape
+    rows, _k = cols.shape
     sentinel = torch.iinfo(_INDEX).max
     key, order = torch.sort(torch.where(valid, cols, sentinel), dim=1, stable=True)
     kept = key != sentinel
@@ -144,8 +144,16 @@ class Pattern:
 
     def nbytes(self) -> int:
         """Bytes held by the cached tensors (``_col`` is a view into ``_coo`` once that exists)."""
-        held = [self.col_local, self.row_pos, self.row_counts, self.offsets, self.gather,
-                self.segment, self._crow, self._coo if self._coo is not None else self._col]
+        held = [
+            self.col_local,
+            self.row_pos,
+            self.row_counts,
+            self.offsets,
+            self.gather,
+            self.segment,
+            self._crow,
+            self._coo if self._coo is not None else self._col,
+        ]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def values(self, weight_view: torch.Tensor) -> torch.Tensor:
@@ -174,7 +182,9 @@ class Pattern:
     def col(self) -> torch.Tensor:
         """``(nnz,)`` column indices, rows in order and sorted within each row, cached."""
         if self._col is None:
-            self._col = self._full_cols(torch.empty(self.nnz, dtype=_INDEX, device=self.offsets.device))
+            self._col = self._full_cols(
+                torch.empty(self.nnz, dtype=_INDEX, device=self.offsets.device)
+            )
         return self._col
 
     def coo_indices(self) -> torch.Tensor:
@@ -197,13 +207,16 @@ class Pattern:
         return local[None, :] + self.offsets[:, None]
 
     def to(self, device: torch.device) -> Pattern:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
+        """The same pattern on ``device`` (the full index tensors are made again on request)."""
+        segment = None if self.segment is None else self.segment.to(device)
         return Pattern(
             self.shape,
-            *(move(t) for t in (self.col_local, self.row_pos, self.row_counts, self.offsets,
-                                self.gather, self.segment)),
+            self.col_local.to(device),
+            self.row_pos.to(device),
+            self.row_counts.to(device),
+            self.offsets.to(device),
+            self.gather.to(device),
+            segment,
         )
 
 
@@ -214,6 +227,29 @@ def _place(t: torch.Tensor, ndim: int, dim: int, inner: tuple[int, ...]) -> torc
     shape[dim] = t.shape[0]
     shape[ndim + 1 + dim] = inner[dim]
     return t.view(shape)
+
+
+def _affine(
+    base: torch.Tensor, tables: list[torch.Tensor], strides: list[int], inner: tuple[int, ...]
+) -> torch.Tensor:
+    """``base + sum_d tables[d] * strides[d]`` on the grid ``(R_1..R_N, C, X_1..X_N)``,
+    accumulated in place (one grid-sized tensor, no temporaries)."""
+    n = len(tables)
+    grid = [*(t.shape[0] for t in tables), base.shape[n], *inner]
+    out = base.expand(grid).clone()
+    for d, (t, st) in enumerate(zip(tables, strides)):
+        out += _place(t * st, n, d, inner)
+    return out
+
+
+def _flat_nonzero(mask: torch.Tensor, grid: torch.Size) -> torch.Tensor:
+    """C-order positions in ``grid`` where the (broadcast) ``mask`` holds, ascending."""
+    return torch.nonzero(mask.expand(grid).reshape(-1)).squeeze(1)
+
+
+def _take(values: torch.Tensor, grid: torch.Size, index: torch.Tensor) -> torch.Tensor:
+    """``values`` broadcast to ``grid``, flattened, at ``index``."""
+    return values.expand(grid).reshape(-1).index_select(0, index)
 
 
 def build_pattern(geo: Geometry) -> Pattern:
@@ -229,24 +265,22 @@ def build_pattern(geo: Geometry) -> Pattern:
     ci = torch.arange(cg, dtype=_INDEX).view(chan)
 
     # Grid (R_1..R_N, C_in_group, S_1..S_N): column and gather index of every slot.
-    col = ci * in_total
+    grid = torch.Size([*(a.cols.shape[0] for a in axes), cg, *slots])
     mask = torch.ones((), dtype=torch.bool)
-    for d, (a, st) in enumerate(zip(axes, _c_strides(geo.input_size))):
-        col = col + _place(a.cols * st, n, d, slots)
+    for d, a in enumerate(axes):
         mask = mask & _place(a.mask, n, d, slots)
-    grid = torch.broadcast_shapes(col.shape, mask.shape)
-    mask = mask.expand(grid)
-    col_local = torch.masked_select(col, mask)
+    keep = _flat_nonzero(mask, grid)
+    in_strides = _c_strides(geo.input_size)
+    col_local = _take(_affine(ci * in_total, [a.cols for a in axes], in_strides, slots), grid, keep)
 
     k_strides = _c_strides(geo.kernel_size)
     if not any(a.folds for a in axes):
-        gather = ci * k_total
-        for d, (a, st) in enumerate(zip(axes, k_strides)):
-            gather = gather + _place(a.slot_tap * st, n, d, slots)
-        gather, segment = torch.masked_select(gather, mask), None
+        gather = _affine(ci * k_total, [a.slot_tap for a in axes], k_strides, slots)
+        gather, segment = _take(gather, grid, keep), None
     else:
         # Grid (R_1..R_N, C_in_group, k_1..k_N): every tap, and the slot it adds into.
-        compressed = mask.reshape(-1).cumsum(0) - 1
+        compressed = torch.full((math.prod(grid),), -1, dtype=_INDEX)
+        compressed[keep] = torch.arange(keep.numel(), dtype=_INDEX)
         grid_strides = _c_strides(grid)
         pos = ci * grid_strides[n]
         tap = ci * k_total
@@ -258,22 +292,25 @@ def build_pattern(geo: Geometry) -> Pattern:
             taps = torch.arange(geo.kernel_size[d], dtype=_INDEX) * k_strides[d]
             tap = tap + _place(taps.expand_as(a.tap_slot), n, d, geo.kernel_size)
             valid = valid & _place(a.tap_slot >= 0, n, d, geo.kernel_size)
-        valid = valid.expand(torch.broadcast_shapes(pos.shape, valid.shape))
-        segment = compressed[torch.masked_select(pos, valid)]
-        gather = torch.masked_select(tap, valid)
+        tap_grid = torch.broadcast_shapes(pos.shape, tap.shape, valid.shape)
+        used = _flat_nonzero(valid, tap_grid)
+        segment = compressed[_take(pos, tap_grid, used)]
+        gather = _take(tap, tap_grid, used)
 
-    # Slots per output position, and the spatial row of each entry of one channel.
+    # Non-zeros per spatial row, and the spatial row of each entry (the leading part of its
+    # C-order position in the grid).
     row_counts = torch.full((), cg, dtype=_INDEX)
     for d, a in enumerate(axes):
         shape = [1] * n
         shape[d] = -1
         row_counts = row_counts * a.count.view(shape)
     row_counts = row_counts.reshape(-1)
-    spatial_rows = row_counts.numel()
-    row_pos = torch.repeat_interleave(torch.arange(spatial_rows, dtype=_INDEX), row_counts)
+    row_pos = torch.div(keep, cg * math.prod(slots), rounding_mode="floor")
 
     rows_c = geo.out_channels
-    group = torch.div(torch.arange(rows_c, dtype=_INDEX), rows_c // geo.groups, rounding_mode="floor")
+    group = torch.div(
+        torch.arange(rows_c, dtype=_INDEX), rows_c // geo.groups, rounding_mode="floor"
+    )
     offsets = group * (cg * in_total)
     return Pattern(geo.matrix_shape, col_local, row_pos, row_counts, offsets, gather, segment)
 

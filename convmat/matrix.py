@@ -96,7 +96,11 @@ def _assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) ->
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         if layout == torch.sparse_csr:
             return torch.sparse_csr_tensor(
-                pattern.crow(), pattern.col(), values.reshape(-1), (rows, cols), check_invariants=False
+                pattern.crow(),
+                pattern.col(),
+                values.reshape(-1),
+                (rows, cols),
+                check_invariants=False,
             )
         return torch.sparse_coo_tensor(
             pattern.coo_indices(),
@@ -210,8 +214,8 @@ def conv_transpose_matrix(
         ConvMatError: for any configuration torch rejects, or a W larger than free memory.
 
     Shape:
-        ``W: (C_out * prod(out), C_in * prod(input_size))`` with
-        ``out = (in - 1) * stride - pad_before - pad_after + dilation * (k - 1) + output_padding + 1``.
+        ``W: (C_out * prod(out), C_in * prod(input_size))`` with ``out = (in - 1) * stride
+        - pad_before - pad_after + dilation * (k - 1) + output_padding + 1``.
 
     >>> w = torch.tensor([[[1.0, 2.0, 3.0]]])
     >>> conv_transpose_matrix(w, 2, stride=2)
@@ -266,7 +270,7 @@ def to_matrix(
             module.weight,
             input_size,
             stride=module.stride,
-            padding=module.padding,
+            padding=module.padding,  # type: ignore[arg-type]  # torch types it as str | tuple
             dilation=module.dilation,
             groups=module.groups,
             padding_mode=module.padding_mode,
@@ -282,7 +286,7 @@ def to_matrix(
             module.weight,
             input_size,
             stride=module.stride,
-            padding=module.padding,
+            padding=module.padding,  # type: ignore[arg-type]
             output_padding=module.output_padding,
             groups=module.groups,
             dilation=module.dilation,

@@ -95,9 +95,7 @@ def ntuple(value: Any, n: int, name: str, minimum: int | None = None) -> tuple[i
 
 def _spatial_dims(*values: Any) -> int:
     """The number of spatial dims implied by int-or-tuple arguments (ints broadcast)."""
-    lengths = {
-        len(v) for v in values if isinstance(v, Sequence) and not isinstance(v, str)
-    }
+    lengths = {len(v) for v in values if isinstance(v, Sequence) and not isinstance(v, str)}
     if len(lengths) > 1:
         raise ConvMatError(
             f"sizes must agree on the number of spatial dimensions, got lengths {sorted(lengths)}"
@@ -115,9 +113,8 @@ def _padding_pairs(
     transposed: bool = False,
 ) -> Pads:
     """Normalise every padding form to one ``(before, after)`` pair per dimension."""
-    allowed = (
-        f"an int, a tuple of {n} ints, a tuple of {n} (before, after) pairs"
-        + (" or 'valid'" if transposed else ", 'valid' or 'same'")
+    allowed = f"an int, a tuple of {n} ints, a tuple of {n} (before, after) pairs" + (
+        " or 'valid'" if transposed else ", 'valid' or 'same'"
     )
     if isinstance(padding, str):
         if padding == "valid":
@@ -262,14 +259,16 @@ def conv_transpose_output_size(
         stride: stride of the matching convolution.
         padding: an int, a tuple, ``"valid"`` or ``(before, after)`` pairs (the padding of the
             matching convolution; ``"same"`` has no meaning here).
-        output_padding: extra size added to one side, ``0 <= output_padding < max(stride, dilation)``.
+        output_padding: extra size added to the end,
+            ``0 <= output_padding < max(stride, dilation)``.
         dilation: spacing between kernel taps.
 
     Returns:
         One output size per spatial dimension.
 
     Shape:
-        ``out = (in - 1) * stride - pad_before - pad_after + dilation * (kernel - 1) + output_padding + 1``
+        ``out = (in - 1) * stride - pad_before - pad_after + dilation * (kernel - 1)
+        + output_padding + 1``
 
     >>> conv_transpose_output_size(4, 3, stride=2)
     (9,)
@@ -335,7 +334,9 @@ def _weight_dims(weight_shape: Sequence[int], what: str) -> int:
             f"got shape {tuple(weight_shape)!r}"
         )
     if any(v < 1 for v in weight_shape):
-        raise ConvMatError(f"weight must have no empty dimension, got shape {tuple(weight_shape)!r}")
+        raise ConvMatError(
+            f"weight must have no empty dimension, got shape {tuple(weight_shape)!r}"
+        )
     return len(weight_shape) - 2
 
 

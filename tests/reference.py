@@ -38,9 +38,13 @@ class Config:
     kwargs: dict = field(default_factory=dict)
 
     def weight(self, dtype=torch.float64, integer=False, generator=None):
-        lead = (self.in_channels, self.out_channels // self.groups) if self.transposed else (
-            self.out_channels,
-            self.in_channels // self.groups,
+        lead = (
+            (self.in_channels, self.out_channels // self.groups)
+            if self.transposed
+            else (
+                self.out_channels,
+                self.in_channels // self.groups,
+            )
         )
         shape = (*lead, *self.kernel_size)
         if integer:
@@ -54,7 +58,9 @@ class Config:
         return torch.randn(shape, dtype=dtype, generator=generator)
 
     def matrix_kwargs(self):
-        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        kw = dict(
+            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups
+        )
         if self.transposed:
             kw["output_padding"] = self.output_padding
         else:
@@ -75,8 +81,13 @@ def reference(cfg: Config, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
         if isinstance(cfg.padding, str) or all(b == a for b, a in cfg.pairs):
             pad = 0 if cfg.padding == "valid" else tuple(b for b, _ in cfg.pairs)
             return CONV_T[n](
-                x, weight, stride=cfg.stride, padding=pad, output_padding=cfg.output_padding,
-                groups=cfg.groups, dilation=cfg.dilation,
+                x,
+                weight,
+                stride=cfg.stride,
+                padding=pad,
+                output_padding=cfg.output_padding,
+                groups=cfg.groups,
+                dilation=cfg.dilation,
             )
         full = CONV_T[n](x, weight, stride=cfg.stride, groups=cfg.groups, dilation=cfg.dilation)
         full = F.pad(full, flat_pads([(0, op) for op in cfg.output_padding]))
@@ -87,9 +98,15 @@ def reference(cfg: Config, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     symmetric = isinstance(cfg.padding, str) or all(b == a for b, a in cfg.pairs)
     if symmetric:
         layer = MODULE[n](
-            cfg.in_channels, cfg.out_channels, cfg.kernel_size, stride=cfg.stride,
+            cfg.in_channels,
+            cfg.out_channels,
+            cfg.kernel_size,
+            stride=cfg.stride,
             padding=cfg.padding if isinstance(cfg.padding, str) else tuple(b for b, _ in cfg.pairs),
-            dilation=cfg.dilation, groups=cfg.groups, bias=False, padding_mode=cfg.padding_mode,
+            dilation=cfg.dilation,
+            groups=cfg.groups,
+            bias=False,
+            padding_mode=cfg.padding_mode,
             dtype=weight.dtype,
         )
         return torch.func.functional_call(layer, {"weight": weight}, (x,))
@@ -124,7 +141,9 @@ def conv_configs(draw, dims=(1, 2, 3), modes=tuple(MODES)):
     form = draw(st.sampled_from(["int", "tuple", "pairs", "same", "valid"]))
     s = (1,) * n if form == "same" else _sizes(draw, n, 1, big)
     if form == "same":
-        pairs = tuple(((dd * (kk - 1)) // 2, dd * (kk - 1) - (dd * (kk - 1)) // 2) for kk, dd in zip(k, d))
+        pairs = tuple(
+            ((dd * (kk - 1)) // 2, dd * (kk - 1) - (dd * (kk - 1)) // 2) for kk, dd in zip(k, d)
+        )
         padding = "same"
     elif form == "valid":
         pairs, padding = ((0, 0),) * n, "valid"

@@ -28,31 +28,61 @@ W2 = torch.ones(4, 2, 3, 3)
     [
         (dict(weight=[[1.0]]), r"weight must be a torch\.Tensor, got list"),
         (dict(weight=torch.ones(1, 1, 3, dtype=torch.bool)), r"numeric dtype, got torch\.bool"),
-        (dict(weight=torch.ones(4, 3)), r"weight must have 3, 4 or 5 dimensions .* got shape \(4, 3\)"),
+        (
+            dict(weight=torch.ones(4, 3)),
+            r"weight must have 3, 4 or 5 dimensions .* got shape \(4, 3\)",
+        ),
         (dict(weight=torch.ones(1, 1, 1, 1, 1, 1)), r"3, 4 or 5 dimensions"),
         (dict(weight=torch.ones(0, 2, 3)), r"no empty dimension, got shape \(0, 2, 3\)"),
         (dict(weight=torch.ones(2, 2, 3).to_sparse()), r"dense \(strided\) tensor"),
-        (dict(input_size=(8, 8, 8)), r"input_size must be an int or a tuple of 2 ints .* \(8, 8, 8\)"),
+        (
+            dict(input_size=(8, 8, 8)),
+            r"input_size must be an int or a tuple of 2 ints .* \(8, 8, 8\)",
+        ),
         (dict(input_size=0), r"input_size must be >= 1 in every dimension, got 0"),
         (dict(input_size=8.5), r"input_size must be an int, got 8\.5"),
         (dict(stride=0), r"stride must be >= 1 in every dimension, got 0"),
         (dict(stride=(1, -2)), r"stride must be >= 1 in every dimension, got \(1, -2\)"),
         (dict(dilation=0), r"dilation must be >= 1 in every dimension, got 0"),
         (dict(groups=0), r"groups must be >= 1, got 0"),
-        (dict(groups=3), r"out_channels \(weight\.shape\[0\]\) \(4\) must be divisible by groups, got groups=3"),
-        (dict(padding="full"), r"padding must be an int, a tuple of 2 ints, .*'valid' or 'same', got 'full'"),
+        (
+            dict(groups=3),
+            r"out_channels \(weight\.shape\[0\]\) \(4\) must be divisible by groups, got groups=3",
+        ),
+        (
+            dict(padding="full"),
+            r"padding must be an int, a tuple of 2 ints, .*'valid' or 'same', got 'full'",
+        ),
         (dict(padding=-1), r"padding must be >= 0 in every dimension, got -1"),
         (dict(padding=(1, (2, -1))), r"padding must be >= 0 in every dimension"),
         (dict(padding=(1, 2, 3)), r"padding must be .* got \(1, 2, 3\)"),
         (dict(padding=((1, 2, 3), 1)), r"padding must be .* pairs"),
         (dict(padding=True), r"padding must be an int, got True"),
-        (dict(padding="same", stride=2), r"padding='same' is only defined for stride 1 .* same_padding\(\)"),
-        (dict(padding_mode="mirror"), r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'"),
-        (dict(padding=4, padding_mode="reflect"), r"reflect padding must be smaller than the input .* padding=4 for input size 4"),
-        (dict(padding=5, padding_mode="circular"), r"circular padding must be at most the input size .* padding=5"),
-        (dict(input_size=2), r"kernel_size 3 with dilation 1 spans 3 elements, more than the padded input in dimension 0 \(input 2 \+ padding 0\+0 = 2\)"),
+        (
+            dict(padding="same", stride=2),
+            r"padding='same' is only defined for stride 1 .* same_padding\(\)",
+        ),
+        (
+            dict(padding_mode="mirror"),
+            r"padding_mode must be one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'",
+        ),
+        (
+            dict(padding=4, padding_mode="reflect"),
+            r"reflect padding must be smaller than the input .* padding=4 for input size 4",
+        ),
+        (
+            dict(padding=5, padding_mode="circular"),
+            r"circular padding must be at most the input size .* padding=5",
+        ),
+        (
+            dict(input_size=2),
+            r"kernel_size 3 with dilation 1 spans 3 elements, more than the padded input in dimension 0 \(input 2 \+ padding 0\+0 = 2\)",
+        ),
         (dict(dilation=3, padding=1), r"kernel_size 3 with dilation 3 spans 7 elements"),
-        (dict(layout=torch.sparse_bsr), r"layout must be torch\.strided, torch\.sparse_coo or torch\.sparse_csr"),
+        (
+            dict(layout=torch.sparse_bsr),
+            r"layout must be torch\.strided, torch\.sparse_coo or torch\.sparse_csr",
+        ),
     ],
 )
 def test_conv_matrix_errors(kwargs, match):
@@ -66,10 +96,16 @@ def test_conv_matrix_errors(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(output_padding=2, stride=2), r"output_padding must be >= 0 and smaller than either stride or dilation .* output_padding=2"),
+        (
+            dict(output_padding=2, stride=2),
+            r"output_padding must be >= 0 and smaller than either stride or dilation .* output_padding=2",
+        ),
         (dict(output_padding=-1, stride=2), r"output_padding must be >= 0"),
         (dict(output_padding=1), r"smaller than either stride or dilation"),
-        (dict(padding="same"), r"padding must be an int, a tuple of 2 ints, a tuple of 2 \(before, after\) pairs or 'valid', got 'same'"),
+        (
+            dict(padding="same"),
+            r"padding must be an int, a tuple of 2 ints, a tuple of 2 \(before, after\) pairs or 'valid', got 'same'",
+        ),
         (dict(padding=3), r"output size .* must be >= 1 in every dimension, got \(-2, -2\)"),
         (dict(groups=3), r"in_channels \(weight\.shape\[0\]\) \(4\) must be divisible by groups"),
         (dict(weight=torch.ones(4, 3)), r"\(C_in, C_out // groups, \*kernel\)"),
@@ -85,14 +121,20 @@ def test_conv_transpose_matrix_errors(kwargs, match):
 
 def test_dense_too_large_names_bytes_and_sparse_layouts():
     w = torch.ones(64, 64, 3, 3)
-    with pytest.raises(ConvMatError, match=r"a dense W of shape \(1073741824, 1073741824\) .* needs 4,611,686,018,427,387,904 bytes, more than the .* use layout=torch\.sparse_csr"):
+    with pytest.raises(
+        ConvMatError,
+        match=r"a dense W of shape \(1073741824, 1073741824\) .* needs 4,611,686,018,427,387,904 bytes, more than the .* use layout=torch\.sparse_csr",
+    ):
         conv_matrix(w, (4096, 4096), padding=1)
     with pytest.raises(ConvMatError, match=r"a sparse W .* needs [\d,]+ bytes, more than"):
         conv_matrix(w, (65536, 65536), padding=1, layout=torch.sparse_csr)
 
 
 def test_size_helper_errors():
-    with pytest.raises(ConvMatError, match=r"sizes must agree on the number of spatial dimensions, got lengths \[2, 3\]"):
+    with pytest.raises(
+        ConvMatError,
+        match=r"sizes must agree on the number of spatial dimensions, got lengths \[2, 3\]",
+    ):
         conv_output_size((4, 4), (3, 3, 3))
     with pytest.raises(ConvMatError, match=r"kernel_size must be >= 1"):
         conv_output_size(4, 0)
@@ -105,7 +147,10 @@ def test_size_helper_errors():
 
 
 def test_to_matrix_errors():
-    with pytest.raises(ConvMatError, match=r"module must be an nn\.Conv1d/2d/3d or nn\.ConvTranspose1d/2d/3d, got Linear"):
+    with pytest.raises(
+        ConvMatError,
+        match=r"module must be an nn\.Conv1d/2d/3d or nn\.ConvTranspose1d/2d/3d, got Linear",
+    ):
         to_matrix(nn.Linear(3, 3), 3)
     conv = nn.Conv2d(2, 2, 3)
     with pytest.raises(ConvMatError, match=r"input_size must be an int or a tuple of 2 ints"):
@@ -114,8 +159,17 @@ def test_to_matrix_errors():
 
 def _torch_accepts(n, cin, cout, k, s, d, p, groups, mode, size):
     try:
-        layer = MODULE[n](cin, cout, k, stride=s, padding=p, dilation=d, groups=groups,
-                          padding_mode=mode, bias=False)
+        layer = MODULE[n](
+            cin,
+            cout,
+            k,
+            stride=s,
+            padding=p,
+            dilation=d,
+            groups=groups,
+            padding_mode=mode,
+            bias=False,
+        )
         layer(torch.ones(1, cin, *(size,) * n))
     except (RuntimeError, ValueError):
         return False

@@ -198,7 +198,10 @@ def test_float32_and_dtype_kept():
         W = conv_matrix(w, (7, 7), padding=1, layout=layout)
         assert W.dtype == torch.float32
         torch.testing.assert_close(
-            apply(W, x), torch.nn.functional.conv2d(x, w, padding=1).flatten(1), atol=1e-5, rtol=1e-5
+            apply(W, x),
+            torch.nn.functional.conv2d(x, w, padding=1).flatten(1),
+            atol=1e-5,
+            rtol=1e-5,
         )
 
 
