@@ -22,6 +22,7 @@ __all__ = [
     "conv_output_size",
     "conv_transpose_geometry",
     "conv_transpose_output_size",
+    "output_padding_for",
     "same_padding",
 ]
 
@@ -367,6 +368,39 @@ def _check_padding_mode(
                 f"circular padding must be at most the input size in every dimension (it may "
                 f"wrap around once), got padding={raw!r} for input size {i} in dimension {dim}"
             )
+
+
+def output_padding_for(
+    input_size: IntOrTuple,
+    output_size: IntOrTuple,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+) -> tuple[int, ...]:
+    """The ``output_padding`` that makes a transposed convolution produce ``output_size``
+    (the ``output_size`` argument of ``nn.ConvTranspose{N}d.forward``).
+
+    Torch accepts output sizes from the size with no output_padding up to ``stride - 1`` more.
+
+    >>> output_padding_for(4, 8, 3, stride=2, padding=1)
+    (1,)
+    """
+    n = _spatial_dims(input_size, output_size, kernel_size, stride, dilation)
+    i = ntuple(input_size, n, "input_size", 1)
+    out = ntuple(output_size, n, "output_size", 1)
+    k = ntuple(kernel_size, n, "kernel_size", 1)
+    s = ntuple(stride, n, "stride", 1)
+    d = ntuple(dilation, n, "dilation", 1)
+    pads = _padding_pairs(padding, n, k, s, d, transposed=True)
+    smallest = _transpose_out(i, k, s, pads, (0,) * n, d)
+    if any(not lo <= o < lo + ss for o, lo, ss in zip(out, smallest, s)):
+        raise ConvMatError(
+            f"output_size must be between {smallest!r} and "
+            f"{tuple(lo + ss - 1 for lo, ss in zip(smallest, s))!r} for input size {i!r} "
+            f"(as in torch), got {output_size!r}"
+        )
+    return tuple(o - lo for o, lo in zip(out, smallest))
 
 
 def conv_geometry(

@@ -1,0 +1,170 @@
+"""Channels-last block form of W, the form the matrix layers multiply by.
+
+Reordering W's rows to ``(spatial, channel)`` and its columns likewise (a permutation, so the
+same linear map) turns its non-zeros into dense ``bo x bi`` blocks: one block of kernel values
+per (output position, input position, channel block). Block-sparse (BSR) storage of that form
+multiplies far faster than scattered CSR entries. The public W stays in C order; this form is
+internal to :mod:`convmat.nn`.
+
+The structure comes from the one-channel pattern of :mod:`convmat._pattern` (which output
+position reads which input position through which tap), crossed with the channel blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ._pattern import _CACHE, _INDEX, _axis_taps, _c_strides, build_pattern
+from .shapes import Geometry
+
+__all__ = ["BlockPattern", "block_size", "get_block_pattern"]
+
+
+def block_size(channels: int, limit: int = 8) -> int:
+    """The largest divisor of ``channels`` that is at most ``limit``."""
+    return max(b for b in range(1, min(channels, limit) + 1) if channels % b == 0)
+
+
+@dataclass
+class BlockPattern:
+    """Block-CSR structure of W in channels-last order, for one geometry and block size.
+
+    Blocks of the weight are laid out as ``(K, COB, CIB, bo, bi)`` (tap, output-channel block,
+    input-channel block within the group, block rows, block columns); ``index`` picks the block
+    of every stored block of W (``segment`` sums folded taps first).
+    """
+
+    shape: tuple[int, int]
+    bo: int
+    bi: int
+    crow: torch.Tensor
+    col: torch.Tensor
+    index: torch.Tensor  # (nnzb,) into the flattened weight blocks, or into the folded list
+    fold_gather: torch.Tensor | None  # (T,) weight block of every folded tap
+    fold_segment: torch.Tensor | None  # (T,) folded entry it adds into
+    taps: (
+        torch.Tensor
+    )  # (P_out, K) input position read by every (output position, tap); P_in = none
+    _transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        default=None, repr=False
+    )
+
+    def nbytes(self) -> int:
+        held = [self.crow, self.col, self.index, self.fold_gather, self.fold_segment, self.taps]
+        if self._transpose is not None:
+            held += list(self._transpose)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def weight_blocks(self, weight_view: torch.Tensor) -> torch.Tensor:
+        """``(C_rows, C_in_group * K)`` weight view -> ``(K * COB * CIB, bo, bi)`` blocks."""
+        rows, _ = weight_view.shape
+        k = self.taps.shape[1]
+        cob = rows // self.bo
+        blocks = weight_view.reshape(cob, self.bo, -1, self.bi, k).permute(4, 0, 2, 1, 3)
+        return blocks.reshape(-1, self.bo, self.bi)
+
+    def values(self, weight_view: torch.Tensor) -> torch.Tensor:
+        """``(nnzb, bo, bi)`` stored blocks of W."""
+        blocks = self.weight_blocks(weight_view)
+        if self.fold_gather is None:
+            return blocks.index_select(0, self.index)
+        n_fold = int(self.fold_segment.max()) + 1 if self.fold_segment.numel() else 0
+        folded = blocks.new_zeros(n_fold, self.bo, self.bi)
+        folded.index_add_(0, self.fold_segment, blocks.index_select(0, self.fold_gather))
+        return folded.index_select(0, self.index)
+
+    def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block-CSR of W^T: ``(crow, col, perm)`` with blocks ``values[perm].mT``, cached."""
+        if self._transpose is None:
+            n_rows = self.crow.numel() - 1
+            n_cols = self.shape[1] // self.bi
+            rows = torch.repeat_interleave(
+                torch.arange(n_rows, device=self.crow.device), self.crow.diff()
+            )
+            perm = torch.argsort(self.col * n_rows + rows, stable=True)
+            crow = torch.zeros(n_cols + 1, dtype=_INDEX, device=self.crow.device)
+            torch.cumsum(torch.bincount(self.col, minlength=n_cols), 0, out=crow[1:])
+            self._transpose = (crow, rows[perm], perm)
+        return self._transpose
+
+
+def _tap_table(geo: Geometry) -> torch.Tensor:
+    """``(P_out, K)``: flat input position read by every output position and tap (C order),
+    ``P_in`` where the tap reads zero padding."""
+    n = geo.ndim
+    in_total = math.prod(geo.input_size)
+    flat = torch.zeros((), dtype=_INDEX)
+    valid = torch.ones((), dtype=torch.bool)
+    for d, st in enumerate(_c_strides(geo.input_size)):
+        c, ok = _axis_taps(geo, d)
+        shape = [1] * (2 * n)
+        shape[d], shape[n + d] = c.shape
+        flat = flat + (c * st).view(shape)
+        valid = valid & ok.view(shape)
+    flat = torch.where(valid, flat, in_total)
+    return flat.reshape(math.prod(geo.output_size), math.prod(geo.kernel_size))
+
+
+def build_block_pattern(geo: Geometry, bo: int, bi: int) -> BlockPattern:
+    spatial = build_pattern(dataclasses.replace(geo, in_channels=1, out_channels=1, groups=1))
+    g = geo.groups
+    cob, cib = geo.out_channels // bo, geo.in_channels // g // bi
+    cob_per_group = cob // g
+    counts = spatial.row_counts  # entries (input positions) per output position
+    p_out = counts.numel()
+    start = torch.zeros(p_out, dtype=_INDEX)
+    torch.cumsum(counts[:-1], 0, out=start[1:])
+    width = int(counts.max()) if p_out else 0
+    # Grid (output position, output block, entry of that position, input block in the group).
+    j = torch.arange(width, dtype=_INDEX)
+    mask = (j[None, :] < counts[:, None]).view(p_out, 1, width, 1)
+    entry = (start[:, None] + j[None, :]).clamp(max=max(spatial.nnz_per_channel - 1, 0))
+    entry = entry.view(p_out, 1, width, 1)
+    ob = torch.arange(cob, dtype=_INDEX).view(1, cob, 1, 1)
+    ib = torch.arange(cib, dtype=_INDEX).view(1, 1, 1, cib)
+    grid = (p_out, cob, width, cib)
+    keep = torch.nonzero(mask.expand(grid).reshape(-1)).squeeze(1)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(grid).reshape(-1).index_select(0, keep)
+
+    n_col_blocks = geo.in_channels // bi
+    col = take(spatial.col_local[entry] * n_col_blocks + (ob // cob_per_group) * cib + ib)
+    if spatial.segment is None:
+        index = take((spatial.gather[entry] * cob + ob) * cib + ib)
+        fold_gather = fold_segment = None
+    else:
+        # Folded entries first (entry, output block, input block), then gathered in order.
+        index = take((entry * cob + ob) * cib + ib)
+        t_ob = torch.arange(cob, dtype=_INDEX).view(1, cob, 1)
+        t_ib = torch.arange(cib, dtype=_INDEX).view(1, 1, cib)
+        fold_gather = ((spatial.gather.view(-1, 1, 1) * cob + t_ob) * cib + t_ib).reshape(-1)
+        fold_segment = ((spatial.segment.view(-1, 1, 1) * cob + t_ob) * cib + t_ib).reshape(-1)
+    crow = torch.zeros(p_out * cob + 1, dtype=_INDEX)
+    torch.cumsum((counts * cib).repeat_interleave(cob), 0, out=crow[1:])
+    return BlockPattern(
+        geo.matrix_shape, bo, bi, crow, col, index, fold_gather, fold_segment, _tap_table(geo)
+    )
+
+
+def get_block_pattern(geo: Geometry, bo: int, bi: int, device: torch.device) -> BlockPattern:
+    """The cached block pattern of ``geo`` with ``bo x bi`` blocks on ``device``."""
+    cpu = torch.device("cpu")
+    key = (geo, ("blocks", bo, bi), device)
+
+    def make() -> BlockPattern:
+        if device == cpu:
+            return build_block_pattern(geo, bo, bi)
+        p = get_block_pattern(geo, bo, bi, cpu)
+        moved = {
+            f.name: getattr(p, f.name).to(device)
+            for f in dataclasses.fields(p)
+            if isinstance(getattr(p, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(p, **moved, _transpose=None)
+
+    return _CACHE.get(key, make)  # type: ignore[arg-type,return-value]
