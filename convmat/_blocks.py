@@ -93,8 +93,22 @@ class BlockPattern:
 
 
 def _tap_table(geo: Geometry) -> torch.Tensor:
-    """``(P_out, K)``: flat input position read by every output position and tap (C order),
-    ``P_in`` where the tap reads zero padding."""
+    """The dense side of W's per-tap structure, for the weight gradient.
+
+    For a convolution: ``(P_out, K)``, the flat input position every output position reads
+    through every tap (``P_in`` where the tap reads zero padding). For a transposed
+    convolution: ``(P_in, K)``, the flat output position every input position writes to through
+    every tap (``P_out`` where it is cropped) - the table of the matching convolution, which
+    has no holes for the stride.
+    """
+    if geo.transposed:
+        geo = dataclasses.replace(
+            geo,
+            transposed=False,
+            input_size=geo.output_size,
+            output_size=geo.input_size,
+            padding_mode="zeros",
+        )
     n = geo.ndim
     in_total = math.prod(geo.input_size)
     flat = torch.zeros((), dtype=_INDEX)

@@ -92,13 +92,22 @@ class _LayerMatrix:
 
     def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Gradient for the ``(C_rows, C_in_group * K)`` weight view: for every tap, the sum of
-        ``g[row] * x[col]`` over the entries of W that hold it."""
+        ``g[row] * x[col]`` over the entries of W that hold it (one batched matrix product)."""
         geo = self.geo
         b, groups = x.shape[0], geo.groups
-        p_out, k = self.taps.shape
-        padded = torch.cat([x, x.new_zeros(b, x.shape[1], 1)], dim=2)  # a zero for padding
-        gathered = padded[:, :, self.taps.reshape(-1)].view(b, groups, -1, p_out, k)
-        grad = torch.einsum("bgor,bgirk->goik", g.view(b, groups, -1, p_out), gathered)
+        positions, k = self.taps.shape
+        # The table runs over the side without holes (see _tap_table); gather the other side,
+        # with one appended zero for the taps that fall outside.
+        dense_side, gathered_side = (g, x) if not geo.transposed else (x, g)
+        padded = torch.cat(
+            [gathered_side, gathered_side.new_zeros(b, gathered_side.shape[1], 1)], 2
+        )
+        gathered = padded[:, :, self.taps.reshape(-1)].view(b, groups, -1, positions, k)
+        dense_side = dense_side.reshape(b, groups, -1, positions)
+        if not geo.transposed:
+            grad = torch.einsum("bgor,bgirk->goik", dense_side, gathered)
+        else:
+            grad = torch.einsum("bgir,bgork->goik", dense_side, gathered)
         return grad.reshape(geo.out_channels, -1)
 
 
