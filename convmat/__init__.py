@@ -8,7 +8,8 @@ torch.Size([2, 4])
 
 from ._errors import ConvMatError
 from ._pattern import clear_cache
-from .matrix import conv_matrix, conv_transpose_matrix, to_matrix
+from .linear import to_linear
+from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
 from .shapes import conv_output_size, conv_transpose_output_size, same_padding
 
 __version__ = "0.1.0"
@@ -17,10 +18,12 @@ __all__ = [
     "ConvMatError",
     "__version__",
     "clear_cache",
+    "conv2d_as_conv1d",
     "conv_matrix",
     "conv_output_size",
     "conv_transpose_matrix",
     "conv_transpose_output_size",
     "same_padding",
+    "to_linear",
     "to_matrix",
 ]

@@ -19,7 +19,7 @@ from ._pattern import Pattern, get_pattern
 from ._typing import IntOrTuple, PaddingArg, PaddingMode
 from .shapes import Geometry, conv_geometry, conv_transpose_geometry
 
-__all__ = ["conv_matrix", "conv_transpose_matrix", "to_matrix"]
+__all__ = ["conv2d_as_conv1d", "conv_matrix", "conv_transpose_matrix", "to_matrix"]
 
 _LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -296,3 +296,70 @@ def to_matrix(
         f"module must be an nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d, got "
         f"{type(module).__name__}"
     )
+
+
+def conv2d_as_conv1d(
+    weight: torch.Tensor,
+    input_height: int,
+    *,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+) -> torch.Tensor:
+    """The Conv1d weight that computes a 2-D convolution with the image rows as channels.
+
+    A ``(C_out, C_in, kh, kw)`` kernel over an ``H x W`` image becomes a 1-D kernel sliding along
+    the width; its input channels are the ``C_in * H`` (channel, row) pairs and its output
+    channels the ``C_out * H_out`` (channel, output row) pairs. The height-direction stride,
+    padding and dilation are folded into which rows each output channel reads (the height
+    matrix of :func:`conv_matrix`); the width-direction ones stay with ``F.conv1d``. Only zero
+    padding in height has this form. A 2-tuple argument is ``(height, width)``; only its height
+    part is used here.
+
+    Args:
+        weight: ``(C_out, C_in, kh, kw)``.
+        input_height: ``H``.
+        stride, padding, dilation: of the 2-D convolution (the height part is used).
+
+    Returns:
+        The Conv1d weight, same dtype and device; differentiable in ``weight``.
+
+    Shape:
+        ``(C_out * H_out, C_in * H, kw)`` with ``H_out`` from :func:`conv_output_size`.
+
+    >>> import torch.nn.functional as F
+    >>> x = torch.arange(1.0, 21.0, dtype=torch.float64).view(1, 1, 4, 5)
+    >>> w = torch.arange(1, 10, dtype=torch.float64).view(1, 1, 3, 3) / 10
+    >>> w1 = conv2d_as_conv1d(w, 4)
+    >>> F.conv1d(x.view(1, 4, 5), w1).view(2, 3)
+    tensor([[41.1000, 45.6000, 50.1000],
+            [63.6000, 68.1000, 72.6000]], dtype=torch.float64)
+    >>> F.conv2d(x, w).view(2, 3)
+    tensor([[41.1000, 45.6000, 50.1000],
+            [63.6000, 68.1000, 72.6000]], dtype=torch.float64)
+    """
+    weight = _check_weight(weight)
+    if weight.dim() != 4:
+        raise ConvMatError(
+            f"weight must be a 2-D convolution's (C_out, C_in, kh, kw), got shape "
+            f"{tuple(weight.shape)!r}"
+        )
+    c_out, c_in, kh, kw = weight.shape
+
+    def height(value: object) -> object:
+        return value[0] if isinstance(value, tuple | list) and len(value) == 2 else value
+
+    if isinstance(padding, str):
+        raise ConvMatError(f"padding must be an int or a (height, width) tuple, got {padding!r}")
+    # Rows (co, kw, h_out) x columns (ci, h): the height matrix of every kernel column.
+    columns = weight.permute(0, 3, 1, 2).reshape(c_out * kw, c_in, kh)
+    rows = conv_matrix(
+        columns,
+        input_height,
+        stride=height(stride),  # type: ignore[arg-type]
+        padding=(height(padding),),  # type: ignore[arg-type]
+        dilation=height(dilation),  # type: ignore[arg-type]
+    )
+    h_out = rows.shape[0] // (c_out * kw)
+    per = rows.view(c_out, kw, h_out, c_in * input_height).permute(0, 2, 3, 1)
+    return per.reshape(c_out * h_out, c_in * input_height, kw)

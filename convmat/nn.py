@@ -29,10 +29,17 @@ from torch import nn
 
 from ._blocks import BlockPattern, block_size, get_block_pattern
 from ._errors import ConvMatError
-from .matrix import _assemble, _check_memory, to_matrix
-from .shapes import Geometry, conv_geometry, conv_transpose_geometry, output_padding_for
+from .matrix import _assemble, _check_memory, conv_matrix, to_matrix
+from .shapes import (
+    Geometry,
+    conv_geometry,
+    conv_output_size,
+    conv_transpose_geometry,
+    output_padding_for,
+)
 
 __all__ = [
+    "Conv1D",
     "MatrixConv1d",
     "MatrixConv2d",
     "MatrixConv3d",
@@ -358,3 +365,77 @@ MatrixConv3d = _conv_class(nn.Conv3d, 3)
 MatrixConvTranspose1d = _conv_class(nn.ConvTranspose1d, 1)
 MatrixConvTranspose2d = _conv_class(nn.ConvTranspose2d, 2)
 MatrixConvTranspose3d = _conv_class(nn.ConvTranspose3d, 3)
+
+
+class Conv1D(nn.Module):
+    """One signal, one kernel: the convolution of the tutorial, written as ``y = x @ W.T``.
+
+    W is the ``(output_dim, input_dim)`` matrix with the kernel on its bands, made from the
+    learnable ``kernel`` on every call (its index pattern is cached, so only the kernel values
+    are placed), so gradients reach the kernel through W.
+
+    Args:
+        kernel_size: taps of the kernel.
+        input_dim: length of the signal.
+        stride: step between windows.
+        dilation: spacing between taps.
+        padding: zeros added to both ends (an int), or a ``(before, after)`` pair.
+        bias: add one learnable scalar to every output.
+
+    Shape:
+        ``(batch, input_dim)`` or ``(input_dim,)`` -> ``(batch, output_dim)`` or
+        ``(output_dim,)``, ``output_dim = floor((input_dim + pads - dilation * (k - 1) - 1) /
+        stride) + 1``.
+
+    >>> layer = Conv1D(3, 10)
+    >>> with torch.no_grad():
+    ...     _ = layer.kernel.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    >>> layer.output_dim
+    8
+    >>> layer(torch.arange(1.0, 11.0)).detach()
+    tensor([14., 20., 26., 32., 38., 44., 50., 56.])
+    """
+
+    def __init__(
+        self,
+        kernel_size: int,
+        input_dim: int,
+        stride: int = 1,
+        dilation: int = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        pads = (padding,) if isinstance(padding, tuple) else padding
+        self.kernel_size, self.input_dim = kernel_size, input_dim
+        self.stride, self.dilation, self.padding = stride, dilation, pads
+        (self.output_dim,) = conv_output_size(input_dim, kernel_size, stride, pads, dilation)
+        bound = 1 / math.sqrt(kernel_size)
+        self.kernel = nn.Parameter(torch.empty(kernel_size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(1).uniform_(-bound, bound)) if bias else None
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The ``(output_dim, input_dim)`` matrix with the kernel on its bands."""
+        return conv_matrix(
+            self.kernel.view(1, 1, -1),
+            self.input_dim,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_dim or x.dim() not in (1, 2):
+            raise ConvMatError(
+                f"input must be (batch, {self.input_dim}) or ({self.input_dim},), got shape "
+                f"{tuple(x.shape)!r}"
+            )
+        y = x @ self.weight_matrix().T
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, input_dim={self.input_dim}, "
+            f"output_dim={self.output_dim}, stride={self.stride}, dilation={self.dilation}, "
+            f"padding={self.padding}, bias={self.bias is not None}"
+        )

@@ -21,6 +21,7 @@ from convmat.nn import (
 )
 
 from .reference import conv_configs, conv_transpose_configs
+from .tests_helpers import layer_for as torch_layer
 
 MATRIX = {1: MatrixConv1d, 2: MatrixConv2d, 3: MatrixConv3d}
 MATRIX_T = {1: MatrixConvTranspose1d, 2: MatrixConvTranspose2d, 3: MatrixConvTranspose3d}
@@ -28,31 +29,6 @@ TORCH = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TORCH_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 LAYER_LAYOUTS = [torch.sparse_csr, torch.strided]
 TOL = {torch.float64: dict(rtol=0, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
-
-
-def torch_layer(cfg, dtype, bias):
-    common = dict(
-        stride=cfg.stride, dilation=cfg.dilation, groups=cfg.groups, bias=bias, dtype=dtype
-    )
-    if cfg.transposed:
-        pad = tuple(b for b, _ in cfg.pairs)
-        return TORCH_T[cfg.ndim](
-            cfg.in_channels,
-            cfg.out_channels,
-            cfg.kernel_size,
-            padding=pad,
-            output_padding=cfg.output_padding,
-            **common,
-        )
-    pad = cfg.padding if isinstance(cfg.padding, str) else tuple(b for b, _ in cfg.pairs)
-    return TORCH[cfg.ndim](
-        cfg.in_channels,
-        cfg.out_channels,
-        cfg.kernel_size,
-        padding=pad,
-        padding_mode=cfg.padding_mode,
-        **common,
-    )
 
 
 def check_parity(ref, twin, x, dtype, **forward_kwargs):
