@@ -191,6 +191,10 @@ def _torch_accepts(n, cin, cout, k, s, d, p, groups, mode, size):
 def test_rejects_exactly_what_torch_rejects(n, cin, cout, k, s, d, p, groups, mode, size):
     """convmat raises ConvMatError exactly when torch's layer refuses the configuration."""
     accepted = _torch_accepts(n, cin, cout, k, s, d, p, groups, mode, size)
+    if isinstance(p, int) and p < 0:
+        # torch's non-zero modes take negative padding as cropping (through F.pad); convmat
+        # rejects negative padding in every mode.
+        accepted = False
     if cin % groups:
         return  # no weight of shape (C_out, C_in // groups, ...) exists to ask convmat with
     weight = torch.ones(cout, cin // groups, *(k,) * n)
