@@ -8,7 +8,7 @@ torch.Size([2, 4])
 
 from ._errors import ConvMatError
 from ._pattern import clear_cache
-from .linear import to_linear
+from .linear import to_linear, to_mlp
 from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
 from .shapes import conv_output_size, conv_transpose_output_size, same_padding
 
@@ -26,4 +26,5 @@ __all__ = [
     "same_padding",
     "to_linear",
     "to_matrix",
+    "to_mlp",
 ]

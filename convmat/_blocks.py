@@ -46,9 +46,8 @@ class BlockPattern:
     index: torch.Tensor  # (nnzb,) into the flattened weight blocks, or into the folded list
     fold_gather: torch.Tensor | None  # (T,) weight block of every folded tap
     fold_segment: torch.Tensor | None  # (T,) folded entry it adds into
-    taps: (
-        torch.Tensor
-    )  # (P_out, K) input position read by every (output position, tap); P_in = none
+    taps: torch.Tensor  # see _tap_table
+    n_folded: int = 0  # length of the folded list (where taps fold)
     _transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, repr=False
     )
@@ -70,10 +69,9 @@ class BlockPattern:
     def values(self, weight_view: torch.Tensor) -> torch.Tensor:
         """``(nnzb, bo, bi)`` stored blocks of W."""
         blocks = self.weight_blocks(weight_view)
-        if self.fold_gather is None:
+        if self.fold_gather is None or self.fold_segment is None:
             return blocks.index_select(0, self.index)
-        n_fold = int(self.fold_segment.max()) + 1 if self.fold_segment.numel() else 0
-        folded = blocks.new_zeros(n_fold, self.bo, self.bi)
+        folded = blocks.new_zeros(self.n_folded, self.bo, self.bi)
         folded.index_add_(0, self.fold_segment, blocks.index_select(0, self.fold_gather))
         return folded.index_select(0, self.index)
 
@@ -160,8 +158,18 @@ def build_block_pattern(geo: Geometry, bo: int, bi: int) -> BlockPattern:
         fold_segment = ((spatial.segment.view(-1, 1, 1) * cob + t_ob) * cib + t_ib).reshape(-1)
     crow = torch.zeros(p_out * cob + 1, dtype=_INDEX)
     torch.cumsum((counts * cib).repeat_interleave(cob), 0, out=crow[1:])
+    n_folded = 0 if fold_segment is None else spatial.nnz_per_channel * cob * cib
     return BlockPattern(
-        geo.matrix_shape, bo, bi, crow, col, index, fold_gather, fold_segment, _tap_table(geo)
+        geo.matrix_shape,
+        bo,
+        bi,
+        crow,
+        col,
+        index,
+        fold_gather,
+        fold_segment,
+        _tap_table(geo),
+        n_folded,
     )
 
 

@@ -91,6 +91,7 @@ class _LayerMatrix:
                 g.shape[0], self.geo.in_channels, -1
             )
         if self._transpose is None:
+            assert self.values is not None
             crow, col, perm = self.blocks.transpose()
             values = self.values.index_select(0, perm).mT.contiguous()
             rows, cols = self.matrix.shape
@@ -269,7 +270,7 @@ class _MatrixConvMixin:
         base = cls._torch_class
         if type(module) is not base and not isinstance(module, _MatrixConvMixin):
             raise ConvMatError(f"module must be an {base.__name__}, got {type(module).__name__}")
-        twin = cls(**_constructor_args(module), **kwargs)
+        twin: Any = cls(**_constructor_args(module), **kwargs)
         twin.load_state_dict(module.state_dict())
         return twin
 
@@ -342,7 +343,7 @@ def _conv_class(base: type[nn.Module], ndim: int) -> type:
 
     else:
 
-        def forward(self, input: torch.Tensor):
+        def forward(self, input: torch.Tensor):  # type: ignore[misc]
             return self._matrix_forward(input)
 
     name = "Matrix" + base.__name__

@@ -70,8 +70,7 @@ def test_conv1d_seed_example_and_gradient():
         conv_configs().filter(
             lambda c: (
                 isinstance(c.padding, str)
-                or (len({*c.pairs[0]}) == 1
-                and all(b == a for b, a in c.pairs))
+                or (len({*c.pairs[0]}) == 1 and all(b == a for b, a in c.pairs))
             )
         ),
         conv_transpose_configs(asymmetric=False),
