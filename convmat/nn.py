@@ -14,7 +14,16 @@ W is cached per input size, device and dtype and rebuilt only when the weight ha
 optimizer step, ``load_state_dict``, a new tensor): the index pattern is cached per configuration,
 so a rebuild only gathers kernel values. The backward pass is matrix calculus on the same
 pattern: ``grad_x = W^T grad_y``, and the weight gradient sums ``grad_y x^T`` over the entries of
-W that hold each kernel tap (one batched matrix product over the gathered inputs).
+W that hold each kernel tap (one batched matrix product over the gathered inputs). The backward
+pass is not itself differentiable (no double backward).
+
+>>> conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+>>> twin = MatrixConv2d.from_module(conv)
+>>> x = torch.randn(8, 2, 10, 10)
+>>> torch.allclose(twin(x), conv(x), atol=1e-5)
+True
+>>> twin.matrix_builds, type(twin.to_module()).__name__
+(1, 'Conv2d')
 """
 
 from __future__ import annotations
@@ -236,6 +245,9 @@ class _MatrixConvMixin:
 
         Shape:
             ``(C_out * prod(out), C_in * prod(input_size))``
+
+        >>> MatrixConv1d(1, 2, 3).weight_matrix(5).shape
+        torch.Size([6, 5])
         """
         layout = torch.sparse_csr if self.layout == torch.sparse_csr else torch.strided
         return to_matrix(self, input_size, layout=layout)  # type: ignore[arg-type]
