@@ -104,6 +104,18 @@ def _spatial_dims(*values: Any) -> int:
     return lengths.pop() if lengths else 1
 
 
+def _sizes(
+    n: int, input_size: Any, kernel_size: Any, stride: Any, dilation: Any
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Normalise input size, kernel size, stride and dilation to ``n`` ints each (all >= 1)."""
+    return (
+        ntuple(input_size, n, "input_size", 1),
+        ntuple(kernel_size, n, "kernel_size", 1),
+        ntuple(stride, n, "stride", 1),
+        ntuple(dilation, n, "dilation", 1),
+    )
+
+
 def _padding_pairs(
     padding: Any,
     n: int,
@@ -235,10 +247,7 @@ def conv_output_size(
     (10,)
     """
     n = _spatial_dims(input_size, kernel_size, stride, dilation)
-    i = ntuple(input_size, n, "input_size", 1)
-    k = ntuple(kernel_size, n, "kernel_size", 1)
-    s = ntuple(stride, n, "stride", 1)
-    d = ntuple(dilation, n, "dilation", 1)
+    i, k, s, d = _sizes(n, input_size, kernel_size, stride, dilation)
     pads = _padding_pairs(padding, n, k, s, d)
     _check_kernel_fits(i, k, d, pads)
     return tuple(_conv_out(*args) for args in zip(i, k, s, d, pads))
@@ -277,10 +286,7 @@ def conv_transpose_output_size(
     (32, 32)
     """
     n = _spatial_dims(input_size, kernel_size, stride, output_padding, dilation)
-    i = ntuple(input_size, n, "input_size", 1)
-    k = ntuple(kernel_size, n, "kernel_size", 1)
-    s = ntuple(stride, n, "stride", 1)
-    d = ntuple(dilation, n, "dilation", 1)
+    i, k, s, d = _sizes(n, input_size, kernel_size, stride, dilation)
     op = ntuple(output_padding, n, "output_padding")
     pads = _padding_pairs(padding, n, k, s, d, transposed=True)
     _check_output_padding(op, s, d, output_padding)
@@ -317,10 +323,7 @@ def same_padding(
     (5,)
     """
     n = _spatial_dims(input_size, kernel_size, stride, dilation)
-    i = ntuple(input_size, n, "input_size", 1)
-    k = ntuple(kernel_size, n, "kernel_size", 1)
-    s = ntuple(stride, n, "stride", 1)
-    d = ntuple(dilation, n, "dilation", 1)
+    i, k, s, d = _sizes(n, input_size, kernel_size, stride, dilation)
     pads = []
     for ii, kk, ss, dd in zip(i, k, s, d):
         total = max((-(-ii // ss) - 1) * ss + dd * (kk - 1) + 1 - ii, 0)
@@ -421,11 +424,8 @@ def conv_geometry(
     """
     n = _weight_dims(weight_shape, "(C_out, C_in // groups, *kernel)")
     out_channels, cin_g, *kernel = (int(v) for v in weight_shape)
-    k = tuple(kernel)
     g = _check_groups(groups, out_channels, "out_channels (weight.shape[0])")
-    i = ntuple(input_size, n, "input_size", 1)
-    s = ntuple(stride, n, "stride", 1)
-    d = ntuple(dilation, n, "dilation", 1)
+    i, k, s, d = _sizes(n, input_size, kernel, stride, dilation)
     pads = _padding_pairs(padding, n, k, s, d)
     _check_padding_mode(padding_mode, i, pads, padding)
     _check_kernel_fits(i, k, d, pads)
@@ -450,11 +450,8 @@ def conv_transpose_geometry(
     """
     n = _weight_dims(weight_shape, "(C_in, C_out // groups, *kernel)")
     in_channels, cout_g, *kernel = (int(v) for v in weight_shape)
-    k = tuple(kernel)
     g = _check_groups(groups, in_channels, "in_channels (weight.shape[0])")
-    i = ntuple(input_size, n, "input_size", 1)
-    s = ntuple(stride, n, "stride", 1)
-    d = ntuple(dilation, n, "dilation", 1)
+    i, k, s, d = _sizes(n, input_size, kernel, stride, dilation)
     op = ntuple(output_padding, n, "output_padding")
     pads = _padding_pairs(padding, n, k, s, d, transposed=True)
     _check_output_padding(op, s, d, output_padding)

@@ -123,6 +123,20 @@ def apply(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (W @ flat.T.contiguous()).T
 
 
+def _draw_padding(draw, n, form, most):
+    """A padding argument of the given form, and the same padding as (before, after) pairs."""
+    if form == "valid":
+        return ((0, 0),) * n, "valid"
+    if form == "int":
+        p = draw(st.integers(0, most))
+        return ((p, p),) * n, p
+    if form == "tuple":
+        ps = _sizes(draw, n, 0, most)
+        return tuple((p, p) for p in ps), ps
+    pairs = tuple((draw(st.integers(0, most)), draw(st.integers(0, most))) for _ in range(n))
+    return pairs, pairs
+
+
 def _sizes(draw, n, lo, hi):
     return tuple(draw(st.integers(lo, hi)) for _ in range(n))
 
@@ -145,17 +159,8 @@ def conv_configs(draw, dims=(1, 2, 3), modes=tuple(MODES)):
             ((dd * (kk - 1)) // 2, dd * (kk - 1) - (dd * (kk - 1)) // 2) for kk, dd in zip(k, d)
         )
         padding = "same"
-    elif form == "valid":
-        pairs, padding = ((0, 0),) * n, "valid"
-    elif form == "int":
-        p = draw(st.integers(0, 3))
-        pairs, padding = ((p, p),) * n, p
-    elif form == "tuple":
-        ps = _sizes(draw, n, 0, 3)
-        pairs, padding = tuple((p, p) for p in ps), ps
     else:
-        pairs = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(n))
-        padding = pairs
+        pairs, padding = _draw_padding(draw, n, form, 3)
     sizes = []
     for kk, dd, (b, a) in zip(k, d, pairs):
         lo = max(1, dd * (kk - 1) + 1 - b - a)
@@ -180,17 +185,7 @@ def conv_transpose_configs(draw, dims=(1, 2, 3), asymmetric=True):
     d = _sizes(draw, n, 1, big)
     op = tuple(draw(st.integers(0, max(ss, dd) - 1)) for ss, dd in zip(s, d))
     form = draw(st.sampled_from(["int", "tuple", "valid"] + (["pairs"] if asymmetric else [])))
-    if form == "valid":
-        pairs, padding = ((0, 0),) * n, "valid"
-    elif form == "int":
-        p = draw(st.integers(0, 2))
-        pairs, padding = ((p, p),) * n, p
-    elif form == "tuple":
-        ps = _sizes(draw, n, 0, 2)
-        pairs, padding = tuple((p, p) for p in ps), ps
-    else:
-        pairs = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n))
-        padding = pairs
+    pairs, padding = _draw_padding(draw, n, form, 2)
     i = _sizes(draw, n, 1, {1: 6, 2: 4, 3: 3}[n])
     out = [
         (ii - 1) * ss - b - a + dd * (kk - 1) + o + 1
