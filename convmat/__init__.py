@@ -11,11 +11,13 @@ from ._pattern import clear_cache
 from .linear import to_linear, to_mlp
 from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
 from .shapes import conv_output_size, conv_transpose_output_size, same_padding
+from .symbolic import SymbolicMatrix, symbolic
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvMatError",
+    "SymbolicMatrix",
     "__version__",
     "clear_cache",
     "conv2d_as_conv1d",
@@ -24,6 +26,7 @@ __all__ = [
     "conv_transpose_matrix",
     "conv_transpose_output_size",
     "same_padding",
+    "symbolic",
     "to_linear",
     "to_matrix",
     "to_mlp",
