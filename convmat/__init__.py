@@ -10,6 +10,7 @@ from ._errors import ConvMatError
 from ._pattern import clear_cache
 from .linear import to_linear, to_mlp
 from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
+from .plotting import animate, plot_matrix
 from .shapes import conv_output_size, conv_transpose_output_size, same_padding
 from .symbolic import SymbolicMatrix, symbolic
 
@@ -19,12 +20,14 @@ __all__ = [
     "ConvMatError",
     "SymbolicMatrix",
     "__version__",
+    "animate",
     "clear_cache",
     "conv2d_as_conv1d",
     "conv_matrix",
     "conv_output_size",
     "conv_transpose_matrix",
     "conv_transpose_output_size",
+    "plot_matrix",
     "same_padding",
     "symbolic",
     "to_linear",
