@@ -124,7 +124,9 @@ def _block_diagonal(block: torch.Tensor, copies: int, sparse: bool) -> torch.Ten
     rows = (ch * block.shape[0] + r).reshape(-1)
     cols = (ch * block.shape[1] + c).reshape(-1)
     shape = (copies * block.shape[0], copies * block.shape[1])
-    W = torch.sparse_coo_tensor(torch.stack([rows, cols]), v.repeat(copies), shape)
+    W = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), v.repeat(copies), shape, check_invariants=False
+    )
     return W.coalesce().to_sparse_csr()
 
 
