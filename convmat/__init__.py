@@ -10,6 +10,7 @@ from ._errors import ConvMatError
 from ._pattern import clear_cache
 from .linear import to_linear, to_mlp
 from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
+from .operator import ConvOperator, dottest
 from .plotting import animate, plot_matrix
 from .shapes import conv_output_size, conv_transpose_output_size, same_padding
 from .symbolic import SymbolicMatrix, symbolic
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvMatError",
+    "ConvOperator",
     "SymbolicMatrix",
     "__version__",
     "animate",
@@ -27,6 +29,7 @@ __all__ = [
     "conv_output_size",
     "conv_transpose_matrix",
     "conv_transpose_output_size",
+    "dottest",
     "plot_matrix",
     "same_padding",
     "symbolic",

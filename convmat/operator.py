@@ -1,0 +1,230 @@
+"""A matrix-free linear operator for any convolution convmat supports, with its adjoint.
+
+``op @ x`` runs torch's own convolution; ``op.T @ y`` runs the adjoint: the matching transposed
+convolution (output_padding worked out so that its output has the input's size), preceded for
+reflect/replicate/circular padding by the adjoint of the padding, which adds the gradient of
+every padded copy back onto the input it copies (exactly the folding that W does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import ConvMatError
+from .matrix import _assemble, _check_weight
+from .shapes import Geometry, conv_geometry, conv_transpose_geometry
+
+__all__ = ["ConvOperator", "dottest"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _flat_pads(pairs: tuple[tuple[int, int], ...]) -> list[int]:
+    return [v for pair in reversed(pairs) for v in pair]
+
+
+class ConvOperator:
+    """The convolution (or transposed convolution) as a linear operator, never forming W.
+
+    Args:
+        weight: as :func:`convmat.conv_matrix` (or :func:`convmat.conv_transpose_matrix` with
+            ``transposed=True``).
+        input_size: spatial size of one input.
+        transposed: a transposed convolution.
+        **config: stride, padding, dilation, groups, padding_mode / output_padding.
+
+    Attributes:
+        shape: ``(rows, cols)`` of W.
+        in_shape, out_shape: ``(C, *spatial)`` of one input and one output.
+
+    Shape:
+        ``op @ x``: ``x`` of shape ``(cols,)``, ``(B, cols)`` or ``(B, *in_shape)``; the result
+        has the matching output shape.
+
+    >>> op = ConvOperator(torch.randn(2, 1, 3, dtype=torch.float64), 8, padding=1)
+    >>> op.shape, op.in_shape, op.out_shape
+    ((16, 8), (1, 8), (2, 8))
+    >>> dottest(op)
+    True
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, input_size: Any, *, transposed: bool = False, **config: Any
+    ) -> None:
+        self.weight = _check_weight(weight)
+        make = conv_transpose_geometry if transposed else conv_geometry
+        self.geometry: Geometry = make(weight.shape, input_size, **config)
+        geo = self.geometry
+        self.in_shape = (geo.in_channels, *geo.input_size)
+        self.out_shape = (geo.out_channels, *geo.output_size)
+        self.shape = geo.matrix_shape
+        self._adjoint = False
+
+    @classmethod
+    def from_module(cls, module: nn.Module, input_size: Any) -> ConvOperator:
+        """The operator of an ``nn.Conv*d`` / ``nn.ConvTranspose*d`` (bias excluded)."""
+        m: Any = module
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return cls(m.weight.detach(), input_size, transposed=True, stride=m.stride,
+                       padding=m.padding, output_padding=m.output_padding, groups=m.groups,
+                       dilation=m.dilation)  # fmt: skip
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return cls(m.weight.detach(), input_size, stride=m.stride, padding=m.padding,
+                       dilation=m.dilation, groups=m.groups,
+                       padding_mode=m.padding_mode)  # fmt: skip
+        raise ConvMatError(f"module must be a convolution layer, got {type(m).__name__}")
+
+    # -- the two directions -------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, *in_shape)`` -> ``(B, *out_shape)``."""
+        geo, w, n = self.geometry, self.weight, self.geometry.ndim
+        if geo.transposed:
+            full = _CONV_T[n](x, w, stride=geo.stride, groups=geo.groups, dilation=geo.dilation)
+            full = F.pad(full, _flat_pads(tuple((0, op) for op in geo.output_padding)))
+            return self._crop(full, geo.padding, geo.output_size)
+        mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
+        padded = F.pad(x, _flat_pads(geo.padding), mode=mode)
+        return _CONV[n](padded, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
+
+    def _backward(self, y: torch.Tensor) -> torch.Tensor:
+        """The adjoint: ``(B, *out_shape)`` -> ``(B, *in_shape)``."""
+        geo, w, n = self.geometry, self.weight, self.geometry.ndim
+        if geo.transposed:
+            # Adjoint of crop is zero-extension; of the transposed convolution, the convolution.
+            grown = F.pad(y, _flat_pads(geo.padding))
+            full = _CONV[n](grown, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
+            index = (slice(None), slice(None), *(slice(0, i) for i in geo.input_size))
+            return full[index]
+        padded_size = [i + b + a for i, (b, a) in zip(geo.input_size, geo.padding)]
+        natural = [
+            (o - 1) * s + d * (k - 1) + 1
+            for o, s, d, k in zip(geo.output_size, geo.stride, geo.dilation, geo.kernel_size)
+        ]
+        out_pad = [p - q for p, q in zip(padded_size, natural)]
+        # output_padding may exceed what conv_transpose accepts; zero-extend instead.
+        t = _CONV_T[n](y, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
+        t = F.pad(t, _flat_pads(tuple((0, p) for p in out_pad)))
+        if geo.padding_mode == "zeros":
+            return self._crop(t, geo.padding, geo.input_size)
+        # The adjoint of reflect/replicate/circular padding, by the vector-Jacobian product of
+        # the (linear) padding itself.
+        shape = (t.shape[0], geo.in_channels, *geo.input_size)
+        probe = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        vjp = torch.func.vjp(
+            lambda v: F.pad(v, _flat_pads(geo.padding), mode=geo.padding_mode), probe
+        )[1]
+        return vjp(t)[0]
+
+    @staticmethod
+    def _crop(t: torch.Tensor, pads: tuple[tuple[int, int], ...], size: tuple[int, ...]):
+        index = (slice(None), slice(None), *(slice(b, b + s) for (b, _), s in zip(pads, size)))
+        return t[index]
+
+    # -- public ----------------------------------------------------------------------------------
+    @property
+    def T(self) -> ConvOperator:
+        """The adjoint operator (shares the weight)."""
+        adj = object.__new__(ConvOperator)
+        adj.__dict__.update(self.__dict__)
+        adj._adjoint = not self._adjoint
+        adj.shape = (self.shape[1], self.shape[0])
+        adj.in_shape, adj.out_shape = self.out_shape, self.in_shape
+        return adj
+
+    H = T  # real weights: the adjoint is the transpose
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ConvMatError(f"op @ x needs a torch.Tensor, got {type(x).__name__}")
+        cols = self.shape[1]
+        if x.shape == (cols,):
+            batch, out = x.reshape(1, *self.in_shape), lambda r: r.reshape(-1)
+        elif x.dim() == 2 and x.shape[1] == cols:
+            batch, out = x.reshape(-1, *self.in_shape), lambda r: r.reshape(r.shape[0], -1)
+        elif tuple(x.shape[1:]) == self.in_shape:
+            batch, out = x, lambda r: r
+        else:
+            raise ConvMatError(
+                f"x must have shape ({cols},), (B, {cols}) or (B, *{self.in_shape}), got "
+                f"{tuple(x.shape)!r}"
+            )
+        result = self._backward(batch) if self._adjoint else self._forward(batch)
+        return out(result)
+
+    def to_dense(self) -> torch.Tensor:
+        """W (or W^T for the adjoint) as a dense tensor."""
+        return self.to_sparse(torch.strided)
+
+    def to_sparse(self, layout: torch.layout = torch.sparse_csr) -> torch.Tensor:
+        """W (or its adjoint) in ``layout``, built by :mod:`convmat.matrix`."""
+        geo = self.geometry
+        if geo.transposed:
+            g = geo.groups
+            view = self.weight.reshape(g, geo.in_channels // g, geo.out_channels // g, -1)
+            view = view.transpose(1, 2).reshape(geo.out_channels, -1)
+        else:
+            view = self.weight.reshape(geo.out_channels, -1)
+        if not self._adjoint:
+            return _assemble(view, geo, layout)
+        if layout == torch.strided:
+            return _assemble(view, geo, layout).T.contiguous()
+        transposed = _assemble(view, geo, torch.sparse_coo).t().coalesce()
+        return transposed if layout == torch.sparse_coo else transposed.to_sparse_csr()
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` (numpy in and out) over this operator."""
+        from scipy.sparse.linalg import LinearOperator  # type: ignore[import-untyped]
+
+        w = self.weight
+
+        def apply(op: ConvOperator, v: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.ascontiguousarray(v), dtype=w.dtype, device=w.device)
+            if t.dim() == 2:  # (cols, k) block of vectors
+                return (op @ t.T.contiguous()).T.cpu().numpy()
+            return (op @ t).cpu().numpy()
+
+        return LinearOperator(
+            self.shape,
+            matvec=lambda v: apply(self, v.reshape(-1)),
+            rmatvec=lambda v: apply(self.T, v.reshape(-1)),
+            matmat=lambda m: apply(self, m),
+            rmatmat=lambda m: apply(self.T, m),
+            dtype=np.dtype(str(w.dtype).replace("torch.", "")),
+        )
+
+    def __repr__(self) -> str:
+        return f"ConvOperator(shape={self.shape}, adjoint={self._adjoint}, {self.geometry})"
+
+
+def dottest(op: ConvOperator, *, tol: float | None = None, seed: int = 0) -> bool:
+    """Check ``<op x, y> == <x, op.T y>`` for random ``x``, ``y``.
+
+    Returns:
+        True when the two inner products agree to ``tol`` relative (1e-10 in float64, 1e-4 in
+        float32 by default); raises ``AssertionError`` with both values otherwise.
+
+    Shape:
+        ``x: op.shape[1]``, ``y: op.shape[0]``.
+
+    >>> dottest(ConvOperator(torch.randn(3, 2, 2, 2, dtype=torch.float64), (5, 4), stride=2))
+    True
+    """
+    w = op.weight
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    x = torch.randn(op.shape[1], dtype=w.dtype, device=w.device, generator=gen)
+    y = torch.randn(op.shape[0], dtype=w.dtype, device=w.device, generator=gen)
+    left = torch.dot(op @ x, y).item()
+    right = torch.dot(x, op.T @ y).item()
+    tol = tol if tol is not None else (1e-10 if w.dtype == torch.float64 else 1e-4)
+    scale = max(abs(left), abs(right), math.ulp(1.0))
+    assert abs(left - right) <= tol * scale, (
+        f"dot test failed: <Ax, y> = {left}, <x, A^T y> = {right}"
+    )
+    return True
