@@ -13,6 +13,7 @@ from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_mat
 from .operator import ConvOperator, dottest
 from .plotting import animate, plot_matrix
 from .shapes import conv_output_size, conv_transpose_output_size, same_padding
+from .spectral import NormResult, operator_norm, singular_values
 from .symbolic import SymbolicMatrix, symbolic
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvMatError",
     "ConvOperator",
+    "NormResult",
     "SymbolicMatrix",
     "__version__",
     "animate",
@@ -30,8 +32,10 @@ __all__ = [
     "conv_transpose_matrix",
     "conv_transpose_output_size",
     "dottest",
+    "operator_norm",
     "plot_matrix",
     "same_padding",
+    "singular_values",
     "symbolic",
     "to_linear",
     "to_matrix",
