@@ -33,10 +33,10 @@ def to_linear(module: Any, input_size: IntOrTuple) -> nn.Linear:
     Shape:
         ``(B, C_in * prod(input_size)) -> (B, C_out * prod(out))``
 
-    >>> conv = nn.Conv2d(2, 3, 3, padding=1)
+    >>> conv = nn.Conv2d(2, 3, 3, padding=1, dtype=torch.float64)
     >>> lin = to_linear(conv, (5, 5))
-    >>> x = torch.randn(4, 2, 5, 5)
-    >>> torch.allclose(lin(x.flatten(1)), conv(x).flatten(1), atol=1e-6)
+    >>> x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    >>> torch.allclose(lin(x.flatten(1)), conv(x).flatten(1), atol=1e-12)
     True
     """
     with torch.no_grad():
@@ -199,12 +199,12 @@ def to_mlp(
         ``(B, *input_shape) -> (B, prod(output shape of the model))``
 
     >>> cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(),
-    ...                     nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)).eval()
+    ...                     nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)).double().eval()
     >>> mlp = to_mlp(cnn, (1, 6, 6))
     >>> [type(m).__name__ for m in mlp]
     ['Flatten', 'Linear', 'ReLU', 'Linear']
-    >>> x = torch.randn(5, 1, 6, 6)
-    >>> torch.allclose(mlp(x), cnn(x), atol=1e-5)
+    >>> x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    >>> torch.allclose(mlp(x), cnn(x), atol=1e-12)
     True
     """
     layers = _leaves(model)

@@ -259,10 +259,10 @@ def to_matrix(
     Shape:
         as :func:`conv_matrix` or :func:`conv_transpose_matrix`.
 
-    >>> conv = nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect", bias=False)
-    >>> x = torch.randn(2, 1, 6)
+    >>> conv = nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect", bias=False).double()
+    >>> x = torch.randn(2, 1, 6, dtype=torch.float64)
     >>> W = to_matrix(conv, 6)
-    >>> torch.allclose(conv(x).flatten(1), x.flatten(1) @ W.T, atol=1e-6)
+    >>> torch.allclose(conv(x).flatten(1), x.flatten(1) @ W.T, atol=1e-12)
     True
     """
     if isinstance(module, _CONV):

@@ -17,10 +17,10 @@ pattern: ``grad_x = W^T grad_y``, and the weight gradient sums ``grad_y x^T`` ov
 W that hold each kernel tap (one batched matrix product over the gathered inputs). The backward
 pass is not itself differentiable (no double backward).
 
->>> conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+>>> conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", dtype=torch.float64)
 >>> twin = MatrixConv2d.from_module(conv)
->>> x = torch.randn(8, 2, 10, 10)
->>> torch.allclose(twin(x), conv(x), atol=1e-5)
+>>> x = torch.randn(8, 2, 10, 10, dtype=torch.float64)
+>>> torch.allclose(twin(x), conv(x), atol=1e-12)
 True
 >>> twin.matrix_builds, type(twin.to_module()).__name__
 (1, 'Conv2d')
