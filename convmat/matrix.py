@@ -79,6 +79,17 @@ def _check_memory(geo: Geometry, layout: torch.layout, weight: torch.Tensor) -> 
         )
 
 
+def weight_view(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """The weight as ``(C_rows, C_in_per_group * prod(kernel))``: row ``c`` holds the kernel
+    values that W's rows of output channel ``c`` take (for a transposed convolution, whose
+    weight is ``(C_in, C_out // groups, *kernel)``, the in- and out-channels swap places)."""
+    if not geo.transposed:
+        return weight.reshape(geo.out_channels, -1)
+    g = geo.groups
+    view = weight.reshape(g, geo.in_channels // g, geo.out_channels // g, -1).transpose(1, 2)
+    return view.reshape(geo.out_channels, -1)
+
+
 def _assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> torch.Tensor:
     """W from the weight viewed as ``(C_rows, C_in_per_group * prod(kernel))``."""
     if layout not in _LAYOUTS:
@@ -176,7 +187,7 @@ def conv_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
-    return _assemble(weight.reshape(geo.out_channels, -1), geo, layout)
+    return _assemble(weight_view(weight, geo), geo, layout)
 
 
 def conv_transpose_matrix(
@@ -235,9 +246,7 @@ def conv_transpose_matrix(
         groups=groups,
         dilation=dilation,
     )
-    g = geo.groups
-    view = weight.reshape(g, geo.in_channels // g, geo.out_channels // g, -1).transpose(1, 2)
-    return _assemble(view.reshape(geo.out_channels, -1), geo, layout)
+    return _assemble(weight_view(weight, geo), geo, layout)
 
 
 def to_matrix(

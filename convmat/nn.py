@@ -38,7 +38,7 @@ from torch import nn
 
 from ._blocks import BlockPattern, block_size, get_block_pattern
 from ._errors import ConvMatError
-from .matrix import _assemble, _check_memory, conv_matrix, to_matrix
+from .matrix import _assemble, _check_memory, conv_matrix, to_matrix, weight_view
 from .shapes import (
     Geometry,
     conv_geometry,
@@ -194,12 +194,7 @@ class _MatrixConvMixin:
         )
 
     def _weight_view(self, geo: Geometry) -> torch.Tensor:
-        w = self.weight
-        if not geo.transposed:
-            return w.reshape(geo.out_channels, -1)
-        g = geo.groups
-        view = w.reshape(g, geo.in_channels // g, geo.out_channels // g, -1).transpose(1, 2)
-        return view.reshape(geo.out_channels, -1)
+        return weight_view(self.weight, geo)
 
     def _layer_matrix(self, geo: Geometry) -> _LayerMatrix:
         w = self.weight

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._errors import ConvMatError
-from .matrix import _assemble, _check_weight
+from .matrix import _assemble, _check_weight, weight_view
 from .shapes import Geometry, conv_geometry, conv_transpose_geometry
 
 __all__ = ["ConvOperator", "dottest"]
@@ -165,12 +165,7 @@ class ConvOperator:
     def to_sparse(self, layout: torch.layout = torch.sparse_csr) -> torch.Tensor:
         """W (or its adjoint) in ``layout``, built by :mod:`convmat.matrix`."""
         geo = self.geometry
-        if geo.transposed:
-            g = geo.groups
-            view = self.weight.reshape(g, geo.in_channels // g, geo.out_channels // g, -1)
-            view = view.transpose(1, 2).reshape(geo.out_channels, -1)
-        else:
-            view = self.weight.reshape(geo.out_channels, -1)
+        view = weight_view(self.weight, geo)
         if not self._adjoint:
             return _assemble(view, geo, layout)
         if layout == torch.strided:

@@ -15,6 +15,7 @@ import torch
 
 from ._pattern import get_pattern
 from ._typing import IntOrTuple, PaddingArg, PaddingMode
+from .matrix import weight_view
 from .shapes import Geometry, conv_geometry, conv_transpose_geometry, ntuple
 
 __all__ = ["SymbolicMatrix", "symbolic"]
@@ -199,13 +200,7 @@ def symbolic(
             f"by groups ({groups})"
         )
     # The weight's flat indices, viewed the way the matrix functions view the weight.
-    ids = torch.arange(math.prod(shape)).reshape(shape)
-    if transposed:
-        g = geo.groups
-        view = ids.reshape(g, in_channels // g, out_channels // g, -1).transpose(1, 2)
-    else:
-        view = ids
-    view = view.reshape(geo.out_channels, -1)
+    view = weight_view(torch.arange(math.prod(shape)).reshape(shape), geo)
     pattern = get_pattern(geo, torch.device("cpu"))
     taps = view.index_select(1, pattern.gather)  # (C_rows, taps per channel)
     coo = pattern.coo_indices()
