@@ -138,7 +138,7 @@ def plot_matrix(
             ax.axhline(c * out_block - 0.5, color="black", linewidth=1)
         for c in range(1, geo.in_channels):
             ax.axvline(c * in_block - 0.5, color="black", linewidth=1)
-        if rows * cols <= 400:
+        if rows * cols <= 400 and (sym._plain or max(rows, cols) <= 12):  # labels that fit
             labels = sym.labels()
             for r in range(rows):
                 for c in range(cols):
@@ -192,23 +192,41 @@ def animate(
         raise ConvMatError(f"W is {sym.shape[0]} x {sym.shape[1]}, too large to animate")
     positions = math.prod(geo.output_size)
     frames = min(positions, max_frames)
-    in_shape = geo.input_size if geo.ndim == 2 else (1, geo.input_size[0])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     plot_matrix(ax=right, input_size=input_size, kernel_size=kernel_size, **config)
     highlight = Rectangle((-0.5, -0.5), sym.shape[1], 1, fill=False, edgecolor="red", linewidth=2)
     right.add_patch(highlight)
-    cells = torch.zeros(in_shape)
-    image = left.imshow(cells.numpy(), cmap="Blues", vmin=0, vmax=1)
-    left.set_title("input (channel 0): cells read by the output")
+    if geo.transposed:
+        # The input of a transposed convolution, with the cells each output receives from.
+        grid_size, real = geo.input_size, None
+        left.set_title("input (channel 0): cells this output receives")
+    else:
+        # The padded input: padding cells blank, input cells light, the kernel's taps dark
+        # (spread by the dilation, moved by the stride).
+        grid_size = tuple(i + b + a for i, (b, a) in zip(geo.input_size, geo.padding))
+        real = tuple(slice(b, b + i) for i, (b, _) in zip(geo.input_size, geo.padding))
+        mode = "zero" if geo.padding_mode == "zeros" else geo.padding_mode
+        left.set_title(f"padded input ({mode} padding blank): the kernel's window")
+    shape2d = grid_size if geo.ndim == 2 else (1, grid_size[0])
+    image = left.imshow(torch.zeros(shape2d).numpy(), cmap="Blues", vmin=0, vmax=1)
     left.set_xticks([])
     left.set_yticks([])
 
     def draw(frame: int) -> list[Any]:
-        read = torch.zeros(math.prod(in_shape))
-        cols = sym.cols[sym.rows == frame]
-        per_channel = math.prod(geo.input_size)
-        read[cols[cols < per_channel]] = 1
-        image.set_data(read.view(in_shape).numpy())
+        cells = torch.zeros(grid_size)
+        if real is None:
+            cols = sym.cols[sym.rows == frame]
+            flat = cells.view(-1)
+            flat[cols[cols < flat.numel()]] = 1
+        else:
+            cells[real] = 0.25
+            position = torch.tensor(torch.unravel_index(torch.tensor(frame), geo.output_size))
+            taps = [
+                p * s + torch.arange(k) * d
+                for p, s, k, d in zip(position.tolist(), geo.stride, geo.kernel_size, geo.dilation)
+            ]
+            cells[torch.meshgrid(*taps, indexing="ij")] = 1
+        image.set_data(cells.view(shape2d).numpy())
         highlight.set_y(frame - 0.5)
         fig.suptitle(
             f"{sym.output_label(frame)}: frame {frame + 1} of {frames}"
