@@ -13,6 +13,7 @@ position reads which input position through which tap), crossed with the channel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ class BlockPattern:
     index: torch.Tensor  # (nnzb,) into the flattened weight blocks, or into the folded list
     fold_gather: torch.Tensor | None  # (T,) weight block of every folded tap
     fold_segment: torch.Tensor | None  # (T,) folded entry it adds into
-    taps: torch.Tensor  # see _tap_table
+    taps: torch.Tensor  # see tap_table
     n_folded: int = 0  # length of the folded list (where taps fold)
     _transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, repr=False
@@ -90,7 +91,8 @@ class BlockPattern:
         return self._transpose
 
 
-def _tap_table(geo: Geometry) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def tap_table(geo: Geometry) -> torch.Tensor:
     """The dense side of W's per-tap structure, for the weight gradient.
 
     For a convolution: ``(P_out, K)``, the flat input position every output position reads
@@ -168,7 +170,7 @@ def build_block_pattern(geo: Geometry, bo: int, bi: int) -> BlockPattern:
         index,
         fold_gather,
         fold_segment,
-        _tap_table(geo),
+        tap_table(geo),
         n_folded,
     )
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._blocks import BlockPattern, block_size, get_block_pattern
+from ._blocks import BlockPattern, block_size, get_block_pattern, tap_table
 from ._errors import ConvMatError
 from .matrix import _assemble, _check_memory, conv_matrix, to_matrix, weight_view
 from .shapes import (
@@ -113,7 +113,7 @@ class _LayerMatrix:
         geo = self.geo
         b, groups = x.shape[0], geo.groups
         positions, k = self.taps.shape
-        # The table runs over the side without holes (see _tap_table); gather the other side,
+        # The table runs over the side without holes (see tap_table); gather the other side,
         # with one appended zero for the taps that fall outside.
         dense_side, gathered_side = (g, x) if not geo.transposed else (x, g)
         padded = torch.cat(
@@ -212,7 +212,7 @@ class _MatrixConvMixin:
                     _assemble(view, geo, torch.strided),
                     None,
                     None,
-                    _tap_table(geo, w.device),
+                    tap_table(geo).to(w.device),
                 )
             else:
                 _check_memory(geo, torch.sparse_csr, view)
@@ -286,12 +286,6 @@ class _MatrixConvMixin:
         layer = self._torch_class(**_constructor_args(self))  # type: ignore[arg-type]
         layer.load_state_dict(self.state_dict())  # type: ignore[attr-defined]
         return layer
-
-
-def _tap_table(geo: Geometry, device: torch.device) -> torch.Tensor:
-    from ._blocks import _tap_table as table
-
-    return table(geo).to(device)
 
 
 def _constructor_args(m: Any) -> dict[str, Any]:

@@ -140,6 +140,13 @@ class ConvOperator:
 
     H = T  # real weights: the adjoint is the transpose
 
+    def to(self, *args: Any, **kwargs: Any) -> ConvOperator:
+        """The same operator with its weight moved or cast (``Tensor.to`` arguments)."""
+        moved = object.__new__(ConvOperator)
+        moved.__dict__.update(self.__dict__)
+        moved.weight = self.weight.to(*args, **kwargs)
+        return moved
+
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise ConvMatError(f"op @ x needs a torch.Tensor, got {type(x).__name__}")
@@ -179,6 +186,7 @@ class ConvOperator:
 
         w = self.weight
 
+        @torch.no_grad()
         def apply(op: ConvOperator, v: np.ndarray) -> np.ndarray:
             t = torch.as_tensor(np.ascontiguousarray(v), dtype=w.dtype, device=w.device)
             if t.dim() == 2:  # (cols, k) block of vectors

@@ -250,18 +250,8 @@ def operator_norm(
     A = op.to_scipy()
     _, s, vt = svds(A, k=1, tol=tol)
     v = torch.as_tensor(vt[0].copy(), dtype=torch.float64)
-    w64 = ConvOperator(op.weight.detach().to(torch.float64).cpu(), geo.input_size,
-                       transposed=geo.transposed, **_config_of(geo))  # fmt: skip
+    w64 = op.to("cpu", torch.float64)
+    w64.weight = w64.weight.detach()
     lower = float((w64 @ v).norm() / v.norm())
     upper = max(_upper_bound(w64), lower)
     return NormResult(float(s[0]), lower, upper, "lanczos")
-
-
-def _config_of(geo: Geometry) -> dict[str, Any]:
-    config: dict[str, Any] = dict(stride=geo.stride, padding=geo.padding, dilation=geo.dilation,
-                                  groups=geo.groups)  # fmt: skip
-    if geo.transposed:
-        config["output_padding"] = geo.output_padding
-    else:
-        config["padding_mode"] = geo.padding_mode
-    return config
