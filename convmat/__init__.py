@@ -9,6 +9,7 @@ torch.Size([2, 4])
 from ._errors import ConvMatError
 from ._pattern import clear_cache
 from .linear import to_linear, to_mlp
+from .lipschitz import LayerNorm, LipschitzReport, lipschitz_report
 from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
 from .operator import ConvOperator, dottest
 from .plotting import animate, plot_matrix
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvMatError",
     "ConvOperator",
+    "LayerNorm",
+    "LipschitzReport",
     "NormResult",
     "SymbolicMatrix",
     "__version__",
@@ -32,6 +35,7 @@ __all__ = [
     "conv_transpose_matrix",
     "conv_transpose_output_size",
     "dottest",
+    "lipschitz_report",
     "operator_norm",
     "plot_matrix",
     "same_padding",

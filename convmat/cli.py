@@ -4,14 +4,23 @@ convmat show --input 10 --kernel 3 --stride 2
 convmat shape --input 32,32 --kernel 3 --stride 2 --same
 convmat plot --input 4,5 --kernel 3 -o W.png
 convmat animate --input 8 --kernel 3 -o conv.gif
+convmat norm --model torchvision.models:resnet18 --input 3,224,224
 convmat tour
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import pickle
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._errors import ConvMatError
@@ -134,6 +143,115 @@ def _cmd_animate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} ({frames} frames)")
 
 
+def _safe_classes() -> list[Any]:
+    """Module classes that a weights_only load may rebuild: torch.nn's and convmat's."""
+    import torch.nn
+
+    from . import linear, nn
+
+    found = [*vars(torch.nn).values(), *vars(nn).values(), *vars(linear).values()]
+    return [c for c in found if inspect.isclass(c) and issubclass(c, torch.nn.Module)]
+
+
+def _load_file(path: Path, trust: bool) -> Any:
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_safe_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            name = found.group(1) if found else "a class outside torch.nn"
+            raise ConvMatError(
+                f"--model {str(path)!r} needs {name}, which a weights_only load refuses; pass "
+                f"--trust-pickle if you trust the file (loading it runs code it names)"
+            ) from None
+    except (RuntimeError, EOFError) as err:
+        raise ConvMatError(
+            f"--model {str(path)!r} is not a file torch.load can read: {err}"
+        ) from None
+    sys.path.insert(0, os.getcwd())  # the pickled classes are imported by name
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _import_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConvMatError(
+            f"--model must be MODULE:FACTORY or a file saved with torch.save, got {spec!r}"
+        )
+    try:
+        if module_name.endswith(".py"):
+            where = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if where is None or where.loader is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name!r}")
+            module = importlib.util.module_from_spec(where)
+            where.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConvMatError(f"--model: cannot import {module_name!r}: {err}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConvMatError(f"--model: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load_model(spec: str, weights: str | None, trust: bool) -> Any:
+    """An ``nn.Module`` from ``MODULE:FACTORY`` (or a module instance) or a torch.save'd file."""
+    import torch
+    from torch import nn
+
+    path = Path(spec)
+    if path.is_file() or (":" not in spec and path.suffix in (".pt", ".pth")):
+        if not path.is_file():
+            raise ConvMatError(f"--model file {spec!r} does not exist")
+        model = _load_file(path, trust)
+    else:
+        model = _import_factory(spec)
+        if not isinstance(model, nn.Module) and callable(model):
+            try:
+                inspect.signature(model).bind()
+            except TypeError:
+                raise ConvMatError(f"--model {spec!r} must be callable without arguments") from None
+            except ValueError:
+                pass  # no signature to check (a builtin)
+            model = model()
+    if isinstance(model, dict):
+        raise ConvMatError(
+            f"--model {spec!r} holds a state_dict, not a model: give the factory as "
+            f"--model MODULE:FACTORY and the file as --weights"
+        )
+    if not isinstance(model, nn.Module):
+        raise ConvMatError(f"--model {spec!r} must give an nn.Module, got {type(model).__name__}")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ConvMatError(f"--weights {weights!r} cannot be loaded: {first}") from None
+    return model
+
+
+def _cmd_norm(args: argparse.Namespace) -> None:
+    from .lipschitz import lipschitz_report
+
+    model = _load_model(args.model, args.weights, args.trust_pickle)
+    report = lipschitz_report(model, args.input, tol=args.tol)
+    if args.json:
+        data = {"input_shape": list(report.input_shape), "layers": report.to_dicts(),
+                "bound": report.bound, "certified_bound": report.certified_bound}  # fmt: skip
+        print(json.dumps(data, indent=2))
+    else:
+        print(report)
+
+
 def _cmd_tour(args: argparse.Namespace) -> None:
     from .tour import tour
 
@@ -193,6 +311,25 @@ def _parser() -> argparse.ArgumentParser:
     anim.add_argument("-o", "--output", required=True)
     anim.add_argument("--max-frames", type=int, default=48)
     anim.set_defaults(run=_cmd_animate)
+    norm = sub.add_parser(
+        "norm", help="the exact operator norm of every conv and linear layer of a model"
+    )
+    norm.add_argument(
+        "--model",
+        required=True,
+        help="MODULE:FACTORY (an importable callable returning an nn.Module, or a module "
+        "instance; MODULE may be a .py path) or a file saved with torch.save(model)",
+    )
+    norm.add_argument("--input", type=_ints, required=True, help="shape of one input, e.g. 3,32,32")
+    norm.add_argument("--weights", help="a state_dict file to load into the model")
+    norm.add_argument("--tol", type=float, default=1e-7, help="relative accuracy (default 1e-7)")
+    norm.add_argument("--json", action="store_true", help="print the records as JSON")
+    norm.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a saved model that needs classes outside torch.nn (runs code it names)",
+    )
+    norm.set_defaults(run=_cmd_norm)
     tour = sub.add_parser("tour", help="a guided walk through convolutions as matrices")
     tour.set_defaults(run=_cmd_tour)
     return parser

@@ -1,0 +1,241 @@
+"""lipschitz_report on a small ResNet-like model against dense SVD, and the `convmat norm` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from convmat import ConvMatError, lipschitz_report, spectral, to_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Block(nn.Module):
+    """A ResNet basic block: two 3x3 convolutions and a shortcut (a strided 1x1 where needed)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + self.down(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+        self.layer1 = Block(4, 4, 1)
+        self.layer2 = Block(4, 8, 2)
+        self.head = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(F.relu(self.stem(x))))
+        x = F.relu(self.up(F.relu(self.head(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def small_resnet() -> nn.Module:
+    """The factory the command imports."""
+    torch.manual_seed(0)
+    return SmallResNet()
+
+
+EXPECTED_INPUTS = {
+    "stem": (3, 12, 12),
+    "layer1.conv1": (4, 12, 12),
+    "layer1.conv2": (4, 12, 12),
+    "layer2.conv1": (4, 12, 12),
+    "layer2.conv2": (8, 6, 6),
+    "layer2.down.0": (4, 12, 12),
+    "head": (8, 6, 6),
+    "up": (8, 6, 6),
+    "fc": (4,),
+}
+
+
+def dense_norm(model: nn.Module, path: str, shape: tuple[int, ...]) -> float:
+    m = model.get_submodule(path.split(" ")[0])
+    W = m.weight.detach() if isinstance(m, nn.Linear) else to_matrix(m, shape[1:])
+    return torch.linalg.svdvals(W.double())[0].item()
+
+
+def test_resnet_layer_norms_equal_dense_svd():
+    model = small_resnet()
+    model.train()
+    stats = model.layer1.bn1.running_mean.clone()
+    report = lipschitz_report(model, (3, 12, 12), progress=False)
+    assert {r.path: r.input_shape for r in report} == EXPECTED_INPUTS
+    assert [r.path for r in report][:3] == ["stem", "layer1.conv1", "layer1.conv2"]
+    for r in report:
+        expected = dense_norm(model, r.path, r.input_shape)
+        assert abs(r.norm - expected) <= 1e-9 * expected, r.path
+        assert r.lower <= expected * (1 + 1e-12) and expected <= r.upper * (1 + 1e-12)
+    assert report.bound == pytest.approx(math.prod(r.norm for r in report), rel=1e-15)
+    assert report.certified_bound >= report.bound
+    # The forward pass ran in eval mode and left the model as it was.
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(model.layer1.bn1.running_mean, stats)
+    assert [r.method for r in report if r.path == "stem"] == ["fft"]
+
+
+def test_iterative_norms_and_intervals():
+    """With dense SVD off, every conv layer goes through Lanczos (or the exact FFT method)."""
+    model = small_resnet()
+    old = spectral.DENSE_LIMIT
+    spectral.DENSE_LIMIT = 0
+    try:
+        report = lipschitz_report(model, (3, 12, 12), progress=False)
+    finally:
+        spectral.DENSE_LIMIT = old
+    methods = {r.path: r.method for r in report}
+    assert methods["layer1.conv1"] == "lanczos" and methods["up"] == "lanczos"
+    for r in report:
+        expected = dense_norm(model, r.path, r.input_shape)
+        assert abs(r.norm - expected) <= 1e-6 * expected, r.path
+        assert r.lower <= expected * (1 + 1e-12) and expected <= r.upper * (1 + 1e-12), r.path
+
+
+def test_reshaped_norm_is_what_spectral_norm_divides_by():
+    """torch's own spectral_norm (many power steps) against the reshaped-kernel column."""
+    model = small_resnet()
+    report = {r.path: r for r in lipschitz_report(model, (3, 12, 12), progress=False)}
+    for path in ("layer1.conv1", "up", "fc"):
+        layer = model.get_submodule(path)
+        original = layer.weight.detach().clone()
+        normed = nn.utils.parametrizations.spectral_norm(layer, n_power_iterations=500)
+        with torch.no_grad():
+            normed.train()
+            normed(torch.zeros(1, *EXPECTED_INPUTS[path]))  # run the power iteration
+            normed.eval()
+            sigma = (original.norm() / normed.weight.norm()).item()
+        assert report[path].reshaped == pytest.approx(sigma, rel=1e-4)
+    assert report["fc"].ratio == pytest.approx(1.0)
+    assert all(r.ratio >= 1 - 1e-12 for r in report.values())
+
+
+@given(channels=st.integers(1, 4), size=st.integers(3, 9), stride=st.integers(1, 2))
+def test_chain_records_and_table(channels, size, stride):
+    conv = nn.Conv1d(1, channels, 3, stride=stride, padding=1).double()
+    model = nn.Sequential(conv, nn.Tanh(), conv if channels == 1 else nn.Identity(), nn.Flatten())
+    report = lipschitz_report(model, (1, size), progress=False)
+    out = (size - 1) // stride + 1
+    expected = [("0", (1, size))] + ([("0 (call 2)", (1, out))] if channels == 1 else [])
+    assert [(r.path, r.input_shape) for r in report] == expected
+    for r in report:
+        W = to_matrix(conv, r.input_shape[1:])
+        assert r.norm == pytest.approx(torch.linalg.svdvals(W)[0].item(), rel=1e-9)
+    table = str(report)
+    assert all(r.path in table for r in report) and "product of layer norms" in table
+    rows = report.to_dicts()
+    assert [d["path"] for d in rows] == [r.path for r in report]
+    assert rows[0]["ratio"] == report[0].ratio and rows[0]["config"].startswith(
+        f"1->{channels} k=3"
+    )
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    lipschitz_report(nn.Sequential(nn.Linear(3, 2)), (3,), progress=True)
+    assert "operator norms" in capsys.readouterr().err
+
+
+def test_errors():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3))
+    with pytest.raises(ConvMatError, match=r"does not run on an input of shape \(1, 2, 8, 8\)"):
+        lipschitz_report(model, (2, 8, 8), progress=False)
+    with pytest.raises(ConvMatError, match=r"input_shape must be positive sizes, got \(3, 0\)"):
+        lipschitz_report(model, (3, 0), progress=False)
+    with pytest.raises(ConvMatError, match=r"model must be an nn.Module, got str"):
+        lipschitz_report("resnet", (3, 8, 8))
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def norm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "convmat", "norm", *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_norm_command_from_a_factory():
+    r = norm("--model", "tests.test_lipschitz:small_resnet", "--input", "3,12,12", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    expected = lipschitz_report(small_resnet(), (3, 12, 12), progress=False)
+    assert [d["path"] for d in data["layers"]] == [e.path for e in expected]
+    for d, e in zip(data["layers"], expected):
+        assert d["norm"] == pytest.approx(e.norm, rel=1e-9)
+    assert data["bound"] == pytest.approx(expected.bound, rel=1e-9)
+    table = norm("--model", "tests/test_lipschitz.py:small_resnet", "--input", "3,12,12")
+    assert table.returncode == 0, table.stderr
+    assert "layer2.down.0" in table.stdout and "product of layer norms" in table.stdout
+
+
+def test_norm_command_from_saved_files(tmp_path):
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+    torch.save(plain, tmp_path / "plain.pt")
+    r = norm("--model", str(tmp_path / "plain.pt"), "--input", "1,4,4")  # weights_only suffices
+    assert r.returncode == 0, r.stderr
+    assert f"{lipschitz_report(plain, (1, 4, 4), progress=False)[0].norm:.6f}" in r.stdout
+
+    torch.save(small_resnet(), tmp_path / "resnet.pt")
+    r = norm("--model", str(tmp_path / "resnet.pt"), "--input", "3,12,12")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "tests.test_lipschitz.SmallResNet" in r.stderr and "--trust-pickle" in r.stderr
+    r = norm("--model", str(tmp_path / "resnet.pt"), "--input", "3,12,12", "--trust-pickle")
+    assert r.returncode == 0, r.stderr
+
+    model = small_resnet()
+    with torch.no_grad():
+        model.fc.weight.mul_(3)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    r = norm("--model", str(tmp_path / "state.pt"), "--input", "3,12,12")
+    assert r.returncode == 2 and "holds a state_dict" in r.stderr
+    r = norm("--model", "tests.test_lipschitz:small_resnet", "--weights", str(tmp_path / "state.pt"),
+             "--input", "3,12,12", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    fc = json.loads(r.stdout)["layers"][-1]
+    assert fc["norm"] == pytest.approx(torch.linalg.svdvals(model.fc.weight.double())[0].item())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no_such_module:f", "--input", "3"], "cannot import 'no_such_module'"),
+        (["--model", "tests.test_lipschitz:nothing", "--input", "3"], "has no attribute 'nothing'"),
+        (
+            ["--model", "tests.test_lipschitz:dense_norm", "--input", "3"],
+            "callable without arguments",
+        ),
+        (["--model", "resnet", "--input", "3"], "must be MODULE:FACTORY"),
+        (["--model", "missing.pt", "--input", "3"], "file 'missing.pt' does not exist"),
+        (["--model", "tests.test_lipschitz:small_resnet", "--input", "5,12,12"], "does not run"),
+    ],
+)
+def test_norm_command_errors(args, message):
+    r = norm(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
