@@ -20,7 +20,7 @@ from torch import nn
 
 from ._errors import ConvMatError
 from .linear import SparseLinear
-from .spectral import operator_norm
+from .spectral import NormResult, operator_norm
 
 __all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report"]
 
@@ -244,24 +244,13 @@ def lipschitz_report(
     for path, m, in_shape in bar:
         bar.set_postfix_str(path)
         start = time.perf_counter()
+        reshaped = _reshaped_norm(m)
         if isinstance(m, _CONV):
-            result = operator_norm(m, in_shape[1:], tol=tol)
-            norm, lower, upper, method = result.value, result.lower, result.upper, result.method
-        else:
-            norm = _reshaped_norm(m)
-            lower, upper, method = norm, norm, "dense svd"
-        records.append(
-            LayerNorm(
-                path,
-                type(m).__name__,
-                _describe(m),
-                in_shape,
-                norm,
-                lower,
-                upper,
-                method,
-                _reshaped_norm(m),
-                time.perf_counter() - start,
-            )
-        )
+            r = operator_norm(m, in_shape[1:], tol=tol)
+        else:  # a linear layer's matrix is its weight
+            slack = 1e-12 * max(reshaped, 1.0)
+            r = NormResult(reshaped, reshaped - slack, reshaped + slack, "dense svd")
+        seconds = time.perf_counter() - start
+        records.append(LayerNorm(path, type(m).__name__, _describe(m), in_shape, r.value, r.lower,
+                                 r.upper, r.method, reshaped, seconds))  # fmt: skip
     return LipschitzReport(tuple(records), shape)

@@ -91,21 +91,25 @@ def _torus_top(
     dilation: tuple[int, ...],
     before: tuple[int, ...],
     torus: tuple[int, ...],
-) -> tuple[float, torch.Tensor]:
+) -> float:
     """The exact largest singular value of a circular convolution on ``torus`` (see
-    :func:`_torus_spectrum`) and, for every group, the top right singular vector of that group's
-    block (unit norm, real), together of shape ``(C_in, *torus)``.
+    :func:`_torus_spectrum`).
 
     Only the frequencies that may hold the maximum get an eigendecomposition: a few batched power
-    steps rank them, the best of each group is decomposed exactly, and Cholesky factorisations
+    steps pick a candidate per group, which is decomposed exactly, and Cholesky factorisations
     of ``shift * I - G`` for the Gram matrices ``G`` prove which frequencies stay below a shift
     (the others are narrowed down by bisection and decomposed). Exact up to a relative 1e-10.
     """
-    per_freq, grid = _torus_spectrum(weight, groups, stride, dilation, before, torus, half=True)
+    per_freq, _ = _torus_spectrum(weight, groups, stride, dilation, before, torus, half=True)
     g, n_freq, rows, cols = per_freq.shape
     M = per_freq.reshape(g * n_freq, rows, cols)
-    left = rows <= cols  # decompose the smaller Gram matrix
-    G = M @ M.mH if left else M.mH @ M
+    used = M.abs().amax(dim=(0, 1)) > 0  # phases that no tap reads are zero columns
+    if not bool(used.any()):
+        return 0.0
+    if not bool(used.all()):
+        M = M[..., used]
+        cols = M.shape[-1]
+    G = M @ M.mH if rows <= cols else M.mH @ M  # the smaller Gram matrix
     gen = torch.Generator(device=G.device).manual_seed(0)
     v = torch.randn(G.shape[:2], dtype=torch.float64, device=G.device, generator=gen)
     v = v.to(G.dtype).unsqueeze(-1)
@@ -114,9 +118,7 @@ def _torus_top(
         v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     estimate = (G @ v).norm(dim=(1, 2)).reshape(g, n_freq)
     best = estimate.argmax(1) + torch.arange(g, device=G.device) * n_freq
-    values, vectors = torch.linalg.eigh(G[best])
-    vectors = vectors[..., -1:]
-    lam = float(values[:, -1].max())
+    lam = float(torch.linalg.eigvalsh(G[best])[:, -1].max())
 
     def above(index: torch.Tensor, shift: float) -> torch.Tensor:
         """The frequencies among ``index`` whose ``shift * I - G`` has no Cholesky factor."""
@@ -134,36 +136,8 @@ def _torus_top(
             mid = math.sqrt(lo * hi)
             failed = above(rest, mid)
             lo, hi, rest = (mid, hi, failed) if failed.numel() else (lo, mid, rest)
-        more, more_vectors = torch.linalg.eigh(G[rest])
-        winner = int(more[:, -1].argmax())
-        if float(more[winner, -1]) > lam:
-            lam = float(more[winner, -1])
-            group = int(rest[winner]) // n_freq
-            best[group] = rest[winner]
-            vectors[group] = more_vectors[winner, :, -1:]
-    # Each group's right singular vector u (of the conjugate matrix: y[n] = sum_t P[t] x[n + t]
-    # turns u e^{i theta n} into conj(M) u e^{i theta n}), as the real signal u[c, r] e^{i theta t}
-    # at the input positions p = s t + r.
-    e = vectors.conj()
-    u = (M[best].mT @ e if left else e).squeeze(-1)
-    peak = u.gather(1, u.abs().argmax(1, keepdim=True))
-    u = u * (peak.conj() / peak.abs())  # the largest entry real, so that Re(u) != 0
-    u = u.reshape(g, cols // math.prod(stride), *stride)
-    frequency = torch.unravel_index(best % n_freq, grid)
-    angle = torch.zeros((g,) + (1,) * len(torus), dtype=torch.float64, device=G.device)
-    phase: list[torch.Tensor] = []
-    for axis, (size, s, f) in enumerate(zip(torus, stride, frequency)):
-        p = torch.arange(size, device=G.device).reshape(
-            [-1 if a == axis else 1 for a in range(len(torus))]
-        )
-        t = torch.div(p, s, rounding_mode="floor")
-        angle = angle + 2 * math.pi * f.reshape(-1, *(1,) * len(torus)) * t / (size // s)
-        phase.append(torch.remainder(p, s).expand(torus))
-    wave = (u[(slice(None), slice(None), *phase)] * torch.exp(1j * angle).unsqueeze(1)).real
-    wave = wave / wave.flatten(1).norm(dim=1).clamp_min(1e-300).reshape(
-        -1, *(1,) * (len(torus) + 1)
-    )
-    return math.sqrt(max(lam, 0.0)), wave.reshape(-1, *torus)
+        lam = max(lam, float(torch.linalg.eigvalsh(G[rest])[:, -1].max()))
+    return math.sqrt(max(lam, 0.0))
 
 
 def _exact_torus(geo: Geometry) -> bool:
@@ -187,30 +161,19 @@ def _conv_view(op: ConvOperator) -> Geometry:
     )  # fmt: skip
 
 
-def _enclosing_torus(op: ConvOperator) -> tuple[float, torch.Tensor]:
-    """A certified upper bound on ``||W||_2`` and a guess at its top singular vector (in the
-    input space of the convolution view; the output space of a transposed layer).
+def _enclosing_torus(op: ConvOperator) -> float:
+    """A certified upper bound on ``||W||_2``.
 
     W reads the padded input through windows that fit in it; on a torus at least as large as
     the padded input (and a multiple of the stride) no window wraps, so W (after the padding) is a
     block of that circular convolution, whose norm is exact by :func:`_torus_top`. The padding of
     reflect/replicate/circular has norm sqrt(most copies any input has in the padded input).
-    The guess: the circular convolution's top singular vector on the input's positions, tapered
-    by a sine window (the shape of the top mode under zero boundary conditions).
+    A transposed layer's W is the transpose of a convolution's, with the same norm.
     """
     geo = _conv_view(op)
     padded = [i + b + a for i, (b, a) in zip(geo.input_size, geo.padding)]
     torus = tuple(s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, padded))
-    bound, wave = _torus_top(op.weight, geo.groups, geo.stride, geo.dilation, (0,) * geo.ndim,
-                             torus)  # fmt: skip
-    guess = wave[
-        (slice(None), *(slice(b, b + i) for (b, _), i in zip(geo.padding, geo.input_size)))
-    ]
-    for axis, i in enumerate(geo.input_size):
-        taper = torch.sin(math.pi * torch.arange(1, i + 1, dtype=torch.float64) / (i + 1))
-        guess = guess * taper.to(guess.device).reshape(
-            [-1 if a == axis else 1 for a in range(geo.ndim)]
-        )
+    bound = _torus_top(op.weight, geo.groups, geo.stride, geo.dilation, (0,) * geo.ndim, torus)
     if geo.padding_mode != "zeros":
         copies = 1
         for i, (b, a) in zip(geo.input_size, geo.padding):
@@ -223,7 +186,7 @@ def _enclosing_torus(op: ConvOperator) -> tuple[float, torch.Tensor]:
                 p = p % i
             copies *= int(torch.bincount(p, minlength=i).max())
         bound *= math.sqrt(copies)
-    return bound * (1 + 1e-10), guess
+    return bound * (1 + 1e-10)
 
 
 def _settled(theta: torch.Tensor, residuals: torch.Tensor, tol: float) -> bool:
@@ -385,10 +348,10 @@ def operator_norm(
     """The largest singular value of a convolution layer, with a certified interval.
 
     Exact methods (FFT, dense SVD) give an interval of rounding width. Otherwise Lanczos runs on
-    ``W^T W`` (or ``W W^T``, whichever is smaller), started from the top singular vector of the
-    circular convolution that encloses W. The value is the Rayleigh quotient ``||W v|| / ||v||``
-    of the final vector, which is also the lower end; the upper end is that circular
-    convolution's exact norm (times the padding's norm for reflect/replicate/circular).
+    ``W^T W`` (or ``W W^T``, whichever is smaller) from a random start. The value is the Rayleigh
+    quotient ``||W v|| / ||v||`` of the final vector, which is also the lower end; the upper end
+    is the exact norm of the circular convolution that encloses W (times the padding's norm for
+    reflect/replicate/circular).
 
     Args:
         source: a weight (with ``**config``), a conv module, or a ConvOperator.
@@ -411,8 +374,8 @@ def operator_norm(
     geo = op.geometry
     if _exact_torus(geo):
         before = tuple(b for b, _ in geo.padding)
-        value, _ = _torus_top(op.weight, geo.groups, geo.stride, geo.dilation, before,
-                              geo.input_size)  # fmt: skip
+        value = _torus_top(op.weight, geo.groups, geo.stride, geo.dilation, before,
+                           geo.input_size)  # fmt: skip
         return NormResult(value, value * (1 - 1e-10), value * (1 + 1e-10), "fft")
     if _dense_ok(op):
         value = float(singular_values(op, k=1)[0])
@@ -420,17 +383,13 @@ def operator_norm(
         return NormResult(value, value - slack, value + slack, "dense svd")
     op64 = op.to(torch.float64)
     op64.weight = op64.weight.detach()
-    upper, guess = _enclosing_torus(op64)
-    on_inputs = op.shape[1] <= op.shape[0]  # iterate on the smaller side
-    transposed = geo.transposed
-    start = guess.reshape(1, -1)
-    if on_inputs == transposed:  # the guess lives on the other side: carry it across
-        start = op64.T @ start if transposed else op64 @ start
-    # A random tenth keeps every direction in the Krylov space (the guess may miss the top).
-    gen = torch.Generator(device=start.device).manual_seed(0)
-    noise = torch.randn(start.shape, dtype=torch.float64, device=start.device, generator=gen)
-    start = (start / start.norm().clamp_min(1e-300) + 0.1 * noise / noise.norm()).reshape(-1)
-    side = op64 if on_inputs else op64.T
+    upper = _enclosing_torus(op64)
+    side = op64 if op.shape[1] <= op.shape[0] else op64.T  # iterate on the smaller side
+    # A random start: a start that favours one mode (say, the circular convolution's top one)
+    # can settle on it before a slightly larger singular value elsewhere has surfaced.
+    gen = torch.Generator(device=op64.weight.device).manual_seed(0)
+    start = torch.randn(side.shape[1], dtype=torch.float64, device=op64.weight.device,
+                        generator=gen)  # fmt: skip
 
     def gram(v: torch.Tensor) -> torch.Tensor:
         return side.T @ (side @ v)
