@@ -1,17 +1,20 @@
 """Singular values and operator norms of convolution layers, exact where a method allows.
 
-- Circular padding whose windows tile the input (``output * stride == input``): the exact FFT
-  method (Sedghi, Gupta & Long 2019), extended to stride > 1 by splitting the input into its
-  ``stride`` polyphase components (Senderovich et al. 2022): the layer becomes a stride-1
-  circular convolution with ``C_in * prod(stride)`` input channels on the smaller torus, whose
-  singular values are those of one ``C_out x C_in * prod(stride)`` matrix per frequency.
-- Otherwise: the dense SVD of W where W is small, and an iterative method (Lanczos through
-  ``scipy.sparse.linalg.svds`` on the matrix-free operator) for the top ``k`` where it is large.
+- Circular padding (or none) whose windows tile the input (``output * stride == input``): the
+  exact FFT method (Sedghi, Gupta & Long 2019), extended to stride > 1 by splitting the input
+  into its ``stride`` polyphase components (Senderovich et al. 2022): the layer becomes a
+  stride-1 circular convolution with ``C_in * prod(stride)`` input channels on the smaller torus,
+  whose singular values are those of one ``C_out x C_in * prod(stride)`` matrix per frequency.
+- Otherwise: the dense SVD of W where W is small; for the top ``k`` of a large W, ARPACK
+  (``scipy.sparse.linalg.svds``) on the matrix-free operator, and for the norm alone a Lanczos
+  iteration of our own on the smaller Gram side.
 
 :func:`operator_norm` returns the largest singular value with a certified interval: the lower
 end is ``||W v|| / ||v||`` for the computed vector (true for any vector), the upper end the exact
 norm of a circular convolution that contains W as a block (zero padding) or that does after the
-padding, times the padding's own norm (reflect/replicate/circular).
+padding, times the padding's own norm (reflect/replicate/circular). That norm is a maximum over
+frequencies, found without decomposing every frequency (Cholesky certificates, see
+:func:`_torus_top`).
 """
 
 from __future__ import annotations
