@@ -210,7 +210,13 @@ def _settled(theta: torch.Tensor, residuals: torch.Tensor, tol: float) -> bool:
 
 
 def _lanczos_top(
-    apply: Any, start: torch.Tensor, tol: float, *, basis: int = 160, max_steps: int = 3000
+    apply: Any,
+    start: torch.Tensor,
+    tol: float,
+    *,
+    basis: int = 160,
+    max_steps: int = 3000,
+    min_steps: int = 0,
 ) -> tuple[torch.Tensor, bool]:
     """A top eigenvector of the symmetric positive semi-definite map ``apply`` by Lanczos
     (explicitly restarted every ``basis`` steps), and whether it converged.
@@ -233,7 +239,7 @@ def _lanczos_top(
             beta = float(w.norm())
             alphas.append(alpha)
             betas.append(beta)
-            if j % 4 == 3 or j == m - 1 or beta == 0.0:
+            if (j % 4 == 3 and steps + j >= min_steps) or j == m - 1 or beta == 0.0:
                 T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
                 off = torch.tensor(betas[:-1], dtype=torch.float64)
                 T = T + torch.diag(off, 1) + torch.diag(off, -1)
@@ -397,11 +403,21 @@ def operator_norm(
     def gram(v: torch.Tensor) -> torch.Tensor:
         return side.T @ (side @ v)
 
+    # A float32 pass finds the top of the spectrum cheaply (to 1e-5, above float32's rounding),
+    # on a copy scaled to norm ~1; float64 steps from its vector then refine the value, at least
+    # 24 of them so that the error estimate rests on more than a handful of Ritz values.
+    fast = side.to(torch.float32)
+    fast.weight = fast.weight / (float(op64.weight.abs().max()) or 1.0)
+
+    def rough_gram(v: torch.Tensor) -> torch.Tensor:
+        return fast.T @ (fast @ v)
+
     with torch.no_grad():
         # Up to 400 basis vectors, in at most 512 MiB or a quarter of the free memory.
         free = available_memory(start.device) or 2**31
         basis = int(max(20, min(400, min(2**29, free // 4) // (8 * start.numel()))))
-        vector, converged = _lanczos_top(gram, start, 2 * tol, basis=basis)
+        rough, _ = _lanczos_top(rough_gram, start.float(), max(2 * tol, 1e-5), basis=basis)
+        vector, converged = _lanczos_top(gram, rough.double(), 2 * tol, basis=basis, min_steps=24)
         value = float((side @ vector).norm() / vector.norm())
     if not converged:
         warnings.warn(
