@@ -46,19 +46,18 @@ def _torus_spectrum(
     before: tuple[int, ...],
     torus: tuple[int, ...],
     *,
-    half: bool = False,
-) -> tuple[torch.Tensor, tuple[int, ...]]:
+    top_only: bool = False,
+) -> torch.Tensor:
     """The per-frequency matrices of ``y[o, n] = sum w[o, c, m] x[c, (n*s + m*d - before) mod N]``
     (``n < N / s``) after splitting the input into its polyphase components.
 
-    Returns ``(groups, F, C_out/g, C_in/g * prod(stride))`` complex128 and the frequency grid's
-    shape; ``half`` keeps only the non-negative frequencies of the last axis (the others are
-    complex conjugates and have the same singular values).
+    Returns ``(groups, F, C_out/g, C_in/g * phases)`` complex128. ``top_only`` (enough for the
+    largest singular value) keeps the non-negative frequencies of the last axis only (the others
+    are complex conjugates) and only the phases some tap reads (the others are zero columns).
     """
     n_dims = len(torus)
     c_out, cin_g, *kernel = weight.shape
     small = tuple(t // s for t, s in zip(torus, stride))
-    phases = math.prod(stride)
     # Every tap's offset q = m*d - before = s*t + r: phase r, shift t on the small torus.
     offsets = [torch.arange(k) * d - b for k, d, b in zip(kernel, dilation, before)]
     grids = torch.meshgrid(*offsets, indexing="ij")
@@ -67,22 +66,25 @@ def _torus_spectrum(
     for q, s, m in zip(grids, stride, small):
         r_flat = r_flat * s + torch.remainder(q, s)
         t_flat = t_flat * m + torch.remainder(torch.div(q, s, rounding_mode="floor"), m)
+    phases = math.prod(stride)
+    if top_only:  # number the phases that are read 0, 1, ...
+        read, r_flat = torch.unique(r_flat, return_inverse=True)
+        phases = read.numel()
     column = (r_flat * math.prod(small) + t_flat).reshape(-1)
     w = weight.detach().to(torch.float64).reshape(groups, c_out // groups, cin_g, -1)
     poly = w.new_zeros(groups, c_out // groups, cin_g, phases * math.prod(small))
     poly.index_add_(3, column.to(w.device), w)
     poly = poly.reshape(groups, c_out // groups, cin_g * phases, *small)
     axes = tuple(range(3, 3 + n_dims))
-    spectrum = torch.fft.rfftn(poly, dim=axes) if half else torch.fft.fftn(poly, dim=axes)
-    grid = tuple(spectrum.shape[3:])
-    return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2), grid
+    spectrum = torch.fft.rfftn(poly, dim=axes) if top_only else torch.fft.fftn(poly, dim=axes)
+    return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
 
 
 def _torus_singular_values(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
     """All singular values of an exact-torus convolution (descending)."""
     before = tuple(b for b, _ in geo.padding)
-    per_freq, _ = _torus_spectrum(weight, geo.groups, geo.stride, geo.dilation, before,
-                                  geo.input_size)  # fmt: skip
+    per_freq = _torus_spectrum(weight, geo.groups, geo.stride, geo.dilation, before,
+                               geo.input_size)  # fmt: skip
     values = torch.linalg.svdvals(per_freq).reshape(-1)
     return torch.sort(values, descending=True).values
 
@@ -99,19 +101,13 @@ def _torus_top(
     :func:`_torus_spectrum`).
 
     Only the frequencies that may hold the maximum get an eigendecomposition: a few batched power
-    steps pick a candidate per group, which is decomposed exactly, and Cholesky factorisations
-    of ``shift * I - G`` for the Gram matrices ``G`` prove which frequencies stay below a shift
-    (the others are narrowed down by bisection and decomposed). Exact up to a relative 1e-10.
+    steps rank them, the best few are decomposed, and Cholesky factorisations of
+    ``lam * I - G`` for the other Gram matrices ``G`` prove that they have no eigenvalue above
+    the largest ``lam`` found (those that fail go round again). Exact up to a relative 1e-10.
     """
-    per_freq, _ = _torus_spectrum(weight, groups, stride, dilation, before, torus, half=True)
+    per_freq = _torus_spectrum(weight, groups, stride, dilation, before, torus, top_only=True)
     g, n_freq, rows, cols = per_freq.shape
     M = per_freq.reshape(g * n_freq, rows, cols)
-    used = M.abs().amax(dim=(0, 1)) > 0  # phases that no tap reads are zero columns
-    if not bool(used.any()):
-        return 0.0
-    if not bool(used.all()):
-        M = M[..., used]
-        cols = M.shape[-1]
     G = M @ M.mH if rows <= cols else M.mH @ M  # the smaller Gram matrix
     gen = torch.Generator(device=G.device).manual_seed(0)
     v = torch.randn(G.shape[:2], dtype=torch.float64, device=G.device, generator=gen)
@@ -119,9 +115,7 @@ def _torus_top(
     for _ in range(8):
         v = G @ v
         v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    estimate = (G @ v).norm(dim=(1, 2)).reshape(g, n_freq)
-    best = estimate.argmax(1) + torch.arange(g, device=G.device) * n_freq
-    lam = float(torch.linalg.eigvalsh(G[best])[:, -1].max())
+    estimate = (G @ v).norm(dim=(1, 2))  # ||G v|| <= the largest eigenvalue
 
     def above(index: torch.Tensor, shift: float) -> torch.Tensor:
         """The frequencies among ``index`` whose ``shift * I - G`` has no Cholesky factor."""
@@ -129,17 +123,16 @@ def _torus_top(
         S.diagonal(dim1=-2, dim2=-1).add_(shift)
         return index[torch.linalg.cholesky_ex(S).info > 0]
 
-    # Every frequency that passes has no eigenvalue above the shift; those that fail are
-    # narrowed down by bisecting the shift, then decomposed.
-    lo = lam * (1 + 1e-10) + torch.finfo(torch.float64).tiny
-    rest = above(torch.arange(G.shape[0], device=G.device), lo)
-    if rest.numel():
-        hi = float(M[rest].abs().square().sum((1, 2)).max()) * (1 + 1e-10)  # ||M||_F^2
-        while rest.numel() > 2 and hi > lo * (1 + 1e-9):
-            mid = math.sqrt(lo * hi)
-            failed = above(rest, mid)
-            lo, hi, rest = (mid, hi, failed) if failed.numel() else (lo, mid, rest)
-        lam = max(lam, float(torch.linalg.eigvalsh(G[rest])[:, -1].max()))
+    # Decompose the most promising few; every other frequency that passes the Cholesky test has
+    # no eigenvalue above the largest found; repeat on those that fail.
+    lam = 0.0
+    rest = torch.arange(G.shape[0], device=G.device)
+    while rest.numel():
+        order = torch.argsort(estimate[rest], descending=True)
+        chosen, rest = rest[order[:4]], rest[order[4:]]
+        lam = max(lam, float(torch.linalg.eigvalsh(G[chosen])[:, -1].max()))
+        if rest.numel():
+            rest = above(rest, lam * (1 + 1e-10) + torch.finfo(torch.float64).tiny)
     return math.sqrt(max(lam, 0.0))
 
 
