@@ -350,17 +350,19 @@ def operator_norm(
     """The largest singular value of a convolution layer, with a certified interval.
 
     Exact methods (FFT, dense SVD) give an interval of rounding width. Otherwise Lanczos runs on
-    ``W^T W`` (or ``W W^T``, whichever is smaller) from a random start. The value is the Rayleigh
-    quotient ``||W v|| / ||v||`` of the final vector, which is also the lower end; the upper end
-    is the exact norm of the circular convolution that encloses W (times the padding's norm for
-    reflect/replicate/circular).
+    ``W^T W`` (or ``W W^T``, whichever is smaller) from a random start, first with float32
+    products (to 1e-5), then in float64 from that vector. The value is the Rayleigh quotient
+    ``||W v|| / ||v||`` of the final vector in float64, which is also the lower end; the upper
+    end is the exact norm of the circular convolution that encloses W (times the padding's norm
+    for reflect/replicate/circular).
 
     Args:
         source: a weight (with ``**config``), a conv module, or a ConvOperator.
         input_size: spatial size of one input.
-        tol: the relative accuracy the iteration aims for, judged from the Ritz residuals; a
-            top singular value with close neighbours can leave a few times more (the tests and
-            the benchmark check 1e-6 at the default).
+        tol: the relative accuracy the iteration aims for, judged from the Ritz residuals. A
+            singular value just above the one found (within ~1e-7, as in the dense top of a
+            large zero-padded layer) can go unseen, so the error can exceed a small ``tol`` by
+            that much; the tests and the benchmark check 1e-6 at the default.
 
     Returns:
         :class:`NormResult`.
