@@ -20,6 +20,7 @@ from torch import nn
 
 from ._errors import ConvMatError
 from .linear import SparseLinear
+from .matrix import available_memory
 from .spectral import NormResult, operator_norm
 
 __all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report"]
@@ -180,6 +181,13 @@ def _calls(
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
+    needed = math.prod(input_shape) * torch.empty((), dtype=dtype).element_size()
+    free = available_memory(device)
+    if free is not None and needed > free // 4:
+        raise ConvMatError(
+            f"input_shape {input_shape!r} needs {needed / 2**30:.1f} GiB for one input, more than "
+            f"a quarter of the {free / 2**30:.1f} GiB free"
+        )
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no batch statistics updated, one sample is enough
     try:
