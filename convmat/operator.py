@@ -102,6 +102,17 @@ class ConvOperator:
             full = _CONV[n](grown, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
             index = (slice(None), slice(None), *(slice(0, i) for i in geo.input_size))
             return full[index]
+        if geo.padding_mode == "zeros" and all(s == 1 for s in geo.stride):
+            # Stride 1: the adjoint is a correlation with the flipped, transposed kernel over y
+            # padded by d*(k-1) - pad (negative pads crop); often faster than conv_transpose.
+            g = geo.groups
+            flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
+            flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+            spans = [d * (k - 1) for d, k in zip(geo.dilation, geo.kernel_size)]
+            grown = F.pad(
+                y, _flat_pads(tuple((s - b, s - a) for s, (b, a) in zip(spans, geo.padding)))
+            )
+            return _CONV[n](grown, flipped, dilation=geo.dilation, groups=g)
         padded_size = [i + b + a for i, (b, a) in zip(geo.input_size, geo.padding)]
         natural = [
             (o - 1) * s + d * (k - 1) + 1

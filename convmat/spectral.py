@@ -389,9 +389,9 @@ def operator_norm(
     op64.weight = op64.weight.detach()
     upper = _enclosing_torus(op64)
     side = op64 if op.shape[1] <= op.shape[0] else op64.T  # iterate on the smaller side
-    # A float32 pass finds the top of the spectrum cheaply (to 1e-5, above float32's rounding),
-    # on a copy scaled to norm ~1; float64 steps from its vector then refine the value, at least
-    # 24 of them so that the error estimate rests on more than a handful of Ritz values.
+    # Float32 passes find the top of the spectrum cheaply (to 1e-5, above float32's rounding),
+    # on a copy scaled to norm ~1; float64 steps then refine the value, at least 24 of them so
+    # that the error estimate rests on more than a handful of Ritz values.
     fast = side.to(torch.float32)
     fast.weight = fast.weight / (float(op64.weight.abs().max()) or 1.0)
     gen = torch.Generator(device=op64.weight.device).manual_seed(0)
@@ -399,41 +399,34 @@ def operator_norm(
     free = available_memory(op64.weight.device) or 2**31
     basis = int(max(20, min(400, min(2**29, free // 4) // (8 * side.shape[1]))))
 
-    def top(found: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
-        """A top eigenvector of W^T W from a random start, orthogonal to ``found`` if given."""
-
-        def deflated(A: ConvOperator) -> Any:
-            if found is None:
-                return lambda v: A.T @ (A @ v)
-            f = found.to(A.weight.dtype)
+    def rough(found: torch.Tensor | None) -> torch.Tensor:
+        """A float32 top eigenvector of W^T W from a random start, orthogonal to ``found``."""
+        start = torch.randn(side.shape[1], dtype=torch.float64, device=gen.device, generator=gen)
+        if found is None:
+            apply = lambda v: fast.T @ (fast @ v)  # noqa: E731
+        else:
+            f = found.float()
+            start = start - torch.dot(found, start) * found
 
             def apply(v: torch.Tensor) -> torch.Tensor:
-                w = A.T @ (A @ (v - torch.dot(f, v) * f))
+                w = fast.T @ (fast @ (v - torch.dot(f, v) * f))
                 return w - torch.dot(f, w) * f
 
-            return apply
-
-        start = torch.randn(side.shape[1], dtype=torch.float64, device=gen.device, generator=gen)
-        if found is not None:
-            start = start - torch.dot(found, start) * found
-        rough, _ = _lanczos_top(deflated(fast), start.float(), max(2 * tol, 1e-5), basis=basis)
-        vector, converged = _lanczos_top(deflated(side), rough.double(), 2 * tol, basis=basis,
-                                         min_steps=24)  # fmt: skip
-        return vector / vector.norm(), converged
+        vector, _ = _lanczos_top(apply, start.float(), max(2 * tol, 1e-5), basis=basis)
+        vector = vector.double()
+        return vector / vector.norm()
 
     with torch.no_grad():
         # Lanczos misses a top singular vector that its start (nearly) lacks, or that sits just
-        # above the one it settles on; a second run, orthogonal to the first vector, finds it,
-        # and Rayleigh-Ritz on the two vectors keeps the best combination.
-        first, converged = top(None)
-        second, converged_too = top(first)
-        basis_2 = torch.linalg.qr(torch.stack([first, second], 1))[0]
-        images = side @ basis_2.T.reshape(2, *side.in_shape)
-        gram2 = images.reshape(2, -1) @ images.reshape(2, -1).T
-        mix = torch.linalg.eigh(gram2)[1][:, -1]
-        vector = basis_2 @ mix
+        # above the one it settles on; a second pass, orthogonal to the first vector, finds it,
+        # and Rayleigh-Ritz on the two vectors keeps the best combination to refine.
+        first = rough(None)
+        pair = torch.linalg.qr(torch.stack([first, rough(first)], 1))[0]
+        images = (side @ pair.T.reshape(2, *side.in_shape)).reshape(2, -1)
+        best = pair @ torch.linalg.eigh(images @ images.T)[1][:, -1]
+        vector, converged = _lanczos_top(lambda v: side.T @ (side @ v), best, 2 * tol,
+                                         basis=basis, min_steps=24)  # fmt: skip
         value = float((side @ vector).norm() / vector.norm())
-        converged = converged and converged_too
     if not converged:
         warnings.warn(
             f"operator_norm: Lanczos did not reach tol={tol} for {geo}; the value is a lower bound",
