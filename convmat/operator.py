@@ -66,6 +66,7 @@ class ConvOperator:
         self.out_shape = (geo.out_channels, *geo.output_size)
         self.shape = geo.matrix_shape
         self._adjoint = False
+        self._cache: dict[str, Any] = {}  # shared with the adjoint
 
     @classmethod
     def from_module(cls, module: nn.Module, input_size: Any) -> ConvOperator:
@@ -106,8 +107,7 @@ class ConvOperator:
             # Stride 1: the adjoint is a correlation with the flipped, transposed kernel over y
             # padded by d*(k-1) - pad (negative pads crop); often faster than conv_transpose.
             g = geo.groups
-            flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
-            flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+            flipped = self._flipped()
             spans = [d * (k - 1) for d, k in zip(geo.dilation, geo.kernel_size)]
             grown = F.pad(
                 y, _flat_pads(tuple((s - b, s - a) for s, (b, a) in zip(spans, geo.padding)))
@@ -133,6 +133,16 @@ class ConvOperator:
         )[1]
         return vjp(t)[0]
 
+    def _flipped(self) -> torch.Tensor:
+        """The weight transposed per group and flipped, cached while the weight is unchanged."""
+        w, cached = self.weight, self._cache.get("flipped")
+        if cached is None or cached[0] is not w or cached[1] != w._version:
+            g, n = self.geometry.groups, self.geometry.ndim
+            flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
+            flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+            cached = self._cache["flipped"] = (w, w._version, flipped)
+        return cached[2]
+
     @staticmethod
     def _crop(t: torch.Tensor, pads: tuple[tuple[int, int], ...], size: tuple[int, ...]):
         index = (slice(None), slice(None), *(slice(b, b + s) for (b, _), s in zip(pads, size)))
@@ -156,6 +166,7 @@ class ConvOperator:
         moved = object.__new__(ConvOperator)
         moved.__dict__.update(self.__dict__)
         moved.weight = self.weight.to(*args, **kwargs)
+        moved._cache = {}
         return moved
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
