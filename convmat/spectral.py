@@ -242,7 +242,7 @@ def _lanczos_top(
                     converged = True
                     break
             prev, v = v, w / beta
-        y = S[:, -1].to(V.dtype) @ V[: j + 1]
+        y = S[:, -1].to(device=V.device, dtype=V.dtype) @ V[: j + 1]
         steps += j + 1
         if converged or steps >= max_steps:
             return y, converged
