@@ -89,25 +89,17 @@ def _torus_singular_values(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return torch.sort(values, descending=True).values
 
 
-def _torus_top(
-    weight: torch.Tensor,
-    groups: int,
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
-    before: tuple[int, ...],
-    torus: tuple[int, ...],
-) -> float:
-    """The exact largest singular value of a circular convolution on ``torus`` (see
-    :func:`_torus_spectrum`).
+def _torus_top(per_freq: torch.Tensor) -> float:
+    """The exact largest singular value of a circular convolution, from its per-frequency
+    matrices (:func:`_torus_spectrum` with ``top_only=True``).
 
     Only the frequencies that may hold the maximum get an eigendecomposition: a few batched power
     steps rank them, the best few are decomposed, and Cholesky factorisations of
     ``lam * I - G`` for the other Gram matrices ``G`` prove that they have no eigenvalue above
     the largest ``lam`` found (those that fail go round again). Exact up to a relative 1e-10.
     """
-    per_freq = _torus_spectrum(weight, groups, stride, dilation, before, torus, top_only=True)
-    g, n_freq, rows, cols = per_freq.shape
-    M = per_freq.reshape(g * n_freq, rows, cols)
+    M = per_freq.flatten(0, 1)
+    rows, cols = M.shape[1:]
     G = M @ M.mH if rows <= cols else M.mH @ M  # the smaller Gram matrix
     gen = torch.Generator(device=G.device).manual_seed(0)
     v = torch.randn(G.shape[:2], dtype=torch.float64, device=G.device, generator=gen)
@@ -169,7 +161,8 @@ def _enclosing_torus(op: ConvOperator) -> float:
     geo = _conv_view(op)
     padded = [i + b + a for i, (b, a) in zip(geo.input_size, geo.padding)]
     torus = tuple(s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, padded))
-    bound = _torus_top(op.weight, geo.groups, geo.stride, geo.dilation, (0,) * geo.ndim, torus)
+    bound = _torus_top(_torus_spectrum(op.weight, geo.groups, geo.stride, geo.dilation,
+                                       (0,) * geo.ndim, torus, top_only=True))  # fmt: skip
     if geo.padding_mode != "zeros":
         copies = 1
         for i, (b, a) in zip(geo.input_size, geo.padding):
@@ -378,8 +371,8 @@ def operator_norm(
     geo = op.geometry
     if _exact_torus(geo):
         before = tuple(b for b, _ in geo.padding)
-        value = _torus_top(op.weight, geo.groups, geo.stride, geo.dilation, before,
-                           geo.input_size)  # fmt: skip
+        value = _torus_top(_torus_spectrum(op.weight, geo.groups, geo.stride, geo.dilation,
+                                           before, geo.input_size, top_only=True))  # fmt: skip
         return NormResult(value, value * (1 - 1e-10), value * (1 + 1e-10), "fft")
     if _dense_ok(op):
         value = float(singular_values(op, k=1)[0])
