@@ -7,15 +7,22 @@ torch.Size([2, 4])
 """
 
 from ._errors import ConvMatError
-from ._pattern import clear_cache
-from .linear import to_linear, to_mlp
-from .lipschitz import LayerNorm, LipschitzReport, lipschitz_report
+from .analysis.lipschitz import LayerNorm, LipschitzReport, lipschitz_report
+from .analysis.operator import ConvOperator, dottest
+from .analysis.spectral import NormResult, operator_norm, singular_values
+from .engine import (
+    cache_budget,
+    cache_info,
+    clear_cache,
+    conv_output_size,
+    conv_transpose_output_size,
+    same_padding,
+    set_cache_budget,
+)
+from .layers.linear import to_linear, to_mlp
 from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
-from .operator import ConvOperator, dottest
-from .plotting import animate, plot_matrix
-from .shapes import conv_output_size, conv_transpose_output_size, same_padding
-from .spectral import NormResult, operator_norm, singular_values
-from .symbolic import SymbolicMatrix, symbolic
+from .presentation.plotting import animate, plot_matrix
+from .presentation.symbolic import SymbolicMatrix, symbolic
 
 __version__ = "0.1.0"
 
@@ -28,6 +35,8 @@ __all__ = [
     "SymbolicMatrix",
     "__version__",
     "animate",
+    "cache_budget",
+    "cache_info",
     "clear_cache",
     "conv2d_as_conv1d",
     "conv_matrix",
@@ -39,6 +48,7 @@ __all__ = [
     "operator_norm",
     "plot_matrix",
     "same_padding",
+    "set_cache_budget",
     "singular_values",
     "symbolic",
     "to_linear",

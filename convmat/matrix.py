@@ -1,126 +1,21 @@
 """The matrix W of a convolution: ``conv(x).flatten() == W @ x.flatten()``.
 
-Pure functions over tensors. Shapes come from :mod:`convmat.shapes`, the index pattern from
-:mod:`convmat._pattern` (cached per configuration and device); here only the values are
-gathered from the weight and the requested layout is assembled.
+Pure functions over tensors: each normalises its arguments into a
+:class:`~convmat.engine.Geometry` and asks the engine to assemble W (the index pattern is cached
+per configuration and device; only the kernel values are gathered).
 """
 
 from __future__ import annotations
-
-import math
-import os
-import warnings
 
 import torch
 from torch import nn
 
 from ._errors import ConvMatError
-from ._pattern import Pattern, get_pattern
 from ._typing import IntOrTuple, PaddingArg, PaddingMode
-from .shapes import Geometry, conv_geometry, conv_transpose_geometry
+from .engine import Geometry, assemble, check_weight, conv_geometry, conv_transpose_geometry
+from .engine import weight_view as _weight_view
 
 __all__ = ["conv2d_as_conv1d", "conv_matrix", "conv_transpose_matrix", "to_matrix"]
-
-_LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _check_weight(weight: object) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor):
-        raise ConvMatError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype == torch.bool:
-        raise ConvMatError(f"weight must have a numeric dtype, got {weight.dtype}")
-    if weight.layout != torch.strided:
-        raise ConvMatError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
-    return weight
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``, or None where that is unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _check_memory(geo: Geometry, layout: torch.layout, weight: torch.Tensor) -> None:
-    """Refuse, before allocating, a W that cannot fit in the memory of the weight's device."""
-    rows, cols = geo.matrix_shape
-    item = weight.element_size()
-    if layout == torch.strided:
-        need, what = rows * cols * item, "dense"
-    else:
-        # An upper bound: every row reads at most C_in/groups * prod(kernel) inputs.
-        nnz = rows * (geo.in_channels // geo.groups) * math.prod(geo.kernel_size)
-        index_bytes = 16 if layout == torch.sparse_coo else 8
-        need, what = nnz * (item + index_bytes), "sparse"
-    free = available_memory(weight.device)
-    if free is not None and need > free:
-        hint = (
-            "; use layout=torch.sparse_csr or torch.sparse_coo, which store only the non-zeros"
-            if layout == torch.strided
-            else ""
-        )
-        raise ConvMatError(
-            f"a {what} W of shape ({rows}, {cols}) and dtype {weight.dtype} needs {need:,} "
-            f"bytes, more than the {free:,} bytes available on {weight.device}{hint}"
-        )
-
-
-def weight_view(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
-    """The weight as ``(C_rows, C_in_per_group * prod(kernel))``: row ``c`` holds the kernel
-    values that W's rows of output channel ``c`` take (for a transposed convolution, whose
-    weight is ``(C_in, C_out // groups, *kernel)``, the in- and out-channels swap places)."""
-    if not geo.transposed:
-        return weight.reshape(geo.out_channels, -1)
-    g = geo.groups
-    view = weight.reshape(g, geo.in_channels // g, geo.out_channels // g, -1).transpose(1, 2)
-    return view.reshape(geo.out_channels, -1)
-
-
-def _assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> torch.Tensor:
-    """W from the weight viewed as ``(C_rows, C_in_per_group * prod(kernel))``."""
-    if layout not in _LAYOUTS:
-        raise ConvMatError(
-            f"layout must be torch.strided, torch.sparse_coo or torch.sparse_csr, got {layout!r}"
-        )
-    _check_memory(geo, layout, weight_view)
-    pattern: Pattern = get_pattern(geo, weight_view.device)
-    values = pattern.values(weight_view)
-    rows, cols = pattern.shape
-    if layout == torch.strided:
-        dense = weight_view.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
-        return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        if layout == torch.sparse_csr:
-            return torch.sparse_csr_tensor(
-                pattern.crow(),
-                pattern.col(),
-                values.reshape(-1),
-                (rows, cols),
-                check_invariants=False,
-            )
-        return torch.sparse_coo_tensor(
-            pattern.coo_indices(),
-            values.reshape(-1),
-            (rows, cols),
-            is_coalesced=True,
-            check_invariants=False,
-        )
-
 
 def conv_matrix(
     weight: torch.Tensor,
@@ -177,7 +72,7 @@ def conv_matrix(
             [1., 2., 3.],
             [3., 1., 2.]])
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     geo = conv_geometry(
         weight.shape,
         input_size,
@@ -187,7 +82,7 @@ def conv_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
-    return _assemble(weight_view(weight, geo), geo, layout)
+    return assemble(_weight_view(weight, geo), geo, layout)
 
 
 def conv_transpose_matrix(
@@ -236,7 +131,7 @@ def conv_transpose_matrix(
             [0., 2.],
             [0., 3.]])
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     geo = conv_transpose_geometry(
         weight.shape,
         input_size,
@@ -246,7 +141,7 @@ def conv_transpose_matrix(
         groups=groups,
         dilation=dilation,
     )
-    return _assemble(weight_view(weight, geo), geo, layout)
+    return assemble(_weight_view(weight, geo), geo, layout)
 
 
 def to_matrix(
@@ -274,37 +169,8 @@ def to_matrix(
     >>> torch.allclose(conv(x).flatten(1), x.flatten(1) @ W.T, atol=1e-12)
     True
     """
-    if isinstance(module, _CONV):
-        return conv_matrix(
-            module.weight,
-            input_size,
-            stride=module.stride,
-            padding=module.padding,  # type: ignore[arg-type]  # torch types it as str | tuple
-            dilation=module.dilation,
-            groups=module.groups,
-            padding_mode=module.padding_mode,
-            layout=layout,
-        )
-    if isinstance(module, _CONV_T):
-        if module.padding_mode != "zeros":
-            raise ConvMatError(
-                f"padding_mode must be 'zeros' for a transposed convolution (as in torch), got "
-                f"{module.padding_mode!r}"
-            )
-        return conv_transpose_matrix(
-            module.weight,
-            input_size,
-            stride=module.stride,
-            padding=module.padding,  # type: ignore[arg-type]
-            output_padding=module.output_padding,
-            groups=module.groups,
-            dilation=module.dilation,
-            layout=layout,
-        )
-    raise ConvMatError(
-        f"module must be an nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d, got "
-        f"{type(module).__name__}"
-    )
+    geo = Geometry.from_module(module, input_size)
+    return assemble(_weight_view(module.weight, geo), geo, layout)  # type: ignore[arg-type]
 
 
 def conv2d_as_conv1d(
@@ -347,7 +213,7 @@ def conv2d_as_conv1d(
     tensor([[41.1000, 45.6000, 50.1000],
             [63.6000, 68.1000, 72.6000]], dtype=torch.float64)
     """
-    weight = _check_weight(weight)
+    weight = check_weight(weight)
     if weight.dim() != 4:
         raise ConvMatError(
             f"weight must be a 2-D convolution's (C_out, C_in, kh, kw), got shape "

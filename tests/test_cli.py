@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from convmat.tour import steps
+from convmat.presentation.tour import steps
 
 from .test_symbolic import STRIDE_2
 

@@ -149,7 +149,7 @@ def test_size_helper_errors():
 def test_to_matrix_errors():
     with pytest.raises(
         ConvMatError,
-        match=r"module must be an nn\.Conv1d/2d/3d or nn\.ConvTranspose1d/2d/3d, got Linear",
+        match=r"module \(Linear\) is not a convolution layer",
     ):
         to_matrix(nn.Linear(3, 3), 3)
     conv = nn.Conv2d(2, 2, 3)

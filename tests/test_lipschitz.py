@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from convmat import ConvMatError, lipschitz_report, spectral, to_matrix
+from convmat import ConvMatError, lipschitz_report, to_matrix
+from convmat.analysis import spectral
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import convmat
 from convmat import conv_matrix, conv_transpose_matrix, to_matrix
-from convmat.shapes import conv_transpose_output_size
+from convmat.engine import conv_transpose_output_size
 
 from .reference import (
     LAYOUTS,
@@ -161,17 +161,17 @@ def test_to_matrix_modules(n):
 
 def test_pattern_is_cached_and_shared():
     convmat.clear_cache()
-    from convmat import _pattern
+    from convmat.engine.cache import builds as built
 
     w = torch.randn(4, 3, 3, 3)
-    builds = _pattern._CACHE.builds
+    builds = built("pattern")
     a = conv_matrix(w, (9, 9), padding=1, layout=torch.sparse_csr)
     b = conv_matrix(2 * w, (9, 9), padding=1, layout=torch.sparse_csr)
-    assert _pattern._CACHE.builds == builds + 1
+    assert built("pattern") == builds + 1
     assert a.col_indices().data_ptr() == b.col_indices().data_ptr()
     torch.testing.assert_close(b.values(), 2 * a.values())
     conv_matrix(w, (9, 9), padding=2, layout=torch.sparse_csr)
-    assert _pattern._CACHE.builds == builds + 2
+    assert built("pattern") == builds + 2
 
 
 @given(cfg=conv_configs(dims=(1, 2)))

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from convmat import conv_matrix, conv_transpose_matrix
-from convmat.operator import ConvOperator, dottest
+from convmat.analysis.operator import ConvOperator, dottest
 
 from .reference import conv_configs, conv_transpose_configs
 

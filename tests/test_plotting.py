@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from convmat.presentation.symbolic import symbolic
 from PIL import Image
 from torch import nn
 
 from convmat import ConvMatError, conv_matrix
-from convmat.plotting import _tap_grid, animate, plot_matrix
-from convmat.symbolic import symbolic
+from convmat.presentation.plotting import _tap_grid, animate, plot_matrix
 
 
 def test_every_kernel_entry_keeps_one_colour():

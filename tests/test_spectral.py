@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from convmat.analysis.spectral import operator_norm, singular_values
 from hypothesis import given
 from hypothesis import strategies as st
 
-from convmat import ConvMatError, conv_matrix, conv_transpose_matrix, spectral
-from convmat.spectral import operator_norm, singular_values
+from convmat import ConvMatError, conv_matrix, conv_transpose_matrix
+from convmat.analysis import spectral
 
 from .reference import conv_configs, conv_transpose_configs
 

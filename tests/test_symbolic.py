@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 
 import torch
+from convmat.presentation.symbolic import symbolic
 from hypothesis import given
 from hypothesis import strategies as st
 
 from convmat import conv_matrix, conv_transpose_matrix
-from convmat.symbolic import symbolic
 
 from .reference import conv_configs, conv_transpose_configs
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from convmat import ConvMatError, to_mlp
-from convmat.linear import SparseLinear
+from convmat.layers.linear import SparseLinear
 
 
 def _randomise_batchnorm(model: nn.Module) -> None:

@@ -4,25 +4,25 @@ Reordering W's rows to ``(spatial, channel)`` and its columns likewise (a permut
 same linear map) turns its non-zeros into dense ``bo x bi`` blocks: one block of kernel values
 per (output position, input position, channel block). Block-sparse (BSR) storage of that form
 multiplies far faster than scattered CSR entries. The public W stays in C order; this form is
-internal to :mod:`convmat.nn`.
+internal to the matrix layers.
 
-The structure comes from the one-channel pattern of :mod:`convmat._pattern` (which output
+The structure comes from the one-channel pattern of :mod:`convmat.engine.pattern` (which output
 position reads which input position through which tap), crossed with the channel blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ._pattern import _CACHE, _INDEX, _axis_taps, _c_strides, build_pattern
+from .cache import cached, tensor_bytes
+from .pattern import INDEX, axis_taps, build_pattern, c_strides
 from .shapes import Geometry
 
-__all__ = ["BlockPattern", "block_size", "get_block_pattern"]
+__all__ = ["BlockPattern", "block_size", "get_block_pattern", "tap_table"]
 
 
 def block_size(channels: int, limit: int = 8) -> int:
@@ -85,36 +85,37 @@ class BlockPattern:
                 torch.arange(n_rows, device=self.crow.device), self.crow.diff()
             )
             perm = torch.argsort(self.col * n_rows + rows, stable=True)
-            crow = torch.zeros(n_cols + 1, dtype=_INDEX, device=self.crow.device)
+            crow = torch.zeros(n_cols + 1, dtype=INDEX, device=self.crow.device)
             torch.cumsum(torch.bincount(self.col, minlength=n_cols), 0, out=crow[1:])
             self._transpose = (crow, rows[perm], perm)
         return self._transpose
 
 
-@functools.lru_cache(maxsize=64)
-def tap_table(geo: Geometry) -> torch.Tensor:
+def tap_table(geo: Geometry, device: torch.device | None = None) -> torch.Tensor:
     """The dense side of W's per-tap structure, for the weight gradient.
 
     For a convolution: ``(P_out, K)``, the flat input position every output position reads
     through every tap (``P_in`` where the tap reads zero padding). For a transposed
     convolution: ``(P_in, K)``, the flat output position every input position writes to through
     every tap (``P_out`` where it is cropped) - the table of the matching convolution, which
-    has no holes for the stride.
+    has no holes for the stride. Cached per geometry and device.
     """
+    device = torch.device("cpu") if device is None else device
+    return cached(
+        ("tap table", geo, device), "tap table", lambda: _tap_table(geo).to(device),
+        lambda t: tensor_bytes([t]),
+    )  # fmt: skip
+
+
+def _tap_table(geo: Geometry) -> torch.Tensor:
     if geo.transposed:
-        geo = dataclasses.replace(
-            geo,
-            transposed=False,
-            input_size=geo.output_size,
-            output_size=geo.input_size,
-            padding_mode="zeros",
-        )
+        geo = geo.matching_conv
     n = geo.ndim
     in_total = math.prod(geo.input_size)
-    flat = torch.zeros((), dtype=_INDEX)
+    flat = torch.zeros((), dtype=INDEX)
     valid = torch.ones((), dtype=torch.bool)
-    for d, st in enumerate(_c_strides(geo.input_size)):
-        c, ok = _axis_taps(geo, d)
+    for d, st in enumerate(c_strides(geo.input_size)):
+        c, ok = axis_taps(geo, d)
         shape = [1] * (2 * n)
         shape[d], shape[n + d] = c.shape
         flat = flat + (c * st).view(shape)
@@ -130,16 +131,16 @@ def build_block_pattern(geo: Geometry, bo: int, bi: int) -> BlockPattern:
     cob_per_group = cob // g
     counts = spatial.row_counts  # entries (input positions) per output position
     p_out = counts.numel()
-    start = torch.zeros(p_out, dtype=_INDEX)
+    start = torch.zeros(p_out, dtype=INDEX)
     torch.cumsum(counts[:-1], 0, out=start[1:])
     width = int(counts.max()) if p_out else 0
     # Grid (output position, output block, entry of that position, input block in the group).
-    j = torch.arange(width, dtype=_INDEX)
+    j = torch.arange(width, dtype=INDEX)
     mask = (j[None, :] < counts[:, None]).view(p_out, 1, width, 1)
     entry = (start[:, None] + j[None, :]).clamp(max=max(spatial.nnz_per_channel - 1, 0))
     entry = entry.view(p_out, 1, width, 1)
-    ob = torch.arange(cob, dtype=_INDEX).view(1, cob, 1, 1)
-    ib = torch.arange(cib, dtype=_INDEX).view(1, 1, 1, cib)
+    ob = torch.arange(cob, dtype=INDEX).view(1, cob, 1, 1)
+    ib = torch.arange(cib, dtype=INDEX).view(1, 1, 1, cib)
     grid = (p_out, cob, width, cib)
     keep = torch.nonzero(mask.expand(grid).reshape(-1)).squeeze(1)
 
@@ -154,11 +155,11 @@ def build_block_pattern(geo: Geometry, bo: int, bi: int) -> BlockPattern:
     else:
         # Folded entries first (entry, output block, input block), then gathered in order.
         index = take((entry * cob + ob) * cib + ib)
-        t_ob = torch.arange(cob, dtype=_INDEX).view(1, cob, 1)
-        t_ib = torch.arange(cib, dtype=_INDEX).view(1, 1, cib)
+        t_ob = torch.arange(cob, dtype=INDEX).view(1, cob, 1)
+        t_ib = torch.arange(cib, dtype=INDEX).view(1, 1, cib)
         fold_gather = ((spatial.gather.view(-1, 1, 1) * cob + t_ob) * cib + t_ib).reshape(-1)
         fold_segment = ((spatial.segment.view(-1, 1, 1) * cob + t_ob) * cib + t_ib).reshape(-1)
-    crow = torch.zeros(p_out * cob + 1, dtype=_INDEX)
+    crow = torch.zeros(p_out * cob + 1, dtype=INDEX)
     torch.cumsum((counts * cib).repeat_interleave(cob), 0, out=crow[1:])
     n_folded = 0 if fold_segment is None else spatial.nnz_per_channel * cob * cib
     return BlockPattern(
@@ -178,7 +179,7 @@ def build_block_pattern(geo: Geometry, bo: int, bi: int) -> BlockPattern:
 def get_block_pattern(geo: Geometry, bo: int, bi: int, device: torch.device) -> BlockPattern:
     """The cached block pattern of ``geo`` with ``bo x bi`` blocks on ``device``."""
     cpu = torch.device("cpu")
-    key = (geo, ("blocks", bo, bi), device)
+    key = ("block pattern", geo, bo, bi, device)
 
     def make() -> BlockPattern:
         if device == cpu:
@@ -191,4 +192,4 @@ def get_block_pattern(geo: Geometry, bo: int, bi: int, device: torch.device) -> 
         }
         return dataclasses.replace(p, **moved, _transpose=None)
 
-    return _CACHE.get(key, make)  # type: ignore[arg-type,return-value]
+    return cached(key, "block pattern", make, BlockPattern.nbytes)

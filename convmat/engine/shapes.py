@@ -1,8 +1,10 @@
 """Every shape rule of the package: argument normalisation, output sizes and padding forms.
 
-Other modules ask this one; nothing else derives an output size. The public entry points
-validate their arguments and return a frozen :class:`Geometry` that the index arithmetic
-(:mod:`convmat._pattern`) takes as its only input.
+Other modules ask this one; nothing else derives an output size, a padded size or a module's
+configuration. The public entry points validate their arguments and return a frozen
+:class:`Geometry` that everything else (the index arithmetic, the layers, the operator, the
+spectra, the pictures) takes as its description of a convolution. :meth:`Geometry.from_module`
+is the one place a module is read.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import ConvMatError
-from ._typing import IntOrTuple, PaddingArg, Pads
+from torch import nn
+
+from .._errors import ConvMatError
+from .._typing import IntOrTuple, PaddingArg, Pads
+from .padding import PADDING_MODES, PaddingMode
+from .padding import padding_mode as _mode
 
 __all__ = [
     "Geometry",
@@ -23,11 +29,9 @@ __all__ = [
     "conv_transpose_geometry",
     "conv_transpose_output_size",
     "output_padding_for",
+    "plain_conv_problem",
     "same_padding",
 ]
-
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -63,6 +67,113 @@ class Geometry:
             self.out_channels * math.prod(self.output_size),
             self.in_channels * math.prod(self.input_size),
         )
+
+    @property
+    def mode(self) -> PaddingMode:
+        """The padding mode object (its index map, its name in ``F.pad``)."""
+        return PADDING_MODES[self.padding_mode]
+
+    @property
+    def padded_size(self) -> tuple[int, ...]:
+        """Spatial size of the padded input of a convolution: ``in + before + after``."""
+        return tuple(i + b + a for i, (b, a) in zip(self.input_size, self.padding))
+
+    @property
+    def pad_args(self) -> list[int]:
+        """The padding as ``torch.nn.functional.pad`` takes it (last dimension first)."""
+        return flat_pads(self.padding)
+
+    @property
+    def matching_conv(self) -> Geometry:
+        """The convolution whose W is this transposed convolution's W transposed (its
+        adjoint); a convolution is its own."""
+        if not self.transposed:
+            return self
+        return Geometry(
+            False, self.out_channels, self.in_channels, self.groups, self.output_size,
+            self.input_size, self.kernel_size, self.stride, self.dilation, self.padding,
+        )  # fmt: skip
+
+    @classmethod
+    def from_module(
+        cls, module: Any, input_size: IntOrTuple, *, path: str = "", output_padding: Any = None
+    ) -> Geometry:
+        """The geometry of a convolution layer on inputs of spatial size ``input_size``.
+
+        The one place a module is read. Only a plain convolution counts: an ``nn.Conv{N}d`` /
+        ``nn.ConvTranspose{N}d`` (or a subclass, convmat's matrix twins included) that runs
+        torch's own forward; a subclass that overrides ``forward`` or ``_conv_forward`` may
+        compute something else (pad inside forward, standardise its weight) and is refused.
+
+        Args:
+            module: the layer.
+            input_size: spatial size of one input.
+            path: the layer's name in its model, for messages.
+            output_padding: of a transposed layer, in place of the module's own (what
+                ``forward(x, output_size=...)`` asks for).
+
+        Raises:
+            ConvMatError: naming the path, the class and why, for anything else.
+
+        >>> Geometry.from_module(nn.Conv1d(2, 3, 3, stride=2), 9).output_size
+        (4,)
+        """
+        problem = plain_conv_problem(module)
+        if problem:
+            where = f"{path} " if path else ""
+            raise ConvMatError(f"module {where}({type(module).__name__}) {problem}")
+        m: Any = module
+        if m.transposed:
+            if m.padding_mode != "zeros":
+                raise ConvMatError(
+                    f"padding_mode must be 'zeros' for a transposed convolution (as in torch), "
+                    f"got {m.padding_mode!r}"
+                )
+            return conv_transpose_geometry(
+                m.weight.shape, input_size, stride=m.stride, padding=m.padding,
+                output_padding=m.output_padding if output_padding is None else output_padding,
+                groups=m.groups, dilation=m.dilation,
+            )  # fmt: skip
+        return conv_geometry(
+            m.weight.shape, input_size, stride=m.stride, padding=m.padding,
+            dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
+        )  # fmt: skip
+
+
+def flat_pads(pairs: Pads) -> list[int]:
+    """``((b1, a1), (b2, a2))`` -> ``[b2, a2, b1, a1]``, the order of ``F.pad``."""
+    return [v for pair in reversed(pairs) for v in pair]
+
+
+#: Modules whose ``forward`` / ``_conv_forward`` run torch's convolution as it is.
+_TRUSTED_MODULES = ("torch.nn.modules.conv", "convmat.layers.nn")
+
+
+def plain_conv_problem(module: object) -> str:
+    """Why ``module`` is not a plain convolution, or ``""`` if it is one.
+
+    >>> plain_conv_problem(nn.Conv2d(1, 1, 3))
+    ''
+    >>> class Scaled(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return 2 * super().forward(x)
+    >>> plain_conv_problem(Scaled(1, 1, 3))
+    'overrides forward, so it may not compute the convolution its settings describe'
+    """
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return (
+            "is not a convolution layer: one of nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or "
+            "their convmat matrix twins is needed"
+        )
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "has uninitialised parameters; run it on one input first"
+    for name in ("forward", "_conv_forward"):
+        owner = next((c for c in type(module).__mro__ if name in c.__dict__), None)
+        if owner is not None and owner.__module__ not in _TRUSTED_MODULES:
+            return (
+                f"overrides {name}, so it may not compute the convolution its settings describe"
+            )
+    return ""
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -358,19 +469,9 @@ def _check_groups(groups: Any, channels: int, which: str) -> int:
 def _check_padding_mode(
     padding_mode: Any, input_size: tuple[int, ...], pads: Pads, raw: Any
 ) -> None:
-    if padding_mode not in PADDING_MODES:
-        raise ConvMatError(f"padding_mode must be one of {PADDING_MODES!r}, got {padding_mode!r}")
+    mode = _mode(padding_mode)
     for dim, (i, (b, a)) in enumerate(zip(input_size, pads)):
-        if padding_mode == "reflect" and max(b, a) >= i:
-            raise ConvMatError(
-                f"reflect padding must be smaller than the input in every dimension, got "
-                f"padding={raw!r} for input size {i} in dimension {dim}"
-            )
-        if padding_mode == "circular" and max(b, a) > i:
-            raise ConvMatError(
-                f"circular padding must be at most the input size in every dimension (it may "
-                f"wrap around once), got padding={raw!r} for input size {i} in dimension {dim}"
-            )
+        mode.check(i, b, a, dim, raw)
 
 
 def output_padding_for(

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import ConvMatError
-from ._typing import IntOrTuple
-from .matrix import to_matrix
+from .._errors import ConvMatError
+from .._typing import IntOrTuple
+from ..matrix import to_matrix
 
 __all__ = ["SparseLinear", "to_linear", "to_mlp"]
 

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConvMatError
-from .shapes import conv_output_size, ntuple, same_padding
+from .._errors import ConvMatError
+from ..engine import conv_output_size, ntuple, same_padding
 from .symbolic import symbolic
 
 __all__ = ["main"]
@@ -147,7 +147,7 @@ def _safe_classes() -> list[Any]:
     """Module classes that a weights_only load may rebuild: torch.nn's and convmat's."""
     import torch.nn
 
-    from . import linear, nn
+    from ..layers import linear, nn
 
     found = [*vars(torch.nn).values(), *vars(nn).values(), *vars(linear).values()]
     return [c for c in found if inspect.isclass(c) and issubclass(c, torch.nn.Module)]
@@ -240,7 +240,7 @@ def _load_model(spec: str, weights: str | None, trust: bool) -> Any:
 
 
 def _cmd_norm(args: argparse.Namespace) -> None:
-    from .lipschitz import lipschitz_report
+    from ..analysis.lipschitz import lipschitz_report
 
     model = _load_model(args.model, args.weights, args.trust_pickle)
     report = lipschitz_report(model, args.input, tol=args.tol)

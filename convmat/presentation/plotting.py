@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import ConvMatError
+from .._errors import ConvMatError
+from ..engine import Geometry
 from .symbolic import SymbolicMatrix, symbolic
 
 __all__ = ["animate", "plot_matrix"]
@@ -33,10 +34,9 @@ def _pyplot() -> Any:
 
 
 def _config_of_module(module: nn.Module, input_size: Any) -> dict[str, Any]:
+    Geometry.from_module(module, input_size)  # refuses anything but a plain convolution
     m: Any = module
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    if not isinstance(m, nn.modules.conv._ConvNd):
-        raise ConvMatError(f"module must be a convolution layer, got {type(m).__name__}")
+    transposed = m.transposed
     config = dict(input_size=input_size, kernel_size=m.kernel_size, stride=m.stride,
                   padding=m.padding, dilation=m.dilation, in_channels=m.in_channels,
                   out_channels=m.out_channels, groups=m.groups, transposed=transposed)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Index arithmetic: the sparsity pattern of W for one :class:`~convmat.shapes.Geometry`.
+"""Index arithmetic: the sparsity pattern of W for one :class:`~convmat.engine.shapes.Geometry`.
 
 The pattern depends only on the configuration, never on the weight values, so it is computed
 once, cached, and reused; building W then only gathers kernel values into it.
@@ -23,17 +23,18 @@ How the pattern is found, without a Python loop over positions, taps or channels
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
 
+from .cache import cached, store
 from .shapes import Geometry
 
-__all__ = ["Pattern", "clear_cache", "get_pattern"]
+__all__ = ["INDEX", "Pattern", "axis_taps", "build_pattern", "c_strides", "get_pattern"]
 
-_INDEX = torch.int64
+#: The dtype of every index tensor.
+INDEX = torch.int64
 
 
 @dataclass
@@ -48,35 +49,26 @@ class _Axis:
     folds: bool  # some slot receives more than one tap
 
 
-def _axis_taps(geo: Geometry, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def axis_taps(geo: Geometry, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input position read by every ``(output position, tap)`` of one axis, and its validity."""
     k, s, d = geo.kernel_size[dim], geo.stride[dim], geo.dilation[dim]
     before = geo.padding[dim][0]
     size = geo.input_size[dim]
-    r = torch.arange(geo.output_size[dim], dtype=_INDEX)[:, None]
-    m = torch.arange(k, dtype=_INDEX)[None, :]
+    r = torch.arange(geo.output_size[dim], dtype=INDEX)[:, None]
+    m = torch.arange(k, dtype=INDEX)[None, :]
     if geo.transposed:
         # Output r of the transposed convolution is input r of the matching convolution;
         # it receives x[n] through tap m exactly when n * s + m * d - before == r.
         num = r + before - m * d
         valid = (num % s == 0) & (num >= 0) & (num < size * s)
         return torch.div(num, s, rounding_mode="floor"), valid
-    p = r * s + m * d - before
-    mode = geo.padding_mode
-    if mode == "zeros":
-        return p, (p >= 0) & (p < size)
-    if mode == "reflect":
-        p = torch.where(p < 0, -p, torch.where(p >= size, 2 * (size - 1) - p, p))
-    elif mode == "replicate":
-        p = p.clamp(0, size - 1)
-    else:  # circular
-        p = p % size
-    return p, torch.ones_like(p, dtype=torch.bool)
+    p, valid = geo.mode.source(r * s + m * d - before, size)
+    return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
 
 
 def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
     rows, _k = cols.shape
-    sentinel = torch.iinfo(_INDEX).max
+    sentinel = torch.iinfo(INDEX).max
     key, order = torch.sort(torch.where(valid, cols, sentinel), dim=1, stable=True)
     kept = key != sentinel
     first = kept.clone()
@@ -86,7 +78,7 @@ def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
     slots = int(count.max()) if rows else 0
     # Scatter the first tap of every slot to its rank; the rest go to a spare column, dropped.
     target = torch.where(first, rank, slots)
-    spare = torch.zeros(rows, slots + 1, dtype=_INDEX)
+    spare = torch.zeros(rows, slots + 1, dtype=INDEX)
     slot_cols = spare.scatter(1, target, key)[:, :slots]
     slot_tap = spare.scatter(1, target, order)[:, :slots]
     tap_slot = torch.empty_like(order).scatter_(1, order, torch.where(kept, rank, -1))
@@ -100,7 +92,7 @@ def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
     )
 
 
-def _c_strides(sizes: tuple[int, ...]) -> list[int]:
+def c_strides(sizes: tuple[int, ...]) -> list[int]:
     strides, acc = [], 1
     for v in reversed(sizes):
         strides.append(acc)
@@ -126,6 +118,7 @@ class Pattern:
     offsets: torch.Tensor  # (row channels,) column offset of each row channel's group
     gather: torch.Tensor  # index into weight_view's second dim
     segment: torch.Tensor | None  # where folded taps add up, or None
+    key: Hashable = field(default=None, repr=False)  # its key in the cache
     _crow: torch.Tensor | None = field(default=None, repr=False)
     _col: torch.Tensor | None = field(default=None, repr=False)
     _coo: torch.Tensor | None = field(default=None, repr=False)
@@ -156,6 +149,11 @@ class Pattern:
         ]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
+    def _grown(self) -> None:
+        """Tell the cache this pattern's new size (its full index tensors were just made)."""
+        if self.key is not None:
+            store(self.key, "pattern", self, self.nbytes())
+
     def values(self, weight_view: torch.Tensor) -> torch.Tensor:
         """The non-zeros of W in CSR order, shaped ``(row_channels, nnz_per_channel)``."""
         taps = weight_view.index_select(1, self.gather)
@@ -174,23 +172,25 @@ class Pattern:
     def crow(self) -> torch.Tensor:
         """``(rows + 1,)`` CSR row pointers, cached."""
         if self._crow is None:
-            crow = torch.zeros(self.shape[0] + 1, dtype=_INDEX, device=self.offsets.device)
+            crow = torch.zeros(self.shape[0] + 1, dtype=INDEX, device=self.offsets.device)
             torch.cumsum(self.row_counts.repeat(self.row_channels), 0, out=crow[1:])
             self._crow = crow
+            self._grown()
         return self._crow
 
     def col(self) -> torch.Tensor:
         """``(nnz,)`` column indices, rows in order and sorted within each row, cached."""
         if self._col is None:
             self._col = self._full_cols(
-                torch.empty(self.nnz, dtype=_INDEX, device=self.offsets.device)
+                torch.empty(self.nnz, dtype=INDEX, device=self.offsets.device)
             )
+            self._grown()
         return self._col
 
     def coo_indices(self) -> torch.Tensor:
         """``(2, nnz)`` row and column indices in coalesced order, cached."""
         if self._coo is None:
-            coo = torch.empty(2, self.nnz, dtype=_INDEX, device=self.offsets.device)
+            coo = torch.empty(2, self.nnz, dtype=INDEX, device=self.offsets.device)
             spatial_rows = self.row_counts.numel()
             channel = torch.arange(self.row_channels, device=coo.device)[:, None] * spatial_rows
             torch.add(self.row_pos[None, :], channel, out=coo[0].view(self.row_channels, -1))
@@ -199,6 +199,7 @@ class Pattern:
             else:
                 coo[1].copy_(self._col)
             self._coo, self._col = coo, coo[1]
+            self._grown()
         return self._coo
 
     def dense_index(self) -> torch.Tensor:
@@ -255,14 +256,14 @@ def _take(values: torch.Tensor, grid: torch.Size, index: torch.Tensor) -> torch.
 def build_pattern(geo: Geometry) -> Pattern:
     """Compute the pattern of ``geo`` on the CPU (no loop over positions, taps or channels)."""
     n = geo.ndim
-    axes = [_axis(*_axis_taps(geo, d)) for d in range(n)]
+    axes = [_axis(*axis_taps(geo, d)) for d in range(n)]
     cg = geo.in_channels // geo.groups
     k_total = math.prod(geo.kernel_size)
     in_total = math.prod(geo.input_size)
     slots = tuple(a.cols.shape[1] for a in axes)
     chan = [1] * (2 * n + 1)
     chan[n] = cg
-    ci = torch.arange(cg, dtype=_INDEX).view(chan)
+    ci = torch.arange(cg, dtype=INDEX).view(chan)
 
     # Grid (R_1..R_N, C_in_group, S_1..S_N): column and gather index of every slot.
     grid = torch.Size([*(a.cols.shape[0] for a in axes), cg, *slots])
@@ -270,26 +271,26 @@ def build_pattern(geo: Geometry) -> Pattern:
     for d, a in enumerate(axes):
         mask = mask & _place(a.mask, n, d, slots)
     keep = _flat_nonzero(mask, grid)
-    in_strides = _c_strides(geo.input_size)
+    in_strides = c_strides(geo.input_size)
     col_local = _take(_affine(ci * in_total, [a.cols for a in axes], in_strides, slots), grid, keep)
 
-    k_strides = _c_strides(geo.kernel_size)
+    k_strides = c_strides(geo.kernel_size)
     if not any(a.folds for a in axes):
         gather = _affine(ci * k_total, [a.slot_tap for a in axes], k_strides, slots)
         gather, segment = _take(gather, grid, keep), None
     else:
         # Grid (R_1..R_N, C_in_group, k_1..k_N): every tap, and the slot it adds into.
-        compressed = torch.full((math.prod(grid),), -1, dtype=_INDEX)
-        compressed[keep] = torch.arange(keep.numel(), dtype=_INDEX)
-        grid_strides = _c_strides(grid)
+        compressed = torch.full((math.prod(grid),), -1, dtype=INDEX)
+        compressed[keep] = torch.arange(keep.numel(), dtype=INDEX)
+        grid_strides = c_strides(grid)
         pos = ci * grid_strides[n]
         tap = ci * k_total
         valid = torch.ones((), dtype=torch.bool)
         for d, a in enumerate(axes):
-            r = torch.arange(a.tap_slot.shape[0], dtype=_INDEX)[:, None] * grid_strides[d]
+            r = torch.arange(a.tap_slot.shape[0], dtype=INDEX)[:, None] * grid_strides[d]
             slot = a.tap_slot.clamp(min=0) * grid_strides[n + 1 + d]
             pos = pos + _place(r + slot, n, d, geo.kernel_size)
-            taps = torch.arange(geo.kernel_size[d], dtype=_INDEX) * k_strides[d]
+            taps = torch.arange(geo.kernel_size[d], dtype=INDEX) * k_strides[d]
             tap = tap + _place(taps.expand_as(a.tap_slot), n, d, geo.kernel_size)
             valid = valid & _place(a.tap_slot >= 0, n, d, geo.kernel_size)
         tap_grid = torch.broadcast_shapes(pos.shape, tap.shape, valid.shape)
@@ -299,7 +300,7 @@ def build_pattern(geo: Geometry) -> Pattern:
 
     # Non-zeros per spatial row, and the spatial row of each entry (the leading part of its
     # C-order position in the grid).
-    row_counts = torch.full((), cg, dtype=_INDEX)
+    row_counts = torch.full((), cg, dtype=INDEX)
     for d, a in enumerate(axes):
         shape = [1] * n
         shape[d] = -1
@@ -309,49 +310,20 @@ def build_pattern(geo: Geometry) -> Pattern:
 
     rows_c = geo.out_channels
     group = torch.div(
-        torch.arange(rows_c, dtype=_INDEX), rows_c // geo.groups, rounding_mode="floor"
+        torch.arange(rows_c, dtype=INDEX), rows_c // geo.groups, rounding_mode="floor"
     )
     offsets = group * (cg * in_total)
     return Pattern(geo.matrix_shape, col_local, row_pos, row_counts, offsets, gather, segment)
 
 
-class _PatternCache:
-    """Least-recently-used patterns, bounded by the bytes they hold."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple[Geometry, torch.device], Pattern] = OrderedDict()
-        self.builds = 0
-
-    def get(self, key: tuple[Geometry, torch.device], make: Callable[[], Pattern]) -> Pattern:
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        pattern = make()
-        self.builds += 1
-        self.entries[key] = pattern
-        while len(self.entries) > 1 and self.total_bytes() > self.max_bytes:
-            self.entries.popitem(last=False)
-        return pattern
-
-    def total_bytes(self) -> int:
-        return sum(p.nbytes() for p in self.entries.values())
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
-_CACHE = _PatternCache(max_bytes=2 * 2**30)
-
-
 def get_pattern(geo: Geometry, device: torch.device) -> Pattern:
     """The cached pattern of ``geo`` on ``device`` (built on the CPU, moved once)."""
     cpu = torch.device("cpu")
-    if device == cpu:
-        return _CACHE.get((geo, cpu), lambda: build_pattern(geo))
-    return _CACHE.get((geo, device), lambda: get_pattern(geo, cpu).to(device))
+    key = ("pattern", geo, device)
 
+    def build() -> Pattern:
+        made = build_pattern(geo) if device == cpu else get_pattern(geo, cpu).to(device)
+        made.key = key
+        return made
 
-def clear_cache() -> None:
-    """Forget every cached pattern (they are rebuilt on demand)."""
-    _CACHE.clear()
+    return cached(key, "pattern", build, Pattern.nbytes)

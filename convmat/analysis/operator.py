@@ -16,18 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import ConvMatError
-from .matrix import _assemble, _check_weight, weight_view
-from .shapes import Geometry, conv_geometry, conv_transpose_geometry
+from .._errors import ConvMatError
+from ..engine import (
+    Geometry,
+    assemble,
+    check_weight,
+    conv_geometry,
+    conv_transpose_geometry,
+    flat_pads,
+    weight_view,
+)
 
 __all__ = ["ConvOperator", "dottest"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def _flat_pads(pairs: tuple[tuple[int, int], ...]) -> list[int]:
-    return [v for pair in reversed(pairs) for v in pair]
 
 
 class ConvOperator:
@@ -58,29 +61,31 @@ class ConvOperator:
     def __init__(
         self, weight: torch.Tensor, input_size: Any, *, transposed: bool = False, **config: Any
     ) -> None:
-        self.weight = _check_weight(weight)
+        weight = check_weight(weight)
         make = conv_transpose_geometry if transposed else conv_geometry
-        self.geometry: Geometry = make(weight.shape, input_size, **config)
-        geo = self.geometry
+        self._setup(weight, make(weight.shape, input_size, **config))
+
+    @classmethod
+    def from_module(cls, module: nn.Module, input_size: Any) -> ConvOperator:
+        """The operator of an ``nn.Conv*d`` / ``nn.ConvTranspose*d`` (bias excluded)."""
+        geo = Geometry.from_module(module, input_size)
+        return cls._of(module.weight.detach(), geo)  # type: ignore[union-attr]
+
+    @classmethod
+    def _of(cls, weight: torch.Tensor, geo: Geometry) -> ConvOperator:
+        """The operator of ``weight`` with an already validated geometry."""
+        op = object.__new__(cls)
+        op._setup(check_weight(weight), geo)
+        return op
+
+    def _setup(self, weight: torch.Tensor, geo: Geometry) -> None:
+        self.weight = weight
+        self.geometry: Geometry = geo
         self.in_shape = (geo.in_channels, *geo.input_size)
         self.out_shape = (geo.out_channels, *geo.output_size)
         self.shape = geo.matrix_shape
         self._adjoint = False
         self._cache: dict[str, Any] = {}  # shared with the adjoint
-
-    @classmethod
-    def from_module(cls, module: nn.Module, input_size: Any) -> ConvOperator:
-        """The operator of an ``nn.Conv*d`` / ``nn.ConvTranspose*d`` (bias excluded)."""
-        m: Any = module
-        if isinstance(m, nn.modules.conv._ConvTransposeNd):
-            return cls(m.weight.detach(), input_size, transposed=True, stride=m.stride,
-                       padding=m.padding, output_padding=m.output_padding, groups=m.groups,
-                       dilation=m.dilation)  # fmt: skip
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return cls(m.weight.detach(), input_size, stride=m.stride, padding=m.padding,
-                       dilation=m.dilation, groups=m.groups,
-                       padding_mode=m.padding_mode)  # fmt: skip
-        raise ConvMatError(f"module must be a convolution layer, got {type(m).__name__}")
 
     # -- the two directions -------------------------------------------------------------------
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +93,9 @@ class ConvOperator:
         geo, w, n = self.geometry, self.weight, self.geometry.ndim
         if geo.transposed:
             full = _CONV_T[n](x, w, stride=geo.stride, groups=geo.groups, dilation=geo.dilation)
-            full = F.pad(full, _flat_pads(tuple((0, op) for op in geo.output_padding)))
+            full = F.pad(full, flat_pads(tuple((0, op) for op in geo.output_padding)))
             return self._crop(full, geo.padding, geo.output_size)
-        mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
-        padded = F.pad(x, _flat_pads(geo.padding), mode=mode)
+        padded = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode)
         return _CONV[n](padded, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
 
     def _backward(self, y: torch.Tensor) -> torch.Tensor:
@@ -99,7 +103,7 @@ class ConvOperator:
         geo, w, n = self.geometry, self.weight, self.geometry.ndim
         if geo.transposed:
             # Adjoint of crop is zero-extension; of the transposed convolution, the convolution.
-            grown = F.pad(y, _flat_pads(geo.padding))
+            grown = F.pad(y, geo.pad_args)
             full = _CONV[n](grown, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
             index = (slice(None), slice(None), *(slice(0, i) for i in geo.input_size))
             return full[index]
@@ -110,18 +114,17 @@ class ConvOperator:
             flipped = self._flipped()
             spans = [d * (k - 1) for d, k in zip(geo.dilation, geo.kernel_size)]
             grown = F.pad(
-                y, _flat_pads(tuple((s - b, s - a) for s, (b, a) in zip(spans, geo.padding)))
+                y, flat_pads(tuple((s - b, s - a) for s, (b, a) in zip(spans, geo.padding)))
             )
             return _CONV[n](grown, flipped, dilation=geo.dilation, groups=g)
-        padded_size = [i + b + a for i, (b, a) in zip(geo.input_size, geo.padding)]
         natural = [
             (o - 1) * s + d * (k - 1) + 1
             for o, s, d, k in zip(geo.output_size, geo.stride, geo.dilation, geo.kernel_size)
         ]
-        out_pad = [p - q for p, q in zip(padded_size, natural)]
+        out_pad = [p - q for p, q in zip(geo.padded_size, natural)]
         # output_padding may exceed what conv_transpose accepts; zero-extend instead.
         t = _CONV_T[n](y, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
-        t = F.pad(t, _flat_pads(tuple((0, p) for p in out_pad)))
+        t = F.pad(t, flat_pads(tuple((0, p) for p in out_pad)))
         if geo.padding_mode == "zeros":
             return self._crop(t, geo.padding, geo.input_size)
         # The adjoint of reflect/replicate/circular padding, by the vector-Jacobian product of
@@ -129,7 +132,7 @@ class ConvOperator:
         shape = (t.shape[0], geo.in_channels, *geo.input_size)
         probe = torch.zeros(shape, dtype=t.dtype, device=t.device)
         vjp = torch.func.vjp(
-            lambda v: F.pad(v, _flat_pads(geo.padding), mode=geo.padding_mode), probe
+            lambda v: F.pad(v, geo.pad_args, mode=geo.padding_mode), probe
         )[1]
         return vjp(t)[0]
 
@@ -196,10 +199,10 @@ class ConvOperator:
         geo = self.geometry
         view = weight_view(self.weight, geo)
         if not self._adjoint:
-            return _assemble(view, geo, layout)
+            return assemble(view, geo, layout)
         if layout == torch.strided:
-            return _assemble(view, geo, layout).T.contiguous()
-        transposed = _assemble(view, geo, torch.sparse_coo).t().coalesce()
+            return assemble(view, geo, layout).T.contiguous()
+        transposed = assemble(view, geo, torch.sparse_coo).t().coalesce()
         return transposed if layout == torch.sparse_coo else transposed.to_sparse_csr()
 
     def to_scipy(self) -> Any:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix
-from .shapes import conv_transpose_output_size
+from ..engine import conv_transpose_output_size
+from ..matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix
 from .symbolic import symbolic
 
 __all__ = ["steps", "tour"]

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import ConvMatError
-from .matrix import available_memory
+from .._errors import ConvMatError
+from ..engine import Geometry, available_memory
 from .operator import ConvOperator
-from .shapes import Geometry
 
 __all__ = ["NormResult", "operator_norm", "singular_values"]
 
@@ -138,17 +137,6 @@ def _exact_torus(geo: Geometry) -> bool:
     )
 
 
-def _conv_view(op: ConvOperator) -> Geometry:
-    """The convolution whose W is the operator's (for a transposed layer: whose W^T it is)."""
-    geo = op.geometry
-    if not geo.transposed:
-        return geo
-    return Geometry(
-        False, geo.out_channels, geo.in_channels, geo.groups, geo.output_size, geo.input_size,
-        geo.kernel_size, geo.stride, geo.dilation, geo.padding,
-    )  # fmt: skip
-
-
 def _enclosing_torus(op: ConvOperator) -> float:
     """A certified upper bound on ``||W||_2``.
 
@@ -158,22 +146,15 @@ def _enclosing_torus(op: ConvOperator) -> float:
     reflect/replicate/circular has norm sqrt(most copies any input has in the padded input).
     A transposed layer's W is the transpose of a convolution's, with the same norm.
     """
-    geo = _conv_view(op)
-    padded = [i + b + a for i, (b, a) in zip(geo.input_size, geo.padding)]
-    torus = tuple(s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, padded))
+    geo = op.geometry.matching_conv
+    torus = tuple(
+        s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, geo.padded_size)
+    )
     bound = _torus_top(_torus_spectrum(op.weight, geo.groups, geo.stride, geo.dilation,
                                        (0,) * geo.ndim, torus, top_only=True))  # fmt: skip
-    if geo.padding_mode != "zeros":
-        copies = 1
-        for i, (b, a) in zip(geo.input_size, geo.padding):
-            p = torch.arange(-b, i + a)
-            if geo.padding_mode == "reflect":
-                p = torch.where(p < 0, -p, torch.where(p >= i, 2 * (i - 1) - p, p))
-            elif geo.padding_mode == "replicate":
-                p = p.clamp(0, i - 1)
-            else:
-                p = p % i
-            copies *= int(torch.bincount(p, minlength=i).max())
+    if geo.mode.folds:
+        pairs = zip(geo.input_size, geo.padding)
+        copies = math.prod(geo.mode.copies(i, b, a) for i, (b, a) in pairs)
         bound *= math.sqrt(copies)
     return bound * (1 + 1e-10)
 

@@ -13,10 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ._pattern import get_pattern
-from ._typing import IntOrTuple, PaddingArg, PaddingMode
-from .matrix import weight_view
-from .shapes import Geometry, conv_geometry, conv_transpose_geometry, ntuple
+from .._typing import IntOrTuple, PaddingArg, PaddingMode
+from ..engine import (
+    Geometry,
+    conv_geometry,
+    conv_transpose_geometry,
+    get_pattern,
+    ntuple,
+    weight_view,
+)
 
 __all__ = ["SymbolicMatrix", "symbolic"]
 
@@ -193,7 +198,7 @@ def symbolic(
         geo = conv_geometry(shape, input_size, stride=stride, padding=padding, dilation=dilation,
                             groups=groups, padding_mode=padding_mode)  # fmt: skip
     if geo.in_channels != in_channels or geo.out_channels != out_channels:
-        from ._errors import ConvMatError
+        from .._errors import ConvMatError
 
         raise ConvMatError(
             f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "

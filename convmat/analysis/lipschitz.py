@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import ConvMatError
-from .linear import SparseLinear
-from .matrix import available_memory
+from .._errors import ConvMatError
+from ..engine import available_memory
+from ..layers.linear import SparseLinear
 from .spectral import NormResult, operator_norm
 
 __all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report"]
