@@ -27,6 +27,7 @@ def conv_matrix(
     groups: int = 1,
     padding_mode: PaddingMode = "zeros",
     layout: torch.layout = torch.strided,
+    flip: bool = False,
 ) -> torch.Tensor:
     """The matrix W of ``torch.nn.functional.conv{1,2,3}d`` for one input size.
 
@@ -46,6 +47,12 @@ def conv_matrix(
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
         layout: ``torch.strided`` (dense), ``torch.sparse_coo`` (coalesced) or ``torch.sparse_csr``.
             The sparse layouts share their index tensors with a per-configuration cache.
+        flip: ``False`` (default) for the cross-correlation torch computes,
+            ``y[n] = sum_m x[n + m] w[m]``; ``True`` for the true convolution, whose kernel is
+            flipped, ``y[n] = sum_m x[n + k - 1 - m] w[m]``: ``conv_matrix(w, ..., flip=True) ==
+            conv_matrix(w.flip(spatial dims), ...)``. With padding ``k - 1`` on both sides it is
+            ``numpy.convolve(x, w, "full")``, with none ``"valid"``, and with ``(k // 2,
+            (k - 1) // 2)`` ``"same"`` (scipy's centring, per dimension).
 
     Returns:
         W, with the dtype and device of ``weight``; rows and columns in C order of
@@ -71,8 +78,14 @@ def conv_matrix(
     tensor([[2., 3., 1.],
             [1., 2., 3.],
             [3., 1., 2.]])
+    >>> conv_matrix(w, 5, flip=True)
+    tensor([[3., 2., 1., 0., 0.],
+            [0., 3., 2., 1., 0.],
+            [0., 0., 3., 2., 1.]])
     """
     weight = check_weight(weight)
+    if not isinstance(flip, bool):
+        raise ConvMatError(f"flip must be True or False, got {flip!r}")
     geo = conv_geometry(
         weight.shape,
         input_size,
@@ -82,6 +95,8 @@ def conv_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
+    if flip:
+        weight = weight.flip(tuple(range(2, weight.dim())))  # differentiable
     return assemble(_weight_view(weight, geo), geo, layout)
 
 
