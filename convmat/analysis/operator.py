@@ -1,13 +1,16 @@
 """A matrix-free linear operator for any convolution convmat supports, with its adjoint.
 
-``op @ x`` runs torch's own convolution; ``op.T @ y`` runs the adjoint: the matching transposed
-convolution (output_padding worked out so that its output has the input's size), preceded for
-reflect/replicate/circular padding by the adjoint of the padding, which adds the gradient of
-every padded copy back onto the input it copies (exactly the folding that W does).
+``op @ x`` runs torch's own convolution; ``op.T @ y`` (``op.H`` for complex weights) runs the
+adjoint: the matching transposed convolution (with the output padding that gives the input's
+size), preceded for reflect/replicate/circular padding by the adjoint of the padding, which adds
+the gradient of every padded copy back onto the input it copies (exactly the folding that W does).
+A transposed convolution is the adjoint of its matching convolution (``Geometry.matching_conv``),
+so one pair of routines serves both.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -24,6 +27,9 @@ from ..engine import (
     conv_geometry,
     conv_transpose_geometry,
     flat_pads,
+    lookup,
+    store,
+    tensor_bytes,
     weight_view,
 )
 
@@ -31,6 +37,57 @@ __all__ = ["ConvOperator", "dottest"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+#: The cache owner of the flipped kernels (see :func:`convmat.cache_info`).
+FLIPPED_OWNER = "flipped kernel"
+
+#: Tags the flipped-kernel entries of one operator and its adjoints in the engine's cache (an
+#: entry is reused only while the kernel values equal the stored copy).
+_TOKENS = itertools.count()
+
+
+def _conv_forward(geo: Geometry, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's W applied to ``(B, C_in, *input_size)``."""
+    padded = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode)
+    y = _CONV[geo.ndim](padded, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
+    # The matching convolution of a transposed layer with output_padding has fewer outputs than
+    # its windows allow (the transposed layer never reads the last ones).
+    return _crop(y, tuple((0, 0) for _ in geo.output_size), geo.output_size)
+
+
+def _crop(t: torch.Tensor, pads: Any, size: tuple[int, ...]) -> torch.Tensor:
+    index = (slice(None), slice(None), *(slice(b, b + s) for (b, _), s in zip(pads, size)))
+    return t[index]
+
+
+def _conv_adjoint(
+    geo: Geometry, w: torch.Tensor, y: torch.Tensor, flipped: Any
+) -> torch.Tensor:
+    """A convolution's W^T applied to ``(B, C_out, *output_size)``; ``flipped()`` gives the
+    kernel transposed per group and flipped (used for stride 1 with zero padding)."""
+    n = geo.ndim
+    natural = [
+        (o - 1) * s + d * (k - 1) + 1
+        for o, s, d, k in zip(geo.output_size, geo.stride, geo.dilation, geo.kernel_size)
+    ]
+    unread = [p - q for p, q in zip(geo.padded_size, natural)]  # padded positions no window reads
+    if geo.padding_mode == "zeros" and all(s == 1 for s in geo.stride):
+        # Stride 1: the adjoint is a correlation with the flipped, transposed kernel over y
+        # padded by d*(k-1) - pad (negative pads crop); often faster than conv_transpose.
+        spans = [d * (k - 1) for d, k in zip(geo.dilation, geo.kernel_size)]
+        pads = tuple((s - b, s - a + u) for s, (b, a), u in zip(spans, geo.padding, unread))
+        return _CONV[n](F.pad(y, flat_pads(pads)), flipped(), dilation=geo.dilation,
+                        groups=geo.groups)  # fmt: skip
+    # output_padding may exceed what conv_transpose accepts; zero-extend instead.
+    t = _CONV_T[n](y, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
+    t = F.pad(t, flat_pads(tuple((0, u) for u in unread)))
+    if not geo.mode.folds:
+        return _crop(t, geo.padding, geo.input_size)
+    # The adjoint of reflect/replicate/circular padding: the vector-Jacobian product of the
+    # (linear) padding itself.
+    probe = t.new_zeros((t.shape[0], geo.in_channels, *geo.input_size))
+    vjp = torch.func.vjp(lambda v: F.pad(v, geo.pad_args, mode=geo.mode.torch_pad_mode), probe)[1]
+    return vjp(t)[0]
 
 
 class ConvOperator:
@@ -44,16 +101,22 @@ class ConvOperator:
         **config: stride, padding, dilation, groups, padding_mode / output_padding.
 
     Attributes:
-        shape: ``(rows, cols)`` of W.
+        weight: the kernel (read-only: use :meth:`with_weight` for another one).
+        geometry: the validated configuration (:class:`convmat.engine.Geometry`).
+        shape: ``(rows, cols)`` of W (of W^T for the adjoint).
         in_shape, out_shape: ``(C, *spatial)`` of one input and one output.
+        is_adjoint: this is the adjoint of the operator the geometry describes.
+
+    The adjoint is an operator too: ``op.H`` (``op.T``, the same for real weights) shares the
+    weight and the geometry; ``op.H.H`` is ``op`` again.
 
     Shape:
-        ``op @ x``: ``x`` of shape ``(cols,)``, ``(B, cols)`` or ``(B, *in_shape)``; the result
-        has the matching output shape.
+        ``op @ x``: ``x`` of shape ``(cols,)``, ``(B, cols)`` or ``(B, *in_shape)`` (``B`` may be
+        0); the result has the matching output shape.
 
     >>> op = ConvOperator(torch.randn(2, 1, 3, dtype=torch.float64), 8, padding=1)
-    >>> op.shape, op.in_shape, op.out_shape
-    ((16, 8), (1, 8), (2, 8))
+    >>> op.shape, op.in_shape, op.out_shape, op.T.shape
+    ((16, 8), (1, 8), (2, 8), (8, 16))
     >>> dottest(op)
     True
     """
@@ -63,142 +126,182 @@ class ConvOperator:
     ) -> None:
         weight = check_weight(weight)
         make = conv_transpose_geometry if transposed else conv_geometry
-        self._setup(weight, make(weight.shape, input_size, **config))
+        self._init(weight, make(weight.shape, input_size, **config), False, next(_TOKENS))
+
+    def _init(self, weight: torch.Tensor, geo: Geometry, adjoint: bool, token: int) -> None:
+        self._weight = weight
+        self._geometry = geo
+        self._is_adjoint = adjoint
+        self._token = token  # shared by an operator and its adjoints (same weight)
+
+    @classmethod
+    def from_geometry(cls, weight: torch.Tensor, geometry: Geometry) -> ConvOperator:
+        """The operator of ``weight`` on a validated :class:`~convmat.engine.Geometry`.
+
+        >>> geo = ConvOperator(torch.zeros(2, 1, 3), 8).geometry
+        >>> ConvOperator.from_geometry(torch.ones(2, 1, 3), geo).shape
+        (12, 8)
+        """
+        if not isinstance(geometry, Geometry):
+            raise ConvMatError(f"geometry must be a Geometry, got {type(geometry).__name__}")
+        op = object.__new__(cls)
+        op._init(cls._matching(check_weight(weight), geometry), geometry, False, next(_TOKENS))
+        return op
+
+    @staticmethod
+    def _matching(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
+        """``weight`` if its shape fits ``geo``; ConvMatError otherwise."""
+        conv = geo.matching_conv
+        expected = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+        if tuple(weight.shape) != expected:
+            raise ConvMatError(
+                f"weight must have shape {expected!r} for this operator, got {tuple(weight.shape)!r}"
+            )
+        return weight
 
     @classmethod
     def from_module(cls, module: nn.Module, input_size: Any) -> ConvOperator:
-        """The operator of an ``nn.Conv*d`` / ``nn.ConvTranspose*d`` (bias excluded)."""
-        geo = Geometry.from_module(module, input_size)
-        return cls._of(module.weight.detach(), geo)  # type: ignore[union-attr]
+        """The operator of a plain ``nn.Conv*d`` / ``nn.ConvTranspose*d`` (bias excluded).
 
-    @classmethod
-    def _of(cls, weight: torch.Tensor, geo: Geometry) -> ConvOperator:
-        """The operator of ``weight`` with an already validated geometry."""
-        op = object.__new__(cls)
-        op._setup(check_weight(weight), geo)
+        Raises:
+            ConvMatError: for a module that is not a plain convolution (its class and why).
+
+        >>> ConvOperator.from_module(nn.Conv1d(1, 2, 3), 5).shape
+        (6, 5)
+        """
+        geo = Geometry.from_module(module, input_size)
+        return cls.from_geometry(module.weight.detach(), geo)  # type: ignore[arg-type]
+
+    def with_weight(self, weight: torch.Tensor) -> ConvOperator:
+        """The same operator (geometry, adjointness) with another kernel of the same shape.
+
+        >>> op = ConvOperator(torch.ones(1, 1, 2), 3)
+        >>> op.with_weight(2 * op.weight) @ torch.ones(3)
+        tensor([4., 4.])
+        """
+        op = object.__new__(type(self))
+        weight = self._matching(check_weight(weight), self._geometry)
+        op._init(weight, self._geometry, self._is_adjoint, next(_TOKENS))
         return op
 
-    def _setup(self, weight: torch.Tensor, geo: Geometry) -> None:
-        self.weight = weight
-        self.geometry: Geometry = geo
-        self.in_shape = (geo.in_channels, *geo.input_size)
-        self.out_shape = (geo.out_channels, *geo.output_size)
-        self.shape = geo.matrix_shape
-        self._adjoint = False
-        self._cache: dict[str, Any] = {}  # shared with the adjoint
-
-    # -- the two directions -------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, *in_shape)`` -> ``(B, *out_shape)``."""
-        geo, w, n = self.geometry, self.weight, self.geometry.ndim
-        if geo.transposed:
-            full = _CONV_T[n](x, w, stride=geo.stride, groups=geo.groups, dilation=geo.dilation)
-            full = F.pad(full, flat_pads(tuple((0, op) for op in geo.output_padding)))
-            return self._crop(full, geo.padding, geo.output_size)
-        padded = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode)
-        return _CONV[n](padded, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
-
-    def _backward(self, y: torch.Tensor) -> torch.Tensor:
-        """The adjoint: ``(B, *out_shape)`` -> ``(B, *in_shape)``."""
-        geo, w, n = self.geometry, self.weight, self.geometry.ndim
-        if geo.transposed:
-            # Adjoint of crop is zero-extension; of the transposed convolution, the convolution.
-            grown = F.pad(y, geo.pad_args)
-            full = _CONV[n](grown, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
-            index = (slice(None), slice(None), *(slice(0, i) for i in geo.input_size))
-            return full[index]
-        if geo.padding_mode == "zeros" and all(s == 1 for s in geo.stride):
-            # Stride 1: the adjoint is a correlation with the flipped, transposed kernel over y
-            # padded by d*(k-1) - pad (negative pads crop); often faster than conv_transpose.
-            g = geo.groups
-            flipped = self._flipped()
-            spans = [d * (k - 1) for d, k in zip(geo.dilation, geo.kernel_size)]
-            grown = F.pad(
-                y, flat_pads(tuple((s - b, s - a) for s, (b, a) in zip(spans, geo.padding)))
-            )
-            return _CONV[n](grown, flipped, dilation=geo.dilation, groups=g)
-        natural = [
-            (o - 1) * s + d * (k - 1) + 1
-            for o, s, d, k in zip(geo.output_size, geo.stride, geo.dilation, geo.kernel_size)
-        ]
-        out_pad = [p - q for p, q in zip(geo.padded_size, natural)]
-        # output_padding may exceed what conv_transpose accepts; zero-extend instead.
-        t = _CONV_T[n](y, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
-        t = F.pad(t, flat_pads(tuple((0, p) for p in out_pad)))
-        if geo.padding_mode == "zeros":
-            return self._crop(t, geo.padding, geo.input_size)
-        # The adjoint of reflect/replicate/circular padding, by the vector-Jacobian product of
-        # the (linear) padding itself.
-        shape = (t.shape[0], geo.in_channels, *geo.input_size)
-        probe = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        vjp = torch.func.vjp(
-            lambda v: F.pad(v, geo.pad_args, mode=geo.padding_mode), probe
-        )[1]
-        return vjp(t)[0]
-
-    def _flipped(self) -> torch.Tensor:
-        """The weight transposed per group and flipped, cached while the weight is unchanged."""
-        w, cached = self.weight, self._cache.get("flipped")
-        if cached is None or cached[0] is not w or cached[1] != w._version:
-            g, n = self.geometry.groups, self.geometry.ndim
-            flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
-            flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
-            cached = self._cache["flipped"] = (w, w._version, flipped)
-        return cached[2]
-
-    @staticmethod
-    def _crop(t: torch.Tensor, pads: tuple[tuple[int, int], ...], size: tuple[int, ...]):
-        index = (slice(None), slice(None), *(slice(b, b + s) for (b, _), s in zip(pads, size)))
-        return t[index]
-
-    # -- public ----------------------------------------------------------------------------------
+    # -- read-only state ---------------------------------------------------------------------------
     @property
-    def T(self) -> ConvOperator:
-        """The adjoint operator (shares the weight)."""
-        adj = object.__new__(ConvOperator)
-        adj.__dict__.update(self.__dict__)
-        adj._adjoint = not self._adjoint
-        adj.shape = (self.shape[1], self.shape[0])
-        adj.in_shape, adj.out_shape = self.out_shape, self.in_shape
-        return adj
+    def weight(self) -> torch.Tensor:
+        """The kernel."""
+        return self._weight
 
-    H = T  # real weights: the adjoint is the transpose
+    @property
+    def geometry(self) -> Geometry:
+        """The configuration of the (non-adjoint) layer."""
+        return self._geometry
+
+    @property
+    def is_adjoint(self) -> bool:
+        """Whether this operator is the adjoint of the layer's W."""
+        return self._is_adjoint
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, cols)``."""
+        rows, cols = self._geometry.matrix_shape
+        return (cols, rows) if self._is_adjoint else (rows, cols)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """``(C, *spatial)`` of one input."""
+        return self._shapes()[0]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """``(C, *spatial)`` of one output."""
+        return self._shapes()[1]
+
+    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        geo = self._geometry
+        shapes = ((geo.in_channels, *geo.input_size), (geo.out_channels, *geo.output_size))
+        return (shapes[1], shapes[0]) if self._is_adjoint else shapes
+
+    # -- the adjoint --------------------------------------------------------------------------------
+    def adjoint(self) -> ConvOperator:
+        """The adjoint operator (conjugate transpose), sharing weight and geometry."""
+        if self._weight.is_complex():
+            return self.with_weight(self._weight.conj()).transpose()
+        return self.transpose()
+
+    def transpose(self) -> ConvOperator:
+        """The transposed operator, sharing weight and geometry."""
+        op = object.__new__(type(self))
+        op._init(self._weight, self._geometry, not self._is_adjoint, self._token)
+        return op
+
+    H = property(adjoint)
+    T = property(transpose)
 
     def to(self, *args: Any, **kwargs: Any) -> ConvOperator:
-        """The same operator with its weight moved or cast (``Tensor.to`` arguments)."""
-        moved = object.__new__(ConvOperator)
-        moved.__dict__.update(self.__dict__)
-        moved.weight = self.weight.to(*args, **kwargs)
-        moved._cache = {}
-        return moved
+        """A new operator with the weight moved or cast (``Tensor.to`` arguments)."""
+        return self.with_weight(self._weight.to(*args, **kwargs))
+
+    # -- applying it ---------------------------------------------------------------------------
+    def _flipped(self) -> torch.Tensor:
+        """The kernel transposed per group and flipped, kept in the engine's cache while the
+        kernel's values equal the copy it was made from (whatever changed them)."""
+        w, key = self._weight, ("flipped kernel", self._token)
+        hit = lookup(key)
+        if hit is not None:
+            copy, flipped = hit
+            if (copy.dtype == w.dtype and copy.device == w.device and copy.shape == w.shape
+                    and torch.equal(copy, w)):  # fmt: skip
+                return flipped
+        g, n = self._geometry.groups, self._geometry.ndim
+        flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
+        flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+        copy = w.detach().clone()
+        store(key, FLIPPED_OWNER, (copy, flipped), tensor_bytes([copy, flipped]))
+        return flipped
+
+    def _apply(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(B, *in_shape)`` -> ``(B, *out_shape)``."""
+        geo = self._geometry
+        conv, w = geo.matching_conv, self._weight
+        # A transposed layer's W is its matching convolution's W transposed.
+        if self._is_adjoint != geo.transposed:
+            return _conv_adjoint(conv, w, batch, self._flipped)
+        return _conv_forward(conv, w, batch)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
-            raise ConvMatError(f"op @ x needs a torch.Tensor, got {type(x).__name__}")
-        cols = self.shape[1]
-        if x.shape == (cols,):
-            batch, out = x.reshape(1, *self.in_shape), lambda r: r.reshape(-1)
-        elif x.dim() == 2 and x.shape[1] == cols:
-            batch, out = x.reshape(-1, *self.in_shape), lambda r: r.reshape(r.shape[0], -1)
-        elif tuple(x.shape[1:]) == self.in_shape:
-            batch, out = x, lambda r: r
-        else:
+            raise TypeError(f"op @ x needs x to be a torch.Tensor, got {type(x).__name__}")
+        w = self._weight
+        if x.dtype != w.dtype:
             raise ConvMatError(
-                f"x must have shape ({cols},), (B, {cols}) or (B, *{self.in_shape}), got "
-                f"{tuple(x.shape)!r}"
+                f"x must have the operator's dtype {w.dtype}, got {x.dtype} (cast one of them: "
+                f"x.to({w.dtype}) or op.to({x.dtype}))"
             )
-        result = self._backward(batch) if self._adjoint else self._forward(batch)
-        return out(result)
+        if x.device != w.device:
+            raise ConvMatError(f"x must be on the operator's device {w.device}, got {x.device}")
+        rows, cols = self.shape
+        if x.shape == (cols,):
+            result = self._apply(x.reshape(1, *self.in_shape))
+            return result.reshape(rows)
+        if x.dim() == 2 and x.shape[1] == cols:
+            return self._apply(x.reshape(x.shape[0], *self.in_shape)).reshape(x.shape[0], rows)
+        if tuple(x.shape[1:]) == self.in_shape:
+            return self._apply(x)
+        raise ConvMatError(
+            f"x must have shape ({cols},), (B, {cols}) or (B, *{self.in_shape}), got "
+            f"{tuple(x.shape)!r}"
+        )
 
+    # -- other forms ---------------------------------------------------------------------------
     def to_dense(self) -> torch.Tensor:
-        """W (or W^T for the adjoint) as a dense tensor."""
+        """W (or W^T for the transpose) as a dense tensor."""
         return self.to_sparse(torch.strided)
 
     def to_sparse(self, layout: torch.layout = torch.sparse_csr) -> torch.Tensor:
-        """W (or its adjoint) in ``layout``, built by :mod:`convmat.matrix`."""
-        geo = self.geometry
-        view = weight_view(self.weight, geo)
-        if not self._adjoint:
+        """W (or its transpose) in ``layout``, built by :mod:`convmat.matrix`."""
+        geo = self._geometry
+        view = weight_view(self._weight, geo)
+        if not self._is_adjoint:
             return assemble(view, geo, layout)
         if layout == torch.strided:
             return assemble(view, geo, layout).T.contiguous()
@@ -209,7 +312,8 @@ class ConvOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` (numpy in and out) over this operator."""
         from scipy.sparse.linalg import LinearOperator  # type: ignore[import-untyped]
 
-        w = self.weight
+        w = self._weight
+        adjoint = self.H
 
         @torch.no_grad()
         def apply(op: ConvOperator, v: np.ndarray) -> np.ndarray:
@@ -221,22 +325,33 @@ class ConvOperator:
         return LinearOperator(
             self.shape,
             matvec=lambda v: apply(self, v.reshape(-1)),
-            rmatvec=lambda v: apply(self.T, v.reshape(-1)),
+            rmatvec=lambda v: apply(adjoint, v.reshape(-1)),
             matmat=lambda m: apply(self, m),
-            rmatmat=lambda m: apply(self.T, m),
+            rmatmat=lambda m: apply(adjoint, m),
             dtype=np.dtype(str(w.dtype).replace("torch.", "")),
         )
 
     def __repr__(self) -> str:
-        return f"ConvOperator(shape={self.shape}, adjoint={self._adjoint}, {self.geometry})"
+        return f"ConvOperator(shape={self.shape}, adjoint={self._is_adjoint}, {self._geometry})"
 
 
-def dottest(op: ConvOperator, *, tol: float | None = None, seed: int = 0) -> bool:
-    """Check ``<op x, y> == <x, op.T y>`` for random ``x``, ``y``.
+def dottest(
+    op: ConvOperator, *, tol: float | None = None, seed: int = 0, raise_error: bool = True
+) -> bool:
+    """The dot test: ``<op x, y> == <x, op.H y>`` for random ``x``, ``y``.
+
+    Args:
+        op: the operator.
+        tol: relative tolerance (1e-10 in float64 / complex128, 1e-4 otherwise by default).
+        seed: of the random vectors.
+        raise_error: raise ``ValueError`` on failure (else return False).
 
     Returns:
-        True when the two inner products agree to ``tol`` relative (1e-10 in float64, 1e-4 in
-        float32 by default); raises ``AssertionError`` with both values otherwise.
+        True when the two inner products agree to ``tol`` relative.
+
+    Raises:
+        TypeError: ``op`` is not a :class:`ConvOperator`.
+        ValueError: the test failed and ``raise_error`` is set, with both values.
 
     Shape:
         ``x: op.shape[1]``, ``y: op.shape[0]``.
@@ -244,15 +359,27 @@ def dottest(op: ConvOperator, *, tol: float | None = None, seed: int = 0) -> boo
     >>> dottest(ConvOperator(torch.randn(3, 2, 2, 2, dtype=torch.float64), (5, 4), stride=2))
     True
     """
+    if not isinstance(op, ConvOperator):
+        raise TypeError(
+            f"dottest needs op to be a ConvOperator, got {type(op).__name__} (wrap a weight "
+            f"with ConvOperator(weight, input_size, ...))"
+        )
     w = op.weight
+    if not (w.is_floating_point() or w.is_complex()):
+        raise ConvMatError(f"dottest needs a floating-point or complex weight, got {w.dtype}")
     gen = torch.Generator(device=w.device).manual_seed(seed)
     x = torch.randn(op.shape[1], dtype=w.dtype, device=w.device, generator=gen)
     y = torch.randn(op.shape[0], dtype=w.dtype, device=w.device, generator=gen)
-    left = torch.dot(op @ x, y).item()
-    right = torch.dot(x, op.T @ y).item()
-    tol = tol if tol is not None else (1e-10 if w.dtype == torch.float64 else 1e-4)
+    left = complex(torch.vdot(y, op @ x).item())
+    right = complex(torch.vdot(op.H @ y, x).item())
+    if tol is None:
+        tol = 1e-10 if w.dtype in (torch.float64, torch.complex128) else 1e-4
     scale = max(abs(left), abs(right), math.ulp(1.0))
-    assert abs(left - right) <= tol * scale, (
-        f"dot test failed: <Ax, y> = {left}, <x, A^T y> = {right}"
-    )
-    return True
+    if abs(left - right) <= tol * scale:
+        return True
+    if raise_error:
+        raise ValueError(
+            f"dot test failed: <op x, y> = {left}, <x, op.H y> = {right} (relative difference "
+            f"{abs(left - right) / scale:.2e} > tol={tol})"
+        )
+    return False
