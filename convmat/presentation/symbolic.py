@@ -1,5 +1,15 @@
 """W with labels instead of numbers: which kernel entry sits where.
 
+Nothing is built up front. :func:`symbolic` only validates the configuration into a
+:class:`~convmat.engine.Geometry`; the labels of the rows and columns asked for are computed
+when asked for, one spatial axis at a time (a row position reads ``k`` input positions per
+axis). Printing shows the corners of a large W, so printing costs the same at any size; only
+:attr:`SymbolicMatrix.rows` / ``cols`` / ``taps`` (every non-zero at once) build W's pattern, after
+the memory guard has agreed.
+
+Indices (rows, columns) follow Python's sequence rules: negative values count from the end,
+anything outside ``-n .. n - 1`` raises :class:`IndexError`.
+
 >>> print(symbolic(6, 3, stride=2))
 [[w1, w2, w3,  0,  0,  0],
  [ 0,  0, w1, w2, w3,  0]]
@@ -8,14 +18,19 @@
 from __future__ import annotations
 
 import html
+import itertools
 import math
-from dataclasses import dataclass
+import operator
+from functools import cached_property
+from typing import Any
 
 import torch
 
+from .._errors import ConvMatError
 from .._typing import IntOrTuple, PaddingArg, PaddingMode
 from ..engine import (
     Geometry,
+    check_allocation,
     conv_geometry,
     conv_transpose_geometry,
     get_pattern,
@@ -25,6 +40,17 @@ from ..engine import (
 
 __all__ = ["SymbolicMatrix", "symbolic"]
 
+#: Indices of W must stay well inside int64 (positions are multiplied by strides).
+_INDEX_LIMIT = 2**62
+
+#: Bytes one label takes in Python (the str object and its slot in a list), for the guard.
+_LABEL_BYTES = 80
+
+#: Bytes per structural non-zero of the full tap table (its row, column, taps and the pattern).
+_ENTRY_BYTES = 96
+
+_CPU = torch.device("cpu")
+
 
 def _index_label(prefix: str, index: tuple[int, ...], plain: bool) -> str:
     """``w2`` (1-based) for one channel in 1-D, ``w[o,i,k]`` (0-based) otherwise."""
@@ -33,21 +59,101 @@ def _index_label(prefix: str, index: tuple[int, ...], plain: bool) -> str:
     return f"{prefix}[{','.join(map(str, index))}]"
 
 
-@dataclass
+def _unravel(flat: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """C-order multi-index of ``flat`` in ``sizes`` (Python ints: W may exceed any tensor)."""
+    index = []
+    for size in reversed(sizes):
+        flat, rest = divmod(flat, size)
+        index.append(rest)
+    return tuple(reversed(index))
+
+
+def _index(value: Any, size: int, name: str, of: str) -> int:
+    """``value`` as an index into ``size`` items (``of``), with Python's rules for sequences."""
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if not -size <= i < size:
+        raise IndexError(
+            f"{name} {value!r} is out of range for {of} ({size}; allowed: -{size} to {size - 1})"
+        )
+    return i + size if i < 0 else i
+
+
+def _indices(values: Any, size: int, name: str, of: str) -> range | list[int]:
+    """Every index (``None``) or each of ``values`` checked by :func:`_index`."""
+    if values is None:
+        return range(size)
+    return [_index(v, size, name, of) for v in values]
+
+
+def _count(value: Any, name: str) -> int:
+    """A channel or group count: an int >= 1."""
+    if isinstance(value, bool):
+        raise ConvMatError(f"{name} must be an int >= 1, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ConvMatError(f"{name} must be an int >= 1, got {value!r}") from None
+    if v < 1:
+        raise ConvMatError(f"{name} must be an int >= 1, got {value!r}")
+    return v
+
+
+def _reads(geo: Geometry, dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along spatial axis ``dim``: the input position that tap ``m`` of each output position
+    adds into, and whether it adds into any (zero padding), as two ``(n, k)`` tensors."""
+    k, s, d = geo.kernel_size[dim], geo.stride[dim], geo.dilation[dim]
+    before = geo.padding[dim][0]
+    m = torch.arange(k, dtype=torch.int64)[None, :]
+    r = positions[:, None]
+    if geo.transposed:
+        # Output r of a transposed convolution is input r of the matching convolution: it
+        # receives input n through tap m exactly when that convolution's output n reads r.
+        num = r + before - m * d
+        n = torch.div(num, s, rounding_mode="floor")
+        return n, (n * s == num) & (n >= 0) & (n < geo.input_size[dim])
+    p, valid = geo.mode.source(r * s + m * d - before, geo.input_size[dim])
+    return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
+
+
+def _axis_taps(geo: Geometry, dim: int, positions: set[int]) -> dict[tuple[int, int], list[int]]:
+    """``{(output position, input position): taps}`` along axis ``dim`` for the given output
+    positions; taps in ascending order (two or more where padding folds them together)."""
+    pos = torch.tensor(sorted(positions), dtype=torch.int64)
+    cols, valid = _reads(geo, dim, pos)
+    table: dict[tuple[int, int], list[int]] = {}
+    for r, row_cols, row_valid in zip(pos.tolist(), cols.tolist(), valid.tolist()):
+        for m, (c, ok) in enumerate(zip(row_cols, row_valid)):
+            if ok:
+                table.setdefault((r, c), []).append(m)
+    return table
+
+
 class SymbolicMatrix:
     """W of a configuration with every entry named by the kernel taps that add up in it.
 
-    ``rows``/``cols``/``taps`` list the structural non-zeros (``taps`` holds flat indices into
-    the weight, ``-1`` past an entry's last tap); everything else is a structural zero.
+    Labels are computed on demand for the rows and columns asked for (:meth:`labels`,
+    :meth:`depends_on`, printing); :attr:`rows` / :attr:`cols` / :attr:`taps` list every
+    structural non-zero at once (``taps`` holds flat indices into the weight, ``-1`` past an
+    entry's last tap) and are guarded by the memory check.
+
+    Shape:
+        :attr:`shape` is ``(out_channels * prod(output_size), in_channels * prod(input_size))``.
     """
 
-    geometry: Geometry
-    weight_shape: tuple[int, ...]
-    rows: torch.Tensor
-    cols: torch.Tensor
-    taps: torch.Tensor
-    max_rows: int = 16
-    max_cols: int = 16
+    def __init__(
+        self,
+        geometry: Geometry,
+        weight_shape: tuple[int, ...],
+        max_rows: int = 16,
+        max_cols: int = 16,
+    ) -> None:
+        self.geometry = geometry
+        self.weight_shape = weight_shape
+        self.max_rows = max_rows
+        self.max_cols = max_cols
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,53 +164,159 @@ class SymbolicMatrix:
         g = self.geometry
         return g.ndim == 1 and g.in_channels == 1 and g.out_channels == 1
 
+    # -- names ----------------------------------------------------------------------------
+
     def weight_label(self, flat: int) -> str:
         """The name of weight entry ``flat`` (C order of the weight tensor)."""
-        index = []
-        for size in reversed(self.weight_shape):
-            index.append(flat % size)
-            flat //= size
-        return _index_label("w", tuple(reversed(index)), self._plain)
-
-    def _position_label(self, prefix: str, flat: int, channels: int, size: tuple[int, ...]) -> str:
-        index = []
-        for s in reversed((channels, *size)):
-            index.append(flat % s)
-            flat //= s
-        return _index_label(prefix, tuple(reversed(index)), self._plain)
+        flat = _index(flat, math.prod(self.weight_shape), "weight entry", "the weight's entries")
+        return _index_label("w", _unravel(flat, self.weight_shape), self._plain)
 
     def input_label(self, col: int) -> str:
+        """The name of the input W's column ``col`` multiplies (``x3``, ``x[c,i,j]``)."""
         g = self.geometry
-        return self._position_label("x", col, g.in_channels, g.input_size)
+        col = _index(col, self.shape[1], "column", "W's columns")
+        return _index_label("x", _unravel(col, (g.in_channels, *g.input_size)), self._plain)
 
     def output_label(self, row: int) -> str:
+        """The name of the output W's row ``row`` computes (``y1``, ``y[c,i,j]``)."""
         g = self.geometry
-        return self._position_label("y", row, g.out_channels, g.output_size)
+        row = _index(row, self.shape[0], "row", "W's rows")
+        return _index_label("y", _unravel(row, (g.out_channels, *g.output_size)), self._plain)
+
+    # -- entries on demand ----------------------------------------------------------------
 
     def labels(
         self, rows: list[int] | None = None, cols: list[int] | None = None
     ) -> list[list[str]]:
-        """The labels of the given rows and columns (all by default; ``"0"`` for zeros)."""
-        rows = list(range(self.shape[0])) if rows is None else rows
-        cols = list(range(self.shape[1])) if cols is None else cols
-        row_at = {r: i for i, r in enumerate(rows)}
-        col_at = {c: j for j, c in enumerate(cols)}
-        out = [["0"] * len(cols) for _ in rows]
-        keep = torch.isin(self.rows, torch.tensor(rows)) & torch.isin(self.cols, torch.tensor(cols))
-        for r, c, taps in zip(self.rows[keep].tolist(), self.cols[keep].tolist(),
-                              self.taps[keep].tolist()):  # fmt: skip
-            names = [self.weight_label(t) for t in sorted(t for t in taps if t >= 0)]
-            out[row_at[r]][col_at[c]] = "+".join(names)
-        return out
+        """The labels of the given rows and columns (all by default; ``"0"`` for zeros).
+
+        Only the cells asked for are computed; asking for every cell of a large W is refused
+        (:class:`ConvMatError`) when its labels would not fit in memory.
+
+        Shape:
+            ``len(rows) x len(cols)`` strings.
+
+        >>> symbolic(4, 3, padding=1, padding_mode="circular").labels([0], [0, 3])
+        [['w2', 'w1']]
+        """
+        n_rows, n_cols = self.shape
+        rows = _indices(rows, n_rows, "row", "W's rows")
+        cols = _indices(cols, n_cols, "column", "W's columns")
+        check_allocation(
+            len(rows) * len(cols) * _LABEL_BYTES, _CPU,
+            f"the labels of {len(rows)} x {len(cols)} entries of W",
+            "ask for some rows and columns: labels(rows=[...], cols=[...]), or print the "
+            "SymbolicMatrix, which shows its corners",
+        )  # fmt: skip
+        g = self.geometry
+        row_index = [_unravel(r, (g.out_channels, *g.output_size)) for r in rows]
+        col_index = [_unravel(c, (g.in_channels, *g.input_size)) for c in cols]
+        tables = [_axis_taps(g, d, {ri[1 + d] for ri in row_index}) for d in range(g.ndim)]
+        return [[self._cell(tables, ri, ci) for ci in col_index] for ri in row_index]
+
+    def _cell(
+        self,
+        tables: list[dict[tuple[int, int], list[int]]],
+        row: tuple[int, ...],
+        col: tuple[int, ...],
+    ) -> str:
+        """The label of one entry from its row ``(o, r_1..r_N)`` and column ``(i, c_1..c_N)``."""
+        g = self.geometry
+        out_group, in_group = g.out_channels // g.groups, g.in_channels // g.groups
+        o, i = row[0], col[0]
+        group = o // out_group
+        if i // in_group != group:
+            return "0"
+        taps = [tables[d].get((row[1 + d], col[1 + d])) for d in range(g.ndim)]
+        if any(t is None for t in taps):
+            return "0"
+        # The weight is (C_out, C_in / groups, *k), or (C_in, C_out / groups, *k) transposed.
+        lead = (i, o - group * out_group) if g.transposed else (o, i - group * in_group)
+        return "+".join(
+            _index_label("w", (*lead, *m), self._plain)
+            for m in itertools.product(*taps)  # type: ignore[arg-type]
+        )
 
     def depends_on(self, row: int) -> list[str]:
-        """The inputs output ``row`` reads, by name (``["x1", "x2", "x3"]``)."""
-        cols = sorted(self.cols[self.rows == row].tolist())
-        return [self.input_label(c) for c in cols]
+        """The inputs output ``row`` reads, by name (``["x1", "x2", "x3"]``).
+
+        Raises:
+            IndexError: ``row`` outside ``-rows .. rows - 1``.
+            TypeError: ``row`` not an int.
+
+        >>> symbolic(10, 3, stride=2).depends_on(-1)
+        ['x7', 'x8', 'x9']
+        """
+        g = self.geometry
+        row = _index(row, self.shape[0], "row", "W's rows")
+        o, *position = _unravel(row, (g.out_channels, *g.output_size))
+        in_group = g.in_channels // g.groups
+        group = o // (g.out_channels // g.groups)
+        # The columns: input channels of the group times the positions read on every axis.
+        flat = torch.arange(group * in_group, (group + 1) * in_group, dtype=torch.int64)
+        flat = flat * math.prod(g.input_size)
+        for d, r in enumerate(position):
+            read, valid = _reads(g, d, torch.tensor([r], dtype=torch.int64))
+            stride = math.prod(g.input_size[d + 1 :])
+            flat = (flat[:, None] + torch.unique(read[valid])[None, :] * stride).reshape(-1)
+        check_allocation(
+            flat.numel() * _LABEL_BYTES, _CPU, f"the names of the {flat.numel()} inputs of a row"
+        )
+        return [self.input_label(c) for c in flat.tolist()]
 
     def describe(self, row: int) -> str:
         """``"y1 depends on x1, x2, x3"``."""
         return f"{self.output_label(row)} depends on {', '.join(self.depends_on(row))}"
+
+    # -- every non-zero at once -----------------------------------------------------------
+
+    @cached_property
+    def _entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.geometry
+        n_rows, n_cols = self.shape
+        bound = n_rows * (g.in_channels // g.groups) * math.prod(g.kernel_size)
+        check_allocation(
+            bound * _ENTRY_BYTES, _CPU,
+            f"the tap table of every non-zero of a W of shape ({n_rows}, {n_cols})",
+            "print the SymbolicMatrix or ask labels() for some rows and columns, which need "
+            "no table",
+        )  # fmt: skip
+        shape = self.weight_shape
+        view = weight_view(torch.arange(math.prod(shape)).reshape(shape), g)
+        pattern = get_pattern(g, _CPU)
+        taps = view.index_select(1, pattern.gather)  # (C_rows, taps per channel)
+        coo = pattern.coo_indices()
+        if pattern.segment is None:
+            return coo[0].clone(), coo[1].clone(), taps.reshape(-1, 1)
+        # Entries where taps fold: collect each entry's taps into one row of the table.
+        per = pattern.nnz_per_channel
+        seg = pattern.segment
+        order = torch.argsort(seg, stable=True)
+        counts = torch.bincount(seg, minlength=per)
+        width = int(counts.max())
+        slot = torch.arange(seg.numel()) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        table = torch.full((g.out_channels, per, width), -1, dtype=torch.long)
+        table[:, seg[order], slot] = taps[:, order]
+        return coo[0].clone(), coo[1].clone(), table.reshape(-1, width)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``(nnz,)`` row of every structural non-zero (builds W's pattern)."""
+        return self._entries[0]
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """``(nnz,)`` column of every structural non-zero (builds W's pattern)."""
+        return self._entries[1]
+
+    @property
+    def taps(self) -> torch.Tensor:
+        """``(nnz, most taps in one entry)`` flat weight indices, ``-1`` past an entry's last."""
+        return self._entries[2]
+
+    # -- rendering ------------------------------------------------------------------------
 
     def _shown(self, n: int, most: int) -> list[int]:
         if n <= most:
@@ -173,6 +385,23 @@ def symbolic(
     sums such as ``w1+w3`` where reflect or circular padding folds two taps onto one input.
 
     The number of spatial dims is that of the longest of ``input_size``/``kernel_size``.
+    Only the configuration is checked here; labels are computed for what is shown or asked
+    for, so a W of any size can be printed.
+
+    Args:
+        input_size: spatial input size.
+        kernel_size: kernel size.
+        stride, padding, dilation, groups, padding_mode: as ``nn.Conv{N}d``.
+        in_channels: input channels (an int >= 1, divisible by ``groups``).
+        out_channels: output channels (an int >= 1, divisible by ``groups``).
+        transposed: ``True`` for a transposed convolution (``nn.ConvTranspose{N}d``).
+        output_padding: of a transposed convolution.
+
+    Returns:
+        A :class:`SymbolicMatrix`.
+
+    Raises:
+        ConvMatError: naming the argument, its value and what is allowed.
 
     Shape:
         as :func:`convmat.conv_matrix` (or :func:`convmat.conv_transpose_matrix`).
@@ -186,42 +415,35 @@ def symbolic(
     >>> s.describe(0)
     'y1 depends on x1, x2'
     """
+    if not isinstance(transposed, bool):
+        raise ConvMatError(f"transposed must be True or False, got {transposed!r}")
+    in_channels = _count(in_channels, "in_channels")
+    out_channels = _count(out_channels, "out_channels")
+    groups = _count(groups, "groups")
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value % groups:
+            raise ConvMatError(
+                f"{name} must be divisible by groups, got {name}={value} with groups={groups}"
+            )
     n = max(len(v) if isinstance(v, tuple | list) else 1 for v in (input_size, kernel_size))
     k = ntuple(kernel_size, n, "kernel_size", 1)
     if transposed:
-        shape = (in_channels, out_channels // max(groups, 1), *k)
+        shape = (in_channels, out_channels // groups, *k)
         geo = conv_transpose_geometry(shape, input_size, stride=stride, padding=padding,
                                       output_padding=output_padding, groups=groups,
                                       dilation=dilation)  # fmt: skip
     else:
-        shape = (out_channels, in_channels // max(groups, 1), *k)
+        shape = (out_channels, in_channels // groups, *k)
         geo = conv_geometry(shape, input_size, stride=stride, padding=padding, dilation=dilation,
                             groups=groups, padding_mode=padding_mode)  # fmt: skip
-    if geo.in_channels != in_channels or geo.out_channels != out_channels:
-        from .._errors import ConvMatError
-
+    reach = max(
+        (i + o) * s + kk * d + b + a
+        for i, o, s, kk, d, (b, a) in zip(geo.input_size, geo.output_size, geo.stride,
+                                         geo.kernel_size, geo.dilation, geo.padding)
+    )  # fmt: skip
+    if max(*geo.matrix_shape, reach) >= _INDEX_LIMIT:
         raise ConvMatError(
-            f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
-            f"by groups ({groups})"
+            f"W of shape {geo.matrix_shape} is too large to label: its indices must stay below "
+            f"2**62 (convmat.conv_output_size gives its sizes)"
         )
-    # The weight's flat indices, viewed the way the matrix functions view the weight.
-    view = weight_view(torch.arange(math.prod(shape)).reshape(shape), geo)
-    pattern = get_pattern(geo, torch.device("cpu"))
-    taps = view.index_select(1, pattern.gather)  # (C_rows, taps per channel)
-    coo = pattern.coo_indices()
-    per = pattern.nnz_per_channel
-    if pattern.segment is None:
-        tap_table = taps.reshape(-1, 1)
-    else:
-        # Entries where taps fold: collect each entry's taps into one row of the table.
-        seg = pattern.segment
-        order = torch.argsort(seg, stable=True)
-        counts = torch.bincount(seg, minlength=per)
-        width = int(counts.max())
-        slot = torch.arange(seg.numel()) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts
-        )
-        table = torch.full((geo.out_channels, per, width), -1, dtype=torch.long)
-        table[:, seg[order], slot] = taps[:, order]
-        tap_table = table.reshape(-1, width)
-    return SymbolicMatrix(geo, shape, coo[0].clone(), coo[1].clone(), tap_table)
+    return SymbolicMatrix(geo, shape)
