@@ -1,11 +1,23 @@
 """Pictures of W: heatmaps and sliding-window animations (matplotlib, imported lazily).
 
 Install with ``pip install "convmat[plot]"``.
+
+Nothing here touches pyplot or the matplotlib backend: figures are drawn with the
+object-oriented API (a :class:`~matplotlib.figure.Figure` on an Agg canvas), so the user's own
+``plt`` plots and backend stay as they were. A returned figure shows itself as a PNG when it is
+the last expression of a Jupyter cell, and an :class:`Animation` as an inline GIF.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import html
+import io
 import math
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,38 +25,177 @@ import torch
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import Geometry
+from ..engine import Geometry, check_allocation, conv_geometry, conv_transpose_geometry, ntuple
 from .symbolic import SymbolicMatrix, symbolic
 
-__all__ = ["animate", "plot_matrix"]
+__all__ = ["Animation", "animate", "plot_matrix", "save_figure"]
 
-#: Frames of an animation at most; larger outputs show their first positions.
+#: Frames of an animation by default; larger outputs show their first positions.
 MAX_FRAMES = 48
+#: The fastest frame rate a GIF plays reliably (its delays count hundredths of a second).
+MAX_FPS = 50
+#: The picture formats :func:`save_figure` writes, by file extension.
+FIGURE_FORMATS = (".png", ".svg", ".pdf")
+
+_CPU = torch.device("cpu")
 
 
-def _pyplot() -> Any:
+@functools.cache
+def _matplotlib() -> tuple[type, type]:
+    """``(Figure class, FigureCanvasAgg)``: the one place matplotlib is imported. The Figure
+    class renders itself as a PNG for IPython, with or without pyplot's inline backend."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - depends on the environment
         raise ConvMatError('plotting needs matplotlib: pip install "convmat[plot]"') from None
-    return plt
+
+    class InlineFigure(Figure):
+        """A matplotlib Figure that Jupyter displays as a PNG (``_repr_png_``)."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", bbox_inches="tight")
+            return buffer.getvalue()
+
+    # Reachable by name, so that the figures pickle like any matplotlib figure.
+    InlineFigure.__module__, InlineFigure.__qualname__ = __name__, "InlineFigure"
+    globals()["InlineFigure"] = InlineFigure
+    return InlineFigure, FigureCanvasAgg
 
 
-def _config_of_module(module: nn.Module, input_size: Any) -> dict[str, Any]:
-    Geometry.from_module(module, input_size)  # refuses anything but a plain convolution
-    m: Any = module
-    transposed = m.transposed
-    config = dict(input_size=input_size, kernel_size=m.kernel_size, stride=m.stride,
-                  padding=m.padding, dilation=m.dilation, in_channels=m.in_channels,
-                  out_channels=m.out_channels, groups=m.groups, transposed=transposed)  # fmt: skip
-    if transposed:
-        config["output_padding"] = m.output_padding
+def _new_figure(figsize: tuple[float, float]) -> Any:
+    figure_class, canvas_class = _matplotlib()
+    fig = figure_class(figsize=figsize)
+    canvas_class(fig)  # attaches itself as fig.canvas; no pyplot, no backend
+    return fig
+
+
+def _positive_int(value: Any, name: str, most: int | None = None) -> int:
+    allowed = "a positive int" if most is None else f"an int from 1 to {most}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConvMatError(f"{name} must be {allowed}, got {value!r}")
+    if value < 1 or (most is not None and value > most):
+        raise ConvMatError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def _output_path(path: Any, suffixes: tuple[str, ...]) -> Path:
+    """``path`` as a Path to a new or existing file in an existing directory, with one of
+    ``suffixes``; :class:`ConvMatError` otherwise (checked before anything is drawn)."""
+    if not isinstance(path, str | os.PathLike):
+        raise ConvMatError(f"path must be a str or a path, got {type(path).__name__}")
+    p = Path(path)
+    allowed = " or ".join(suffixes)
+    if p.is_dir():
+        raise ConvMatError(f"path must be a file ending in {allowed}, got a directory: {str(p)!r}")
+    if p.suffix.lower() not in suffixes:
+        raise ConvMatError(f"path must end in {allowed}, got {str(p)!r}")
+    if not p.parent.is_dir():
+        raise ConvMatError(f"path {str(p)!r} is in a directory that does not exist")
+    return p
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place: a
+    failure never leaves a partial file."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ConvMatError(f"cannot write {str(path)!r}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConvMatError(f"cannot write {str(path)!r}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically as PNG, SVG or PDF (chosen by the extension).
+
+    Args:
+        fig: a matplotlib Figure (such as :func:`plot_matrix` returns).
+        path: the file to write, ending in ``.png``, ``.svg`` or ``.pdf``, in an existing
+            directory.
+        **savefig_kwargs: passed to ``fig.savefig`` (``bbox_inches="tight"`` by default).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConvMatError: for a directory, a missing directory, another extension or a failed write;
+            nothing is left behind.
+
+    Shape:
+        the picture of ``fig``.
+
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_figure(plot_matrix(input_size=6, kernel_size=3), os.path.join(d, "W.svg")).name
+    'W.svg'
+    """
+    p = _output_path(path, FIGURE_FORMATS)
+    savefig_kwargs.setdefault("bbox_inches", "tight")
+    _write_atomically(p, lambda f: fig.savefig(f, format=p.suffix[1:].lower(), **savefig_kwargs))
+    return p
+
+
+def _geometry(config: dict[str, Any]) -> Geometry:
+    """The geometry of a :func:`convmat.symbolic` configuration, without building its pattern
+    (so the picture's size is known, and refused, before anything large is made)."""
+    known = ("input_size", "kernel_size", "stride", "padding", "dilation", "in_channels",
+             "out_channels", "groups", "padding_mode", "transposed", "output_padding")  # fmt: skip
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise TypeError(f"plot_matrix() got unexpected keyword arguments {unknown!r}")
+    if "kernel_size" not in config:
+        raise ConvMatError("kernel_size is needed to draw W of a configuration")
+    size, kernel = config["input_size"], config["kernel_size"]
+    n = max(len(v) if isinstance(v, tuple | list) else 1 for v in (size, kernel))
+    k = ntuple(kernel, n, "kernel_size", 1)
+    cin, cout = config.get("in_channels", 1), config.get("out_channels", 1)
+    groups = config.get("groups", 1)
+    for name, value in (("in_channels", cin), ("out_channels", cout), ("groups", groups)):
+        _positive_int(value, name)
+    common = {key: config[key] for key in ("stride", "padding", "dilation") if key in config}
+    if config.get("transposed", False):
+        return conv_transpose_geometry(
+            (cin, cout // groups, *k), size, groups=groups,
+            output_padding=config.get("output_padding", 0), **common,
+        )  # fmt: skip
+    return conv_geometry(
+        (cout, cin // groups, *k), size, groups=groups,
+        padding_mode=config.get("padding_mode", "zeros"), **common,
+    )  # fmt: skip
+
+
+def _config_of(geo: Geometry) -> dict[str, Any]:
+    """The :func:`convmat.symbolic` keywords of a geometry."""
+    config: dict[str, Any] = dict(
+        input_size=geo.input_size, kernel_size=geo.kernel_size, stride=geo.stride,
+        padding=geo.padding, dilation=geo.dilation, in_channels=geo.in_channels,
+        out_channels=geo.out_channels, groups=geo.groups, transposed=geo.transposed,
+    )  # fmt: skip
+    if geo.transposed:
+        config["output_padding"] = geo.output_padding
     else:
-        config["padding_mode"] = m.padding_mode
+        config["padding_mode"] = geo.padding_mode
     return config
+
+
+def _check_size(rows: int, cols: int, max_size: int) -> None:
+    if max(rows, cols) > max_size:
+        raise ConvMatError(
+            f"W is {rows} x {cols}, larger than max_size={max_size} in a dimension; pass a larger "
+            f"max_size, or draw a smaller input"
+        )
+    check_allocation(
+        rows * cols * 8, _CPU, f"a {rows} x {cols} picture of W", "draw a smaller input"
+    )
 
 
 def _tap_grid(sym: SymbolicMatrix) -> torch.Tensor:
@@ -58,6 +209,24 @@ def _tap_grid(sym: SymbolicMatrix) -> torch.Tensor:
     return grid
 
 
+def _values_image(W: torch.Tensor, max_size: int) -> tuple[torch.Tensor, str]:
+    """The values of a W tensor to draw, and the title; sizes are checked before densifying."""
+    if W.dim() != 2:
+        raise ConvMatError(f"W must be a matrix, got shape {tuple(W.shape)!r}")
+    rows, cols = W.shape
+    if rows == 0 or cols == 0:
+        raise ConvMatError(f"W must have at least one row and one column, got shape {(rows, cols)}")
+    if W.device.type == "meta":
+        raise ConvMatError("W is on the meta device: it has no values to draw")
+    _check_size(rows, cols, max_size)
+    W = W.detach().cpu()
+    if W.layout != torch.strided:
+        W = W.to_dense()
+    if W.is_complex():
+        return W.abs().double(), "|W| (magnitude of a complex W)"
+    return W.double(), "W"
+
+
 def plot_matrix(
     source: Any = None,
     input_size: Any = None,
@@ -68,20 +237,29 @@ def plot_matrix(
 ) -> Any:
     """A heatmap of W as a matplotlib Figure.
 
-    ``source`` is a W tensor (coloured by value), a convolution module with ``input_size``, or
-    nothing with the configuration as keywords (those of :func:`convmat.symbolic`); for the last
-    two every kernel entry keeps one colour wherever it appears (cells where reflect or circular
-    padding folds taps together are shaded between), and grid lines separate channel blocks.
+    ``source`` is a W tensor (coloured by value; a complex W by magnitude, so titled), a
+    convolution module with ``input_size``, or nothing with the configuration as keywords
+    (those of :func:`convmat.symbolic`); for the last two every kernel entry keeps one colour
+    wherever it appears (cells where reflect or circular padding folds taps together are shaded
+    between), and grid lines separate channel blocks.
+
+    Drawn without pyplot: the matplotlib backend is never changed. In Jupyter the returned
+    figure shows as a PNG; ``fig.savefig("W.png")`` (or :func:`save_figure`) saves it.
 
     Args:
-        source: a tensor, a conv module, or None.
+        source: a tensor (dense or sparse), a conv module, or None.
         input_size: spatial input size (module or configuration).
-        ax: draw into this Axes instead of a new Figure.
-        max_size: refuse matrices with more rows or columns than this.
+        ax: draw into this matplotlib Axes instead of a new Figure.
+        max_size: refuse matrices with more rows or columns than this (checked, with free
+            memory, before anything is made dense).
         **config: the configuration (``kernel_size``, ``stride``, ...).
 
     Returns:
-        The ``matplotlib.figure.Figure``; ``fig.savefig("W.png")`` (or ``.svg``) saves it.
+        The ``matplotlib.figure.Figure`` drawn on (``ax.figure`` when ``ax`` is given).
+
+    Raises:
+        ConvMatError: for a W larger than ``max_size`` or free memory, a tensor that is not a
+            matrix, or a configuration torch rejects.
 
     Shape:
         the picture is ``rows x cols`` of W.
@@ -89,17 +267,27 @@ def plot_matrix(
     >>> fig = plot_matrix(input_size=10, kernel_size=3, stride=2)
     >>> fig.axes[0].get_xlabel()
     'input x (10 columns)'
+    >>> plot_matrix(torch.ones(3, 4, dtype=torch.complex64)).axes[0].get_title()
+    '|W| (magnitude of a complex W)'
     """
-    plt = _pyplot()
+    max_size = _positive_int(max_size, "max_size")
     sym = None
     if isinstance(source, torch.Tensor):
-        W = source.to_dense() if source.layout != torch.strided else source
-        if W.dim() != 2:
-            raise ConvMatError(f"W must be a matrix, got shape {tuple(W.shape)!r}")
-        image, cmap = W.detach().double().cpu(), "coolwarm"
+        if input_size is not None or config:
+            raise ConvMatError(
+                "input_size and configuration keywords describe a module or a configuration; "
+                "a W tensor is drawn as it is"
+            )
+        image, title = _values_image(source, max_size)
     else:
         if isinstance(source, nn.Module):
-            config = _config_of_module(source, input_size)
+            if config:
+                raise ConvMatError(
+                    f"configuration keywords {sorted(config)!r} cannot be combined with a "
+                    f"module: its own configuration is drawn"
+                )
+            geo = Geometry.from_module(source, input_size)
+            config = _config_of(geo)
         elif source is not None:
             raise ConvMatError(
                 f"source must be a tensor, a convolution module or None, got "
@@ -107,30 +295,41 @@ def plot_matrix(
             )
         else:
             config["input_size"] = input_size
+            geo = _geometry(config)
+        _check_size(*geo.matrix_shape, max_size)
         sym = symbolic(**config)
-        if max(sym.shape) > max_size:
-            raise ConvMatError(
-                f"W is {sym.shape[0]} x {sym.shape[1]}, larger than max_size={max_size}"
-            )
-        image, cmap = _tap_grid(sym), "tab20"
-    rows, cols = image.shape
-    if max(rows, cols) > max_size:
-        raise ConvMatError(f"W is {rows} x {cols}, larger than max_size={max_size}")
+        image, title = _tap_grid(sym), "W"
     if ax is None:
+        rows, cols = image.shape
         scale = 6 / max(rows, cols, 1)
-        fig, ax = plt.subplots(figsize=(max(3.0, cols * scale + 1), max(2.0, rows * scale + 1)))
-    fig = ax.figure
-    if sym is None:
-        lim = float(image.abs().max()) or 1.0
-        shown = ax.imshow(image.numpy(), cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
-        fig.colorbar(shown, ax=ax, shrink=0.8)
+        fig = _new_figure((max(3.0, cols * scale + 1), max(2.0, rows * scale + 1)))
+        ax = fig.add_subplot()
     else:
-        masked = image.numpy().copy()
-        import numpy as np
+        from matplotlib.axes import Axes
 
-        data = np.ma.masked_less(masked, 0)
+        if not isinstance(ax, Axes):
+            raise ConvMatError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+    _draw(ax, image, sym)
+    ax.set_title(title)
+    return ax.figure
+
+
+def _draw(ax: Any, image: torch.Tensor, sym: SymbolicMatrix | None) -> None:
+    import numpy as np
+
+    rows, cols = image.shape
+    if sym is None:
+        finite = image[image.isfinite()]
+        if image.min() >= 0 and finite.numel():
+            shown = ax.imshow(image.numpy(), cmap="viridis", vmin=0, interpolation="nearest")
+        else:
+            lim = float(finite.abs().max()) if finite.numel() else 1.0
+            shown = ax.imshow(image.numpy(), cmap="coolwarm", vmin=-(lim or 1.0), vmax=lim or 1.0,
+                              interpolation="nearest")  # fmt: skip
+        ax.figure.colorbar(shown, ax=ax, shrink=0.8)
+    else:
         ax.set_facecolor("white")
-        ax.imshow(data, cmap=cmap, interpolation="nearest",
+        ax.imshow(np.ma.masked_less(image.numpy(), 0), cmap="tab20", interpolation="nearest",
                   vmin=0, vmax=max(math.prod(sym.weight_shape), 1))  # fmt: skip
         geo = sym.geometry
         out_block, in_block = rows // geo.out_channels, cols // geo.in_channels
@@ -144,75 +343,147 @@ def plot_matrix(
                 for c in range(cols):
                     if labels[r][c] != "0":
                         ax.text(c, r, labels[r][c], ha="center", va="center", fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"input x ({cols} columns)")
     ax.set_ylabel(f"output y ({rows} rows)")
-    ax.set_title("W")
-    return fig
+
+
+class Animation:
+    """A GIF made by :func:`animate`: shown inline by Jupyter (as an ``<img>`` with the GIF in
+    a data URI), written to ``path`` when one was given, and savable again with :meth:`save`.
+
+    Attributes:
+        data: the GIF's bytes.
+        frames: the number of frames.
+        path: the file written, or None.
+    """
+
+    def __init__(self, data: bytes, frames: int, path: Path | None) -> None:
+        self.data, self.frames, self.path = data, frames, path
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the GIF to ``path`` (ending in ``.gif``) atomically; returns the path."""
+        p = _output_path(path, (".gif",))
+        _write_atomically(p, lambda f: f.write(self.data))
+        self.path = p
+        return p
+
+    def _repr_html_(self) -> str:
+        encoded = base64.b64encode(self.data).decode("ascii")
+        alt = html.escape(f"animation, {self.frames} frames")
+        return f'<img src="data:image/gif;base64,{encoded}" alt="{alt}"/>'
+
+    def __repr__(self) -> str:
+        where = "" if self.path is None else f", path={str(self.path)!r}"
+        return f"Animation(frames={self.frames}, {len(self.data):,} bytes{where})"
 
 
 def animate(
-    path: str | Path,
+    path: str | os.PathLike[str] | None,
     input_size: Any,
     kernel_size: Any,
     *,
     max_frames: int = MAX_FRAMES,
     fps: int = 2,
     **config: Any,
-) -> int:
-    """Write a GIF: the kernel sliding over the (padded, dilated) input of a 1-D or 2-D
-    convolution, beside W with the current output's row highlighted; one frame per output
-    position of the first output channel, at most ``max_frames``.
+) -> Animation:
+    """A GIF of the kernel sliding over the (padded, dilated) input of a 1-D or 2-D convolution,
+    beside W with the current output's row highlighted; one frame per output position of the
+    first output channel, at most ``max_frames``.
+
+    Drawn without pyplot (the matplotlib backend is never changed). The result shows inline
+    in Jupyter; the file, when ``path`` is given, is written atomically.
 
     Args:
-        path: the GIF to write.
+        path: the GIF to write (ending in ``.gif``, in an existing directory), or None to write
+            nothing.
         input_size, kernel_size, **config: as :func:`convmat.symbolic`.
-        max_frames: cap on the frames (the first positions are shown).
-        fps: frames per second.
+        max_frames: cap on the frames (the first positions are shown), a positive int.
+        fps: frames per second, an int from 1 to 50.
 
     Returns:
-        The number of frames written.
+        An :class:`Animation` (``.frames``, ``.data``, ``.path``).
+
+    Raises:
+        ConvMatError: for a bad ``path``, ``max_frames`` or ``fps`` (before anything is drawn),
+            a 3-D convolution, or a W too large to draw.
 
     Shape:
         frames = ``min(prod(output_size), max_frames)``.
 
     >>> import tempfile, os
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     animate(os.path.join(d, "conv.gif"), 6, 3, stride=2)
+    ...     animate(os.path.join(d, "conv.gif"), 6, 3, stride=2).frames
     2
     """
-    plt = _pyplot()
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    from matplotlib.patches import Rectangle
+    target = None if path is None else _output_path(path, (".gif",))
+    max_frames = _positive_int(max_frames, "max_frames")
+    fps = _positive_int(fps, "fps", MAX_FPS)
+    from PIL import Image
 
-    sym = symbolic(input_size, kernel_size, **config)
-    geo = sym.geometry
+    geo = _geometry({"input_size": input_size, "kernel_size": kernel_size, **config})
     if geo.ndim > 2:
         raise ConvMatError(f"animate shows 1-D and 2-D convolutions, got {geo.ndim}-D")
-    if max(sym.shape) > 4096:
-        raise ConvMatError(f"W is {sym.shape[0]} x {sym.shape[1]}, too large to animate")
+    if max(geo.matrix_shape) > 4096:
+        raise ConvMatError(
+            f"W is {geo.matrix_shape[0]} x {geo.matrix_shape[1]}, too large to animate (at most "
+            f"4096 rows and columns); animate a smaller input"
+        )
     positions = math.prod(geo.output_size)
     frames = min(positions, max_frames)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _new_figure((10, 4))
+    width, height = (int(v) for v in fig.bbox.size)
+    check_allocation(frames * width * height, _CPU, f"{frames} frames of {width} x {height}",
+                     "pass a smaller max_frames")  # fmt: skip
+    left, right = fig.subplots(1, 2, gridspec_kw={"wspace": 0.35})
+    fig.subplots_adjust(top=0.84)
     plot_matrix(ax=right, input_size=input_size, kernel_size=kernel_size, **config)
+    sym = symbolic(input_size, kernel_size, **config)
+    draw = _frame_drawer(fig, left, right, sym, frames, positions)
+    images = []
+    for frame in range(frames):
+        draw(frame)
+        fig.canvas.draw()
+        rgba = Image.frombuffer("RGBA", (width, height), fig.canvas.buffer_rgba())
+        images.append(rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE))
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                   duration=round(1000 / fps), loop=0)  # fmt: skip
+    animation = Animation(buffer.getvalue(), frames, None)
+    if target is not None:
+        animation.save(target)
+    return animation
+
+
+def _frame_drawer(
+    fig: Any, left: Any, right: Any, sym: SymbolicMatrix, frames: int, positions: int
+) -> Callable[[int], None]:
+    """A function that sets the artists of ``fig`` to show output position ``frame``."""
+    from matplotlib.patches import Rectangle
+
+    geo = sym.geometry
     highlight = Rectangle((-0.5, -0.5), sym.shape[1], 1, fill=False, edgecolor="red", linewidth=2)
     right.add_patch(highlight)
     if geo.transposed:
         # The input of a transposed convolution, with the cells each output receives from.
         grid_size, real = geo.input_size, None
-        left.set_title("input (channel 0): cells this output receives")
+        left.set_title("input (channel 0): the cells this output receives", fontsize=10)
     else:
         # The padded input: padding cells blank, input cells light, the kernel's taps dark
         # (spread by the dilation, moved by the stride).
-        grid_size = tuple(i + b + a for i, (b, a) in zip(geo.input_size, geo.padding))
+        grid_size = geo.padded_size
         real = tuple(slice(b, b + i) for i, (b, _) in zip(geo.input_size, geo.padding))
         mode = "zero" if geo.padding_mode == "zeros" else geo.padding_mode
-        left.set_title(f"padded input ({mode} padding blank): the kernel's window")
+        left.set_title(f"padded input ({mode} padding blank), the kernel's taps dark", fontsize=10)
     shape2d = grid_size if geo.ndim == 2 else (1, grid_size[0])
     image = left.imshow(torch.zeros(shape2d).numpy(), cmap="Blues", vmin=0, vmax=1)
     left.set_xticks([])
     left.set_yticks([])
 
-    def draw(frame: int) -> list[Any]:
+    def draw(frame: int) -> None:
         cells = torch.zeros(grid_size)
         if real is None:
             cols = sym.cols[sym.rows == frame]
@@ -220,10 +491,12 @@ def animate(
             flat[cols[cols < flat.numel()]] = 1
         else:
             cells[real] = 0.25
-            position = torch.tensor(torch.unravel_index(torch.tensor(frame), geo.output_size))
+            position = torch.unravel_index(torch.tensor(frame), geo.output_size)
             taps = [
                 p * s + torch.arange(k) * d
-                for p, s, k, d in zip(position.tolist(), geo.stride, geo.kernel_size, geo.dilation)
+                for p, s, k, d in zip(
+                    (int(p) for p in position), geo.stride, geo.kernel_size, geo.dilation
+                )
             ]
             cells[torch.meshgrid(*taps, indexing="ij")] = 1
         image.set_data(cells.view(shape2d).numpy())
@@ -232,10 +505,5 @@ def animate(
             f"{sym.output_label(frame)}: frame {frame + 1} of {frames}"
             + (f" (first {frames} of {positions} positions)" if frames < positions else "")
         )
-        return [image, highlight]
 
-    FuncAnimation(fig, draw, frames=frames, blit=False).save(
-        str(path), writer=PillowWriter(fps=fps)
-    )
-    plt.close(fig)
-    return frames
+    return draw
