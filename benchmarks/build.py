@@ -3,14 +3,20 @@
 Each (configuration, layout) runs in a fresh subprocess so that its peak memory is its own.
 Columns:
   nnz, bytes     non-zeros and bytes of the result (values and indices)
-  cold           first build: index pattern computed, then values gathered
-  warm           rebuild with the pattern cached (what a layer pays after an optimizer step)
+  cold           build from nothing: index pattern computed, then values gathered
+  warm           rebuild with the pattern cached (what a layer pays after an optimizer step):
+                 only the values are new, the index tensors are shared with the cache
   floor          a plain copy of a tensor of the result's bytes (fresh allocation, like a build)
-  x floor        build time / floor
+  values floor   a plain copy of a tensor of the values' bytes only (what a warm rebuild writes)
+  cold x floor   cold / floor;  warm x values floor: warm / values floor
   peak/result    peak resident memory during the build / bytes of the result
   jacrev         torch.func.jacrev of the convolution (dense only, where it is reasonable)
+  speed-up       jacrev / cold
 
-Run: python benchmarks/build.py [--quick]
+Every time is the best of --repeat runs, jacrev's included. A ratio is printed only where its
+denominator is at least 1 ms ("-" otherwise: below that the raw times say more than a ratio).
+
+Run: python benchmarks/build.py [--quick] [--repeat N] [--configs 0,2]
 """
 
 from __future__ import annotations
@@ -92,6 +98,10 @@ def run_one(index: int, layout_name: str, repeat: int) -> dict:
     else:
         nnz = W._nnz()
         result_bytes = sum(t.numel() * t.element_size() for t in (W.indices(), W.values()))
+    # What a warm rebuild writes: the values (all of a dense W; the non-zeros of a sparse one).
+    values = W if layout == torch.strided else W.values()
+    values_bytes = values.numel() * values.element_size()
+    del values
     del W
     base = _status("VmRSS")
     _rss_peak_reset()
@@ -108,6 +118,9 @@ def run_one(index: int, layout_name: str, repeat: int) -> dict:
     src = torch.empty(result_bytes, dtype=torch.uint8)
     floor = _best(src.clone, repeat)
     del src
+    src = torch.empty(values_bytes, dtype=torch.uint8)
+    values_floor = _best(src.clone, repeat)
+    del src
     row = dict(
         name=name,
         layout=layout_name,
@@ -116,6 +129,8 @@ def run_one(index: int, layout_name: str, repeat: int) -> dict:
         cold=cold,
         warm=warm,
         floor=floor,
+        values_bytes=values_bytes,
+        values_floor=values_floor,
         peak_cold=peak_cold / result_bytes,
         peak_warm=peak_warm / result_bytes,
     )
@@ -133,7 +148,7 @@ def run_one(index: int, layout_name: str, repeat: int) -> dict:
                 lambda v: conv(v, weight, stride=stride, padding=padding).flatten()
             )(x)
 
-        row["jacrev"] = _best(jac, 1)
+        row["jacrev"] = _best(jac, repeat)  # best of n, as convmat's times
         J = jac().reshape(-1, x.numel())
         row["jacrev_max_diff"] = float((J - build()).abs().max())
     return row
@@ -154,8 +169,17 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _ratio(t: float, floor: float) -> str:
-    return f"{t / floor:.2f}" if floor >= 1e-3 else "n/a"
+#: Below this a denominator is too close to the timer's and the allocator's noise for a ratio.
+RATIO_FLOOR = 1e-3  # seconds
+
+
+def _ratio(t: float, floor: float, fmt: str = "{:.2f}") -> str:
+    """``t / floor``, or ``-`` where ``floor`` is under a millisecond (the raw times stand)."""
+    return fmt.format(t / floor) if floor >= RATIO_FLOOR else "-"
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t >= 1e-2 else f"{t * 1e3:.3f} ms"
 
 
 def main() -> None:
@@ -164,7 +188,14 @@ def main() -> None:
     )
     parser.add_argument("--one", nargs=2, metavar=("INDEX", "LAYOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (best is kept)")
-    parser.add_argument("--quick", action="store_true", help="only the first two configurations")
+    parser.add_argument(
+        "--quick", action="store_true", help="only the smallest configuration (a smoke run)"
+    )
+    parser.add_argument(
+        "--configs",
+        type=lambda text: [int(v) for v in text.split(",")],
+        help=f"comma-separated indices into the configuration list (0-{len(CONFIGS) - 1})",
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.one[1], args.repeat)))
@@ -173,7 +204,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, 2 threads, float32; times are best of {args.repeat} "
-        "(cold: pattern cache cleared before each run); ratios shown where the floor is >= 1 ms\n"
+        "(cold: pattern cache cleared before each run; jacrev too); ratios shown where the "
+        "denominator is >= 1 ms, '-' otherwise\n"
     )
     header = (
         "configuration",
@@ -183,8 +215,9 @@ def main() -> None:
         "cold",
         "warm",
         "floor",
+        "values floor",
         "cold x floor",
-        "warm x floor",
+        "warm x values floor",
         "peak/result cold",
         "peak/result warm",
         "jacrev",
@@ -192,17 +225,18 @@ def main() -> None:
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    configs = CONFIGS[:2] if args.quick else CONFIGS
+    chosen = [0] if args.quick else (args.configs or range(len(CONFIGS)))
+    configs = [(i, CONFIGS[i]) for i in chosen]
     # Every allocation over 1 MB is fresh memory from the kernel, for the copy and the build
     # alike (glibc would otherwise reuse some sizes and not others, making floors incomparable).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
-    for index, (name, shape, size, stride, padding) in enumerate(configs):
+    for index, (name, shape, size, stride, padding) in configs:
         rows, cols = W_shape(shape, size, stride, padding)
         for layout in LAYOUTS:
             if layout == "dense" and rows * cols * 4 > DENSE_LIMIT:
                 print(
                     f"| {name} | dense | | {_fmt_bytes(rows * cols * 4)} | not built (over {_fmt_bytes(DENSE_LIMIT)}) |"
-                    + " |" * 8
+                    + " |" * 9
                 )
                 continue
             cmd = [
@@ -217,11 +251,12 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             r = json.loads(out)
             jac = f"{r['jacrev']:.2f} s" if "jacrev" in r else "-"
-            speed = f"{r['jacrev'] / r['cold']:.0f}x" if "jacrev" in r else "-"
+            speed = _ratio(r["jacrev"], r["cold"], "{:.0f}x") if "jacrev" in r else "-"
             print(
                 f"| {name} | {layout} | {r['nnz']:,} | {_fmt_bytes(r['bytes'])} | "
-                f"{r['cold'] * 1e3:.1f} ms | {r['warm'] * 1e3:.1f} ms | {r['floor'] * 1e3:.1f} ms | "
-                f"{_ratio(r['cold'], r['floor'])} | {_ratio(r['warm'], r['floor'])} | "
+                f"{_ms(r['cold'])} | {_ms(r['warm'])} | {_ms(r['floor'])} | "
+                f"{_ms(r['values_floor'])} | {_ratio(r['cold'], r['floor'])} | "
+                f"{_ratio(r['warm'], r['values_floor'])} | "
                 f"{r['peak_cold']:.2f} | {r['peak_warm']:.2f} | {jac} | {speed} |",
                 flush=True,
             )

@@ -1,10 +1,15 @@
 """Benchmark: matrix layers against their torch twins (batch 64, float32, 2 threads).
 
 Columns: forward and forward+backward time of the torch layer and of the matrix twin (W cached),
-their ratio, and the time of one W rebuild after an optimizer step (pattern cached, values
-gathered) against one matrix forward.
+their ratio; the time of one W rebuild after the weight changed (pattern cached, values
+gathered) against one matrix forward; and one training step (zero_grad, forward, backward,
+SGD step) of each layer: for the matrix twin the step changes the weight, so every forward
+rebuilds W, which is what training pays.
 
-Run: python benchmarks/layers.py [--repeat N]
+Every time is the best of --repeat runs, the two layers measured alternately. A ratio is printed
+only where its denominator is at least 1 ms ("-" otherwise: the raw times stand).
+
+Run: python benchmarks/layers.py [--quick] [--repeat N] [--batch B]
 """
 
 from __future__ import annotations
@@ -49,6 +54,17 @@ CONFIGS = [
     ),
 ]
 BATCH = 64
+#: Below this a denominator is too close to the timer's noise for a ratio.
+RATIO_FLOOR = 1e-3  # seconds
+
+
+def ratio(t: float, ref: float, suffix: str = "x") -> str:
+    """``t / ref``, or ``-`` where ``ref`` is under a millisecond."""
+    return f"{t / ref:.2f}{suffix}" if ref >= RATIO_FLOOR else "-"
+
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t >= 1e-2 else f"{t * 1e3:.3f} ms"
 
 
 def best(fn, repeat: int) -> float:
@@ -74,19 +90,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=10, help="timing repeats (best is kept)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    parser.add_argument(
+        "--quick", action="store_true", help="only the first configuration (a smoke run)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, 2 threads, float32, batch {BATCH}, best of {args.repeat}\n")
     print(
-        "| configuration | torch fwd | matrix fwd | fwd ratio | torch fwd+bwd | matrix fwd+bwd | fwd+bwd ratio | rebuild | rebuild / matrix fwd |"
+        f"torch {torch.__version__}, 2 threads, float32, batch {args.batch}, best of "
+        f"{args.repeat}; ratios where the denominator is >= 1 ms, '-' otherwise\n"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, base, cls, kwargs, size in CONFIGS:
+    print(
+        "| configuration | torch fwd | matrix fwd | fwd ratio | torch fwd+bwd | matrix fwd+bwd "
+        "| fwd+bwd ratio | rebuild | rebuild / matrix fwd | torch train step "
+        "| matrix train step | train step ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, base, cls, kwargs, size in CONFIGS[:1] if args.quick else CONFIGS:
         ref = base(**kwargs)
         twin = cls.from_module(ref)
-        x = torch.randn(BATCH, kwargs["in_channels"], *size)
+        x = torch.randn(args.batch, kwargs["in_channels"], *size)
         xg = x.clone().requires_grad_()
         with torch.no_grad():
             t_ref, t_mat = best_pair(lambda: ref(x), lambda: twin(x), args.repeat)
@@ -102,18 +127,48 @@ def main() -> None:
 
         def rebuild():
             with torch.no_grad():
-                twin.weight.add_(0.0)  # an in-place update, as an optimizer step makes
+                twin.weight.neg_()  # new values in place, as an optimizer step writes them
             twin._layer_matrix(geo)
 
         builds = twin.matrix_builds
         t_rebuild = best(rebuild, args.repeat)
         assert twin.matrix_builds == builds + args.repeat + 1  # every rebuild was real
-        ms = lambda t: f"{t * 1e3:.1f} ms"  # noqa: E731
+        t_ref_step, t_mat_step = train_steps(ref, twin, x, args.repeat)
         print(
-            f"| {name} | {ms(t_ref)} | {ms(t_mat)} | {t_mat / t_ref:.2f}x | {ms(tb_ref)} | {ms(tb_mat)} | "
-            f"{tb_mat / tb_ref:.2f}x | {ms(t_rebuild)} | {t_rebuild / t_mat:.2f} |",
+            f"| {name} | {ms(t_ref)} | {ms(t_mat)} | {ratio(t_mat, t_ref)} | {ms(tb_ref)} | "
+            f"{ms(tb_mat)} | {ratio(tb_mat, tb_ref)} | {ms(t_rebuild)} | "
+            f"{ratio(t_rebuild, t_mat, '')} | {ms(t_ref_step)} | {ms(t_mat_step)} | "
+            f"{ratio(t_mat_step, t_ref_step)} |",
             flush=True,
         )
+
+
+def train_steps(ref: nn.Module, twin: nn.Module, x: torch.Tensor, repeat: int):
+    """Best times of one SGD training step of each layer, from the same weights.
+
+    The twin's forward after each step rebuilds W (its weight changed), as in training; the
+    two layers take the same steps, so their weights stay equal (checked)."""
+    twin.load_state_dict(ref.state_dict())
+    optimizers = {
+        layer: torch.optim.SGD(layer.parameters(), lr=1e-3, momentum=0.9) for layer in (ref, twin)
+    }
+
+    steps = {ref: 0, twin: 0}
+
+    def step(layer):
+        steps[layer] += 1
+        opt = optimizers[layer]
+        opt.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+        opt.step()
+
+    builds = twin.matrix_builds
+    times = best_pair(lambda: step(ref), lambda: step(twin), repeat)
+    assert steps[ref] == steps[twin]
+    assert twin.matrix_builds == builds + steps[twin]  # a new W at every step
+    diff = (ref.weight - twin.weight).abs().max().item()
+    assert diff < 1e-4 * max(1.0, ref.weight.abs().max().item()), diff
+    return times
 
 
 if __name__ == "__main__":
