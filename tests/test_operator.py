@@ -1,53 +1,63 @@
-"""ConvOperator: forward equals W, the adjoint equals W^T, scipy interoperability."""
+"""ConvOperator: forward equals torch's convolution, the adjoint equals torch's gradient, the
+adjoint objects, the cache of the flipped kernel, scipy interoperability."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse.linalg as spla
 import torch
-from hypothesis import given
+import torch.nn.functional as F
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from convmat import conv_matrix, conv_transpose_matrix
+from convmat import ConvMatError, cache_info, clear_cache, conv_transpose_matrix
 from convmat.analysis.operator import ConvOperator, dottest
 
-from .reference import conv_configs, conv_transpose_configs
+from .reference import conv_configs, conv_transpose_configs, reference
 
 
 def operator(cfg, w):
     return ConvOperator(w, cfg.input_size, transposed=cfg.transposed, **cfg.matrix_kwargs())
 
 
-def matrix(cfg, w, layout=torch.strided):
-    fn = conv_transpose_matrix if cfg.transposed else conv_matrix
-    return fn(w, cfg.input_size, layout=layout, **cfg.matrix_kwargs())
+def torch_adjoint(cfg, w, y):
+    """W^T y by torch's own autograd: the gradient of <reference(x), y> in x."""
+    x = torch.zeros(y.shape[0], cfg.in_channels, *cfg.input_size, dtype=w.dtype,
+                    requires_grad=True)  # fmt: skip
+    (grad,) = torch.autograd.grad(reference(cfg, x, w), x, y)
+    return grad
 
 
 @given(cfg=st.one_of(conv_configs(), conv_transpose_configs()))
-def test_operator_and_adjoint_equal_w(cfg):
+def test_operator_and_adjoint_equal_torch(cfg):
     w = cfg.weight()
     op = operator(cfg, w)
-    W = matrix(cfg, w)
-    assert op.shape == tuple(W.shape) and op.T.shape == tuple(W.T.shape)
-    x = torch.randn(3, op.shape[1], dtype=torch.float64)
-    y = torch.randn(3, op.shape[0], dtype=torch.float64)
-    torch.testing.assert_close(op @ x, x @ W.T, rtol=0, atol=1e-10)
-    torch.testing.assert_close(op.T @ y, y @ W, rtol=0, atol=1e-10)
-    torch.testing.assert_close(op @ x[0], W @ x[0], rtol=0, atol=1e-10)
-    shaped = x.view(3, *op.in_shape)
-    assert (op @ shaped).shape == (3, *op.out_shape)
+    x = cfg.input(batch=3)
+    y_ref = reference(cfg, x, w)
+    assert op.shape == (y_ref[0].numel(), x[0].numel()) and op.T.shape == op.shape[::-1]
+    assert op.out_shape == tuple(y_ref.shape[1:]) and op.in_shape == tuple(x.shape[1:])
+    torch.testing.assert_close(op @ x, y_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(op @ x.reshape(3, -1), y_ref.reshape(3, -1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(op @ x[0].reshape(-1), y_ref[0].reshape(-1), rtol=0, atol=1e-10)
+    y = torch.randn_like(y_ref)
+    expected = torch_adjoint(cfg, w, y)
+    torch.testing.assert_close(op.T @ y, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(op.H @ y.reshape(3, -1), expected.reshape(3, -1), rtol=0, atol=1e-10)
     assert dottest(op) and dottest(op.T)
-    torch.testing.assert_close(op.to_dense(), W, rtol=0, atol=0)
-    torch.testing.assert_close(op.T.to_dense(), W.T, rtol=0, atol=0)
+    # W as torch's Jacobian of its own convolution.
+    jac = torch.autograd.functional.jacobian(lambda v: reference(cfg, v[None], w)[0], x[0])
+    W = jac.reshape(op.shape)
+    torch.testing.assert_close(op.to_dense(), W, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.T.to_dense(), W.T, rtol=0, atol=1e-12)
     for layout in (torch.sparse_coo, torch.sparse_csr):
-        torch.testing.assert_close(op.T.to_sparse(layout).to_dense(), W.T, rtol=0, atol=0)
+        torch.testing.assert_close(op.T.to_sparse(layout).to_dense(), W.T, rtol=0, atol=1e-12)
 
 
 @given(cfg=conv_configs(modes=("zeros",)))
 def test_adjoint_of_zero_padded_conv_is_conv_transpose_matrix(cfg):
-    """Where the adjoint is itself a transposed convolution, it equals conv_transpose_matrix."""
-    if any(b != a for b, a in cfg.pairs) or isinstance(cfg.padding, str):
-        return
+    """Where the adjoint is itself a transposed convolution torch has, it is that one."""
+    assume(all(b == a for b, a in cfg.pairs))
     w = cfg.weight()
     op = operator(cfg, w)
     pads = tuple(b for b, _ in cfg.pairs)
@@ -56,11 +66,98 @@ def test_adjoint_of_zero_padded_conv_is_conv_transpose_matrix(cfg):
         for o, s, p, d, k in zip(op.out_shape[1:], cfg.stride, pads, cfg.dilation, cfg.kernel_size)
     ]
     out_pad = tuple(i - q for i, q in zip(cfg.input_size, natural))
-    if any(p >= max(s, d) for p, s, d in zip(out_pad, cfg.stride, cfg.dilation)):
-        return  # torch has no transposed convolution with that output_padding
+    assume(all(p < max(s, d) for p, s, d in zip(out_pad, cfg.stride, cfg.dilation)))
+    y = torch.randn(2, *op.out_shape, dtype=torch.float64)
+    expected = F.conv_transpose1d if cfg.ndim == 1 else F.conv_transpose2d if cfg.ndim == 2 else (
+        F.conv_transpose3d
+    )
+    got = expected(y, w, stride=cfg.stride, padding=pads, output_padding=out_pad,
+                   groups=cfg.groups, dilation=cfg.dilation)  # fmt: skip
+    torch.testing.assert_close(op.T @ y, got, rtol=0, atol=1e-10)
     WT = conv_transpose_matrix(w, op.out_shape[1:], stride=cfg.stride, padding=pads,
                                output_padding=out_pad, groups=cfg.groups, dilation=cfg.dilation)  # fmt: skip
     torch.testing.assert_close(op.T.to_dense(), WT, rtol=0, atol=0)
+
+
+def test_adjoint_objects():
+    w = torch.randn(3, 2, 3, dtype=torch.float64)
+    op = ConvOperator(w, 7, padding=1, stride=2)
+    assert op.T.is_adjoint and not op.T.T.is_adjoint and op.H.shape == (14, 12)
+    assert op.T.weight is w and op.T.geometry == op.geometry
+    assert type(ConvOperator.H) is property and type(ConvOperator.T) is property
+    with pytest.raises(AttributeError):
+        op.weight = w  # read-only: with_weight makes another operator
+    other = op.with_weight(2 * w)
+    x = torch.randn(7 * 2, dtype=torch.float64)
+    torch.testing.assert_close(other @ x, 2 * (op @ x), rtol=0, atol=1e-12)
+    assert op.to(torch.float32).weight.dtype == torch.float32 and op.weight.dtype == torch.float64
+    assert op.T.to(torch.float32).is_adjoint
+    with pytest.raises(ConvMatError, match=r"weight must have shape \(3, 2, 3\).*got \(3, 2, 2\)"):
+        op.with_weight(w[..., :2])
+    geo = op.geometry
+    torch.testing.assert_close(ConvOperator.from_geometry(w, geo) @ x, op @ x, rtol=0, atol=0)
+
+
+def test_complex_adjoint_is_the_conjugate_transpose():
+    w = torch.randn(2, 2, 3, dtype=torch.complex128)
+    op = ConvOperator(w, 6, padding=1)
+    W = op.to_dense()
+    y = torch.randn(op.shape[0], dtype=torch.complex128)
+    torch.testing.assert_close(op.H @ y, W.mH @ y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.T @ y, W.T @ y, rtol=0, atol=1e-12)
+    assert dottest(op)
+
+
+def test_flipped_kernel_follows_the_values():
+    """Changed through .data, in place, or swapped for a new tensor: the adjoint follows."""
+    clear_cache()
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    op = ConvOperator(w, (5, 5), padding=1)
+    y = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    reference_cfg = dict(padding=1)
+
+    def expected(weight):
+        x = torch.zeros(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+        return torch.autograd.grad(F.conv2d(x, weight, **reference_cfg), x, y)[0]
+
+    torch.testing.assert_close(op.T @ y, expected(w), rtol=0, atol=1e-12)
+    assert cache_info()["flipped kernel"]["entries"] == 1
+    w.data.mul_(-3)  # no version bump
+    torch.testing.assert_close(op.T @ y, expected(w), rtol=0, atol=1e-12)
+    w.add_(1)
+    torch.testing.assert_close(op.T @ y, expected(w), rtol=0, atol=1e-12)
+    clear_cache()
+    assert "flipped kernel" not in cache_info()
+    torch.testing.assert_close(op.T @ y, expected(w), rtol=0, atol=1e-12)
+
+
+def test_matmul_checks_its_argument():
+    op = ConvOperator(torch.randn(2, 1, 3, dtype=torch.float64), 5, padding=1)
+    with pytest.raises(ConvMatError, match=r"x must have the operator's dtype torch.float64, "
+                                           r"got torch.float32"):  # fmt: skip
+        op @ torch.zeros(5)
+    with pytest.raises(ConvMatError, match=r"got torch.int64"):
+        op @ torch.zeros(5, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"x to be a torch.Tensor, got list"):
+        op @ [1.0] * 5
+    with pytest.raises(ConvMatError, match=r"x must have shape \(5,\), \(B, 5\) or"):
+        op @ torch.zeros(0, dtype=torch.float64)
+    empty = torch.zeros(0, 5, dtype=torch.float64)
+    assert (op @ empty).shape == (0, 10) and (op.T @ torch.zeros(0, 10).double()).shape == (0, 5)
+    assert (op @ torch.zeros(0, 1, 5, dtype=torch.float64)).shape == (0, 2, 5)
+
+
+def test_dottest_returns_or_raises():
+    class Broken(ConvOperator):
+        def __matmul__(self, x):
+            return 2 * super().__matmul__(x) if not self.is_adjoint else super().__matmul__(x)
+
+    op = Broken(torch.randn(2, 1, 3, dtype=torch.float64), 6)
+    with pytest.raises(ValueError, match=r"dot test failed: <op x, y> = .*relative difference"):
+        dottest(op)
+    assert dottest(op, raise_error=False) is False
+    with pytest.raises(TypeError, match=r"dottest needs op to be a ConvOperator, got Tensor"):
+        dottest(torch.zeros(3, 3))
 
 
 def test_scipy_svds_and_lsqr():
@@ -85,3 +182,10 @@ def test_from_module():
     op = ConvOperator.from_module(conv, (4, 5))
     x = torch.randn(2, 2, 4, 5, dtype=torch.float64)
     torch.testing.assert_close(op @ x, conv(x) - conv.bias.view(1, -1, 1, 1), rtol=0, atol=1e-10)
+
+    class Scaled(torch.nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ConvMatError, match=r"\(Scaled\) overrides forward"):
+        ConvOperator.from_module(Scaled(1, 1, 3), (5, 5))

@@ -155,7 +155,8 @@ class ConvOperator:
         expected = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
         if tuple(weight.shape) != expected:
             raise ConvMatError(
-                f"weight must have shape {expected!r} for this operator, got {tuple(weight.shape)!r}"
+                f"weight must have shape {expected!r} for this operator, got "
+                f"{tuple(weight.shape)!r}"
             )
         return weight
 
@@ -184,7 +185,7 @@ class ConvOperator:
         op._init(weight, self._geometry, self._is_adjoint, next(_TOKENS))
         return op
 
-    # -- read-only state ---------------------------------------------------------------------------
+    # -- read-only state -------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
         """The kernel."""
@@ -221,7 +222,7 @@ class ConvOperator:
         shapes = ((geo.in_channels, *geo.input_size), (geo.out_channels, *geo.output_size))
         return (shapes[1], shapes[0]) if self._is_adjoint else shapes
 
-    # -- the adjoint --------------------------------------------------------------------------------
+    # -- the adjoint -----------------------------------------------------------------------
     def adjoint(self) -> ConvOperator:
         """The adjoint operator (conjugate transpose), sharing weight and geometry."""
         if self._weight.is_complex():
