@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from convmat import ConvMatError, to_mlp
+from convmat.layers import linear
 from convmat.layers.linear import SparseLinear
 
 
@@ -219,3 +224,181 @@ def test_to_mlp_rejects_training_mode():
         ConvMatError, match=r"Sequential is in training mode; to_mlp needs model\.eval\(\)"
     ):
         to_mlp(nn.Sequential(nn.Conv1d(1, 1, 1), nn.Dropout()), (1, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random small CNNs against the model itself, in float64.
+
+CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T_MODULE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+ADAPTIVE = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.ELU, nn.Sigmoid, nn.Softplus, nn.GELU, nn.Hardtanh]
+
+
+def _conv_layer(draw, n, channels, spatial):
+    cout = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if channels % g == 0 and cout % g == 0]))
+    padding = draw(st.integers(0, 1))
+    dilation = draw(st.integers(1, 2))
+    # The kernel fits in the padded input.
+    most = max(1, min(3, (min(spatial) + 2 * padding - 1) // dilation + 1))
+    kernel = draw(st.integers(1, most))
+    modes = ["zeros", "circular", "replicate"] + (["reflect"] if min(spatial) > padding else [])
+    return CONV_MODULE[n](
+        channels,
+        cout,
+        kernel,
+        stride=draw(st.integers(1, 2)),
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(modes)),
+    )
+
+
+def _conv_transpose_layer(draw, n, channels):
+    stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    kernel = draw(st.integers(1, 3))
+    # Padding at most what the kernel's span adds, so every output size is >= 1.
+    padding = draw(st.integers(0, dilation * (kernel - 1) // 2))
+    return CONV_T_MODULE[n](
+        channels,
+        draw(st.integers(1, 3)),
+        kernel,
+        stride=stride,
+        padding=padding,
+        output_padding=draw(st.integers(0, max(stride, dilation) - 1)),
+        dilation=dilation,
+        bias=draw(st.booleans()),
+    )
+
+
+def _avgpool_layer(draw, n, spatial):
+    kernel = draw(st.integers(1, min(3, min(spatial))))
+    kw = dict(
+        stride=draw(st.sampled_from([None, 1, 2, 3])),
+        padding=draw(st.integers(0, kernel // 2)),
+        ceil_mode=draw(st.booleans()),
+        count_include_pad=draw(st.booleans()),
+    )
+    if n > 1:  # AvgPool1d has no divisor_override
+        kw["divisor_override"] = draw(st.sampled_from([None, 1, 2, 5]))
+    return AVGPOOL[n](kernel, **kw)
+
+
+@st.composite
+def small_cnns(draw):
+    """A nested Sequential of conv / transposed conv / BatchNorm / average pooling /
+    activations (optionally Flatten + Linear at the end) and its input shape."""
+    n = draw(st.sampled_from([1, 2, 2, 3]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    shape = (draw(st.integers(1, 3)), *draw(st.lists(st.integers(2, 6), min_size=n, max_size=n)))
+    input_shape, layers = shape, []
+    for _ in range(draw(st.integers(1, 5))):
+        channels, spatial = shape[0], shape[1:]
+        kind = draw(st.sampled_from(["conv", "conv_t", "bn", "avg", "adaptive", "act"]))
+        if kind == "conv":
+            layer = _conv_layer(draw, n, channels, spatial)
+        elif kind == "conv_t":
+            layer = _conv_transpose_layer(draw, n, channels)
+        elif kind == "bn":
+            layer = BATCHNORM[n](channels, affine=draw(st.booleans()))
+        elif kind == "avg":
+            layer = _avgpool_layer(draw, n, spatial)
+        elif kind == "adaptive":
+            layer = ADAPTIVE[n](tuple(draw(st.integers(1, s + 1)) for s in spatial))
+        else:
+            layer = draw(st.sampled_from(ACTIVATIONS))()
+        layer = layer.double().eval()
+        with torch.no_grad():
+            shape = tuple(layer(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+        layers.append(layer)
+    if draw(st.booleans()):
+        layers += [nn.Flatten(), nn.Linear(math.prod(shape), draw(st.integers(1, 4))).double()]
+    # Nest some of it, as real models do.
+    cut = draw(st.integers(0, len(layers)))
+    model = nn.Sequential(*layers[:cut], nn.Sequential(*layers[cut:])).double()
+    _randomise_batchnorm(model)
+    return model.eval(), input_shape
+
+
+@given(case=small_cnns(), sparse=st.booleans())
+def test_to_mlp_random_cnns_match_the_model(case, sparse):
+    model, shape = case
+    mlp = to_mlp(model, shape, sparse=sparse, dtype=torch.float64)  # some have no parameters
+    kinds = [isinstance(m, (nn.Linear, SparseLinear)) for m in mlp[1:]]
+    assert not any(a and b for a, b in itertools.pairwise(kinds))
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), model(x).flatten(1), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_average_pooling_falls_back_to_probing_when_the_windows_disagree(monkeypatch, sparse):
+    """The pooling matrix is checked against the layer itself; a wrong one is replaced by the
+    layer's response to the unit inputs."""
+    real = linear._pool_channel
+
+    def wrong(*args):
+        crow, col, values = real(*args)
+        return crow, col, values * 2
+
+    monkeypatch.setattr(linear, "_pool_channel", wrong)
+    for pool, shape in [
+        (nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), (2, 7, 6)),
+        (nn.AdaptiveAvgPool3d((2, 3, 1)), (1, 5, 4, 3)),
+    ]:
+        model = nn.Sequential(pool).eval()
+        mlp = to_mlp(model, shape, sparse=sparse, dtype=torch.float64)
+        x = torch.randn(2, *shape, dtype=torch.float64)
+        torch.testing.assert_close(mlp(x), model(x).flatten(1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_to_mlp_float32_model_as_float64(sparse):
+    """The model runs in its own dtype; the result is the requested one, merged in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.AvgPool2d(2),
+        nn.Conv2d(3, 2, 3),
+        nn.PReLU(),
+        nn.Flatten(),
+        nn.Linear(2, 2),
+    )
+    _randomise_batchnorm(model)
+    model.eval()
+    mlp = to_mlp(model, (2, 6, 6), sparse=sparse, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in [*mlp.parameters(), *mlp.buffers()])
+    # The float32 parameters are exact in float64: the reference is the same model in float64.
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), reference(x).flatten(1), rtol=0, atol=1e-12)
+    # And the other way: a float64 model as float32.
+    mlp32 = to_mlp(reference, (2, 6, 6), sparse=sparse, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mlp32(x.float()).double(), reference(x).flatten(1), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_batchnorm_alone_and_first():
+    """A BatchNorm with nothing to merge into is a diagonal; first in line it scales the columns
+    of the conv after it."""
+    for sparse in (False, True):
+        model = nn.Sequential(
+            nn.BatchNorm2d(2), nn.Tanh(), nn.BatchNorm2d(2), nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3)
+        ).double()
+        _randomise_batchnorm(model)
+        model.eval()
+        mlp = to_mlp(model, (2, 4, 5), sparse=sparse)
+        lin = "SparseLinear" if sparse else "Linear"
+        assert [type(m).__name__ for m in mlp] == ["Flatten", lin, "Tanh", lin]
+        x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), model(x).flatten(1), rtol=0, atol=1e-12)

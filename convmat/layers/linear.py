@@ -1,9 +1,20 @@
-"""Convolutions as ``nn.Linear`` layers."""
+"""Convolutions as ``nn.Linear`` layers: one layer (:func:`to_linear`) or a whole feed-forward CNN
+(:func:`to_mlp`).
+
+:func:`to_mlp` folds consecutive affine layers into one matrix without ever forming more than the
+result needs: BatchNorm is a diagonal (it scales the rows of the matrix before it, or the columns
+of the one after it), average pooling is built sparse from its windows, and every product is
+sized and checked against free memory before it is formed.
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import operator
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,9 +22,26 @@ from torch import nn
 
 from .._errors import ConvMatError
 from .._typing import IntOrTuple
+from ..engine import Geometry, check_allocation, ntuple
 from ..matrix import to_matrix
 
 __all__ = ["SparseLinear", "to_linear", "to_mlp"]
+
+#: What to do instead when a dense matrix does not fit.
+_DENSE_INSTEAD = (
+    "pass sparse=True to to_mlp, which holds only the non-zeros, or use a smaller input_shape"
+)
+_SPARSE_INSTEAD = "use convmat.ConvOperator, which never forms W, or a smaller input_shape"
+_INDEX_BYTES = 8  # int64 column index per stored value
+
+
+def _check_not_meta(module: nn.Module, where: str) -> None:
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "meta":
+            raise ConvMatError(
+                f"{where} has tensors on the meta device (shapes without values); load or "
+                f"initialise its weights first"
+            )
 
 
 def to_linear(module: Any, input_size: IntOrTuple) -> nn.Linear:
@@ -24,11 +52,17 @@ def to_linear(module: Any, input_size: IntOrTuple) -> nn.Linear:
     repeated over the output positions.
 
     Args:
-        module: an ``nn.Conv{1,2,3}d`` or ``nn.ConvTranspose{1,2,3}d``.
+        module: an ``nn.Conv{1,2,3}d`` or ``nn.ConvTranspose{1,2,3}d`` running torch's own
+            forward (a subclass with its own ``forward`` is refused: it may compute something
+            else).
         input_size: spatial size of one input.
 
     Returns:
         ``nn.Linear(C_in * prod(input_size), C_out * prod(out))`` on the module's device and dtype.
+
+    Raises:
+        ConvMatError: for anything but a plain convolution (naming its class and why), a bad
+            ``input_size``, or a W that does not fit in free memory (before allocating it).
 
     Shape:
         ``(B, C_in * prod(input_size)) -> (B, C_out * prod(out))``
@@ -39,16 +73,24 @@ def to_linear(module: Any, input_size: IntOrTuple) -> nn.Linear:
     >>> torch.allclose(lin(x.flatten(1)), conv(x).flatten(1), atol=1e-12)
     True
     """
+    geo = Geometry.from_module(module, input_size)
+    _check_not_meta(module, f"module ({type(module).__name__})")
+    weight = module.weight
+    rows, cols = geo.matrix_shape
+    check_allocation(
+        rows * cols * weight.element_size(),
+        weight.device,
+        f"to_linear: a dense W of shape ({rows}, {cols}) and dtype {weight.dtype}",
+        "to_mlp(module, (C, *input_size), sparse=True) holds only the non-zeros, and "
+        "convmat.ConvOperator never forms W",
+    )
     with torch.no_grad():
-        W = to_matrix(module, input_size)
-        rows, cols = W.shape
-        weight = module.weight
-        linear = nn.Linear(
-            cols, rows, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
-        )
-        linear.weight.copy_(W)
+        W = to_matrix(module, geo.input_size)
+        linear = nn.Linear(cols, rows, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(W)
         if module.bias is not None:
-            linear.bias.copy_(module.bias.repeat_interleave(rows // module.bias.numel()))
+            b = module.bias.detach().repeat_interleave(rows // module.bias.numel())
+            linear.bias = nn.Parameter(b)
     return linear
 
 
@@ -60,18 +102,26 @@ _ACTIVATIONS = (
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
          nn.ConvTranspose3d)  # fmt: skip
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-         nn.AdaptiveAvgPool3d)  # fmt: skip
-_IDENTITY = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-             nn.Flatten, nn.Unflatten)  # fmt: skip
+_AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_POOL = _AVGPOOL + _ADAPTIVE
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_IDENTITY = (nn.Identity, nn.Flatten, nn.Unflatten, *_DROPOUT)
 _SUPPORTED = _CONV + _BATCHNORM + _POOL + _IDENTITY + _ACTIVATIONS + (nn.Linear,)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Any) -> torch.Tensor:
+    """A CSR tensor on the given index tensors (shared, not copied)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, tuple(shape), check_invariants=False)
 
 
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W held as a sparse CSR matrix (a buffer, not trained).
 
     Shape:
-        ``(B, in_features) -> (B, out_features)``
+        ``(*, in_features) -> (*, out_features)``
     """
 
     weight: torch.Tensor
@@ -84,17 +134,36 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (self.weight @ x.T.contiguous()).T
-        return y if self.bias is None else y + self.bias
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ConvMatError(
+                f"input must have shape (*, {self.in_features}), got {tuple(x.shape)!r}"
+            )
+        if x.dtype != self.weight.dtype:
+            raise ConvMatError(
+                f"input dtype must be the layer's {self.weight.dtype}, got {x.dtype}"
+            )
+        flat = x.reshape(-1, self.in_features)
+        y = (self.weight @ flat.T.contiguous()).T
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
+def _runs_torch_forward(m: nn.Module) -> bool:
+    """Whether ``m`` runs the ``forward`` of a torch.nn class (not one of its own)."""
+    owner = next((c for c in type(m).__mro__ if "forward" in c.__dict__), None)
+    return owner is not None and owner.__module__.startswith("torch.nn.")
+
+
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """The layers of nested ``nn.Sequential`` containers, in order, with their paths."""
-    if not isinstance(model, nn.Sequential):
+    """The layers of nested ``nn.Sequential`` containers, in order, with their paths (a
+    Sequential subclass with its own forward is a layer, not a container)."""
+    if not (isinstance(model, nn.Sequential) and _runs_torch_forward(model)):
         return [(prefix or type(model).__name__, model)]
     out = []
     for name, child in model.named_children():
@@ -103,66 +172,457 @@ def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
 
 
 def _check_supported(path: str, m: nn.Module) -> None:
+    name = type(m).__name__
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        raise ConvMatError(
+            f"{path} ({name}) has uninitialised parameters; run the model on one input first"
+        )
+    if isinstance(m, _CONV):
+        return  # Geometry.from_module reads it (and refuses a subclass with its own forward)
     if not isinstance(m, _SUPPORTED) or (isinstance(m, nn.PReLU) and m.num_parameters != 1):
         raise ConvMatError(
-            f"{path} ({type(m).__name__}) is not supported by to_mlp: it takes nested "
+            f"{path} ({name}) is not supported by to_mlp: it takes nested "
             f"nn.Sequential of convolutions, transposed convolutions, BatchNorm (eval), average "
             f"pooling, Linear, Flatten/Unflatten, Dropout (eval), Identity and element-wise "
             f"activations"
         )
+    if not _runs_torch_forward(m):
+        raise ConvMatError(
+            f"{path} ({name}) overrides forward, so it may not compute what a "
+            f"{type(m).__mro__[1].__name__} computes; to_mlp takes torch's own layers"
+        )
     if isinstance(m, _BATCHNORM) and m.running_var is None:
-        raise ConvMatError(f"{path} ({type(m).__name__}) has no running statistics to fold")
+        raise ConvMatError(f"{path} ({name}) has no running statistics to fold")
 
 
-def _block_diagonal(block: torch.Tensor, copies: int, sparse: bool) -> torch.Tensor:
-    """``copies`` copies of ``block`` on the diagonal (one per channel)."""
-    if not sparse:
-        return torch.kron(torch.eye(copies, dtype=block.dtype, device=block.device), block)
-    coo = block.to_sparse_coo().coalesce()
-    (r, c), v = coo.indices(), coo.values()
-    ch = torch.arange(copies, device=block.device)[:, None]
-    rows = (ch * block.shape[0] + r).reshape(-1)
-    cols = (ch * block.shape[1] + c).reshape(-1)
-    shape = (copies * block.shape[0], copies * block.shape[1])
-    W = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), v.repeat(copies), shape, check_invariants=False
+def _check_eval(path: str, m: nn.Module) -> None:
+    if m.training and isinstance(m, _BATCHNORM + _DROPOUT):
+        raise ConvMatError(
+            f"{path} ({type(m).__name__}) is in training mode; to_mlp needs model.eval() "
+            f"(BatchNorm and Dropout act differently while training)"
+        )
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    allowed = "a tuple (C, *spatial) of ints >= 1: the shape of one input, without the batch"
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}")
+    out = []
+    for v in input_shape:
+        if isinstance(v, bool):
+            raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}")
+    return tuple(out)
+
+
+def _spatial_dims(m: nn.Module, kinds: tuple[type, ...]) -> int:
+    """1, 2 or 3: which of the 1-D, 2-D, 3-D kinds ``m`` is."""
+    return next(i for i, k in enumerate(kinds) if isinstance(m, k)) + 1
+
+
+def _expected_dims(m: nn.Module) -> tuple[tuple[int, ...], int | None, str]:
+    """Allowed numbers of per-sample dims, the channels a layer takes, and how it names them."""
+    if isinstance(m, _CONV):
+        n = m.weight.dim() - 2
+        return (n + 1,), m.in_channels, f"(C={m.in_channels}, {n} spatial sizes)"
+    if isinstance(m, _BATCHNORM):
+        n, c = _spatial_dims(m, _BATCHNORM), m.num_features
+        if n == 1:
+            return (1, 2), c, f"(C={c},) or (C={c}, L)"
+        return (n + 1,), c, f"(C={c}, {n} spatial sizes)"
+    for kinds in (_AVGPOOL, _ADAPTIVE):
+        if isinstance(m, kinds):
+            n = _spatial_dims(m, kinds)
+            return (n + 1,), None, f"(C, {n} spatial sizes)"
+    if isinstance(m, nn.Linear):
+        return (1,), m.in_features, f"(in_features={m.in_features},)"
+    return (), None, ""
+
+
+def _check_layer_input(path: str, m: nn.Module, shape: tuple[int, ...], first: bool) -> None:
+    dims, channels, form = _expected_dims(m)
+    if not dims:
+        return
+    source = " (input_shape)" if first else ""
+    if isinstance(m, nn.Linear) and len(shape) != 1:
+        raise ConvMatError(
+            f"{path} (Linear) is applied to a non-flat input of shape {shape!r}{source}; "
+            f"to_mlp needs an nn.Flatten before it"
+        )
+    if len(shape) not in dims or (channels is not None and shape[0] != channels):
+        raise ConvMatError(
+            f"{path} ({type(m).__name__}) takes inputs of shape {form} per sample, got "
+            f"{shape!r}{source}"
+        )
+
+
+def _sparse_bytes(nnz: int, rows: int, dtype: torch.dtype) -> int:
+    return nnz * (_itemsize(dtype) + _INDEX_BYTES) + (rows + 1) * _INDEX_BYTES
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_matrix(
+    rows: int, cols: int, nnz: int | None, dtype: torch.dtype, device: torch.device, what: str
+) -> None:
+    """Refuse a matrix that does not fit: dense when ``nnz`` is None, else CSR."""
+    if nnz is None:
+        need = rows * cols * _itemsize(dtype)
+        desc, instead = "dense", _DENSE_INSTEAD
+    else:
+        need = _sparse_bytes(nnz, rows, dtype)
+        desc, instead = f"sparse (at most {nnz:,} non-zeros)", _SPARSE_INSTEAD
+    check_allocation(
+        need, device, f"to_mlp: {what}, a {desc} ({rows}, {cols}) matrix of {dtype},", instead
     )
-    return W.coalesce().to_sparse_csr()
 
 
-def _affine(
+def _conv_geometry(path: str, m: Any, shape: tuple[int, ...], sparse: bool) -> Geometry:
+    """The conv layer's geometry; its W checked against free memory."""
+    geo = Geometry.from_module(m, shape[1:], path=path)
+    rows, cols = geo.matrix_shape
+    nnz = rows * (geo.in_channels // geo.groups) * math.prod(geo.kernel_size)
+    dtype = m.weight.dtype
+    _check_matrix(
+        rows,
+        cols,
+        nnz if sparse else None,
+        dtype,
+        m.weight.device,
+        f"the W of {path} ({type(m).__name__})",
+    )
+    return geo
+
+
+class _Diagonal:
+    """A diagonal matrix held as its diagonal (BatchNorm's scale over every position)."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d = d
+        self.shape = (d.numel(), d.numel())
+
+
+_Matrix = torch.Tensor | _Diagonal
+
+
+#: Non-zeros scaled per step: bounds the per-entry temporaries of a row or column scaling.
+_CHUNK = 2**18
+
+
+def _chunks(crow: torch.Tensor) -> list[tuple[int, int]]:
+    """Row ranges of a CSR matrix holding about ``_CHUNK`` non-zeros each."""
+    nnz = int(crow[-1])
+    marks = torch.arange(0, nnz, _CHUNK, dtype=crow.dtype, device=crow.device)
+    starts = torch.searchsorted(crow, marks, right=True).sub_(1).tolist()
+    bounds = sorted({*starts, crow.numel() - 1})
+    return list(itertools.pairwise(bounds))
+
+
+def _scale_rows(W: _Matrix, d: torch.Tensor) -> _Matrix:
+    """``diag(d) @ W``, in place (W is always a matrix this function's caller owns)."""
+    if isinstance(W, _Diagonal):
+        return _Diagonal(W.d * d)
+    if W.layout == torch.sparse_csr:
+        crow, values = W.crow_indices(), W.values()
+        for r0, r1 in _chunks(crow):
+            lo, hi = int(crow[r0]), int(crow[r1])
+            values[lo:hi].mul_(torch.repeat_interleave(d[r0:r1], crow[r0 : r1 + 1].diff()))
+        return W
+    return W.mul_(d[:, None])
+
+
+def _scale_cols(W: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``W @ diag(d)``, in place."""
+    if W.layout == torch.sparse_csr:
+        col, values = W.col_indices(), W.values()
+        for lo in range(0, values.numel(), _CHUNK):
+            hi = min(lo + _CHUNK, values.numel())
+            values[lo:hi].mul_(d.index_select(0, col[lo:hi]))
+        return W
+    return W.mul_(d[None, :])
+
+
+def _product(
+    A: _Matrix, B: _Matrix, dtype: torch.dtype, device: torch.device, path: str
+) -> _Matrix:
+    """``A @ B`` (A the later layer), sized and checked before it is formed."""
+    if isinstance(A, _Diagonal):
+        return _scale_rows(B, A.d)
+    if isinstance(B, _Diagonal):
+        return _scale_cols(A, B.d)
+    rows, cols = A.shape[0], B.shape[1]
+    what = f"the product of {path} and the layers merged before it"
+    if A.layout == torch.sparse_csr:
+        # Each stored (i, k) of A meets the k-th row of B: the sum of those rows' counts bounds
+        # the product's non-zeros (and the work of forming it).
+        bound = int(B.crow_indices().diff().index_select(0, A.col_indices()).sum())
+        # The product is formed before it is compressed: allow for it twice.
+        _check_matrix(rows, cols, 2 * bound, dtype, device, what)
+        return A @ B
+    _check_matrix(rows, cols, None, dtype, device, what)
+    return A @ B
+
+
+def _apply(A: _Matrix, b: torch.Tensor) -> torch.Tensor:
+    return A.d * b if isinstance(A, _Diagonal) else A @ b
+
+
+def _batchnorm(
+    m: Any, shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[_Diagonal, torch.Tensor]:
+    var = m.running_var.to(dtype)
+    scale = torch.rsqrt(var + m.eps)
+    shift = -m.running_mean.to(dtype) * scale
+    if m.weight is not None:
+        weight, bias = m.weight.to(dtype), m.bias.to(dtype)
+        scale, shift = scale * weight, shift * weight + bias
+    positions = math.prod(shape[1:])
+    return _Diagonal(scale.repeat_interleave(positions)), shift.repeat_interleave(positions)
+
+
+def _avgpool_axes(
+    m: Any, spatial: tuple[int, ...], out: tuple[int, ...]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per axis of an ``AvgPool{N}d``: the input positions of every window slot ``(out, k)``,
+    which slots read the input, and the window's count (torch's ``pool_size`` with
+    ``count_include_pad``, the positions inside the input without)."""
+    n = len(spatial)
+    ks = ntuple(m.kernel_size, n, "kernel_size", 1)
+    ss = ntuple(m.stride if m.stride else m.kernel_size, n, "stride", 1)
+    ps = ntuple(m.padding, n, "padding", 0)
+    axes = []
+    for size, o, k, s, p in zip(spatial, out, ks, ss, ps):
+        start = torch.arange(o, dtype=torch.int64) * s - p
+        end = torch.clamp(start + k, max=size + p)  # windows never reach past the padding
+        lo, hi = start.clamp(min=0), end.clamp(max=size)
+        cols = start[:, None] + torch.arange(k, dtype=torch.int64)[None, :]
+        valid = (cols >= lo[:, None]) & (cols < hi[:, None])
+        count = end - start if m.count_include_pad else (hi - lo).clamp(min=0)
+        axes.append((cols, valid, count))
+    return axes
+
+
+def _adaptive_axes(
+    spatial: tuple[int, ...], out: tuple[int, ...]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per axis of an adaptive average pooling: window ``o`` reads
+    ``[floor(o * in / out), ceil((o + 1) * in / out))``."""
+    axes = []
+    for size, o in zip(spatial, out):
+        r = torch.arange(o, dtype=torch.int64)
+        start = r * size // o
+        end = ((r + 1) * size + o - 1) // o
+        width = int((end - start).max())
+        cols = start[:, None] + torch.arange(width, dtype=torch.int64)[None, :]
+        axes.append((cols, cols < end[:, None], end - start))
+    return axes
+
+
+def _pool_channel(
+    axes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    spatial: tuple[int, ...],
+    divisor: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR ``(crow, col, values)`` (float64) of a pooling on one channel from its axis tables:
+    the windows are the product of the axes' windows, each row divided by its count."""
+    n = len(axes)
+    outs = [a[0].shape[0] for a in axes]
+    widths = [a[0].shape[1] for a in axes]
+    grid = (*outs, *widths)
+    col = torch.zeros(grid, dtype=torch.int64)
+    valid = torch.ones(grid, dtype=torch.bool)
+    count = torch.ones(outs, dtype=torch.int64)
+    kept = torch.ones(outs, dtype=torch.int64)
+    stride = 1
+    for d in reversed(range(n)):
+        cols, ok, cnt = axes[d]
+        view = [1] * (2 * n)
+        view[d], view[n + d] = outs[d], widths[d]
+        col += (cols * stride).view(view)
+        valid &= ok.view(view)
+        count *= cnt.view(view[:n])
+        kept *= ok.sum(1).view(view[:n])
+        stride *= spatial[d]
+    flat_valid = valid.reshape(-1)
+    col = col.reshape(-1)[flat_valid]
+    counts = kept.reshape(-1)
+    crow = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=crow[1:])
+    if divisor is not None:
+        count = torch.full_like(count, divisor)
+    inverse = 1.0 / count.reshape(-1).clamp(min=1).to(torch.float64)
+    return crow, col, torch.repeat_interleave(inverse, counts)
+
+
+def _probe_channel(
+    m: nn.Module, spatial: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of a per-channel layer on one channel, found by applying it to the unit inputs in
+    chunks (exact for any such layer; the fallback when the window formula disagrees)."""
+    positions = math.prod(spatial)
+    chunk = max(1, min(positions, 2**22 // positions))
+    rows_, cols_, vals_ = [], [], []
+    for first in range(0, positions, chunk):
+        b = min(chunk, positions - first)
+        x = torch.zeros(b, positions, dtype=torch.float64, device=device)
+        x[torch.arange(b), first + torch.arange(b)] = 1.0
+        y = m(x.view(b, 1, *spatial)).reshape(b, -1)
+        c, r = torch.nonzero(y, as_tuple=True)
+        rows_.append(r)
+        cols_.append(c + first)
+        vals_.append(y[c, r])
+    out_positions = y.shape[1]
+    coo = torch.sparse_coo_tensor(
+        torch.stack([torch.cat(rows_), torch.cat(cols_)]),
+        torch.cat(vals_),
+        (out_positions, positions),
+        check_invariants=False,
+    ).coalesce()
+    csr = coo.to_sparse_csr()
+    return csr.crow_indices(), csr.col_indices(), csr.values()
+
+
+def _pool(
     m: Any,
     shape: tuple[int, ...],
     out_shape: tuple[int, ...],
     sparse: bool,
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W, b)`` of an affine layer on flattened inputs of ``shape`` (no batch)."""
-    layout = torch.sparse_csr if sparse else torch.strided
+    path: str,
+) -> torch.Tensor:
+    """The matrix of an average pooling (every channel alike): built from its windows, checked
+    on one random input against the layer itself (probed unit by unit if they disagree)."""
+    channels, spatial, out = shape[0], shape[1:], out_shape[1:]
+    p_in, p_out = math.prod(spatial), math.prod(out)
+    if isinstance(m, _AVGPOOL):
+        nnz = p_out * math.prod(ntuple(m.kernel_size, len(spatial), "kernel_size", 1))
+        axes = _avgpool_axes(m, spatial, out)
+        divisor = getattr(m, "divisor_override", None)
+    else:
+        widths = [-(-i // o) + 1 for i, o in zip(spatial, out)]
+        nnz = p_out * math.prod(widths)
+        axes, divisor = _adaptive_axes(spatial, out), None
+    rows, cols = channels * p_out, channels * p_in
+    _check_matrix(
+        rows,
+        cols,
+        channels * nnz,
+        torch.float64,
+        device,
+        f"the matrix of {path} ({type(m).__name__})",
+    )
+    crow, col, values = (t.to(device) for t in _pool_channel(axes, spatial, divisor))
+    x = torch.randn(1, 1, *spatial, dtype=torch.float64, device=device)
+    ref = m(x).reshape(-1)
+    mine = _csr(crow, col, values, (p_out, p_in)) @ x.reshape(-1)
+    if ref.shape != mine.shape or not torch.allclose(mine, ref, rtol=1e-12, atol=1e-12):
+        crow, col, values = _probe_channel(m, spatial, device)
+    # The same block on every channel's diagonal.
+    ch = torch.arange(channels, device=device)[:, None]
+    nnz1 = col.numel()
+    full_col = (col[None, :] + ch * p_in).reshape(-1)
+    full_crow = torch.cat([crow[:1], (crow[None, 1:] + ch * nnz1).reshape(-1)])
+    W = _csr(full_crow, full_col, values.to(dtype).repeat(channels), (rows, cols))
+    if sparse:
+        return W
+    _check_matrix(rows, cols, None, dtype, device, f"the matrix of {path} ({type(m).__name__})")
+    return W.to_dense()
+
+
+def _affine(
+    path: str,
+    m: Any,
+    shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    sparse: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[_Matrix, torch.Tensor | None]:
+    """``(W, b)`` of an affine layer on flattened inputs of ``shape`` (no batch), in ``dtype``,
+    owned by the caller (never sharing values with the model)."""
     if isinstance(m, _CONV):
-        b = None if m.bias is None else m.bias.repeat_interleave(math.prod(out_shape[1:]))
-        return to_matrix(m, shape[1:], layout=layout), b
+        geo = _conv_geometry(path, m, shape, sparse)
+        b = None if m.bias is None else m.bias.to(dtype).repeat_interleave(math.prod(out_shape[1:]))
+        layout = torch.sparse_csr if sparse else torch.strided
+        W = to_matrix(m, geo.input_size, layout=layout)
+        if W.dtype != dtype:
+            W = (
+                _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
+                if (sparse)
+                else W.to(dtype)
+            )
+        return W, b
     if isinstance(m, _BATCHNORM):
-        var: Any = m.running_var
-        mean: Any = m.running_mean
-        scale = torch.rsqrt(var + m.eps)
-        shift = -mean * scale
-        if m.weight is not None:
-            scale, shift = scale * m.weight, shift * m.weight + m.bias
-        positions = math.prod(shape[1:])
-        diag = scale.repeat_interleave(positions)
-        W = torch.diag(diag)
-        return (W.to_sparse_csr() if sparse else W), shift.repeat_interleave(positions)
+        return _batchnorm(m, shape, dtype)
     if isinstance(m, _POOL):
-        # Average pooling acts on every channel alike: its matrix on one channel is found by
-        # applying it to all unit inputs at once (exact for every pooling option).
-        positions = math.prod(shape[1:])
-        probe = torch.eye(positions, dtype=dtype, device=device)
-        block = m(probe.view(positions, 1, *shape[1:])).reshape(positions, -1).T.contiguous()
-        return _block_diagonal(block, shape[0], sparse), None
+        return _pool(m, shape, out_shape, sparse, dtype, device, path), None
     assert isinstance(m, nn.Linear)
-    return (m.weight.to_sparse_csr() if sparse else m.weight), m.bias
+    weight = m.weight.detach()
+    bias = None if m.bias is None else m.bias.detach().to(dtype, copy=True)
+    if sparse:
+        rows, cols = weight.shape
+        _check_matrix(rows, cols, rows * cols, dtype, device, f"the weight of {path} (Linear)")
+        return weight.to(dtype).to_sparse_csr(), bias
+    return weight.to(dtype, copy=True), bias
+
+
+def _model_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _probe(
+    layers: list[tuple[str, nn.Module]],
+    input_shape: tuple[int, ...],
+    sparse: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Input and output shape (no batch) of every layer. Each layer's input is checked first;
+    a conv's output size comes from its geometry (its W sized against free memory), a Linear's
+    from its features, BatchNorm and PReLU keep the shape; the layers without parameters run on
+    one zero input in the model's dtype (no larger than the activation the model makes there)."""
+    shapes = []
+    shape = input_shape
+    for i, (path, m) in enumerate(layers):
+        _check_layer_input(path, m, shape, i == 0)
+        if isinstance(m, _CONV):
+            geo = _conv_geometry(path, m, shape, sparse)
+            out: tuple[int, ...] = (geo.out_channels, *geo.output_size)
+        elif isinstance(m, nn.Linear):
+            out = (m.out_features,)
+        elif isinstance(m, (*_BATCHNORM, nn.PReLU)):
+            out = shape
+        else:
+            check_allocation(
+                math.prod(shape) * _itemsize(dtype),
+                device,
+                f"to_mlp: one input of shape {shape!r} and dtype {dtype} for {path}",
+                "use a smaller input_shape",
+            )
+            try:
+                out = tuple(m(torch.zeros(1, *shape, dtype=dtype, device=device)).shape[1:])
+            except (RuntimeError, ValueError, IndexError, TypeError) as err:
+                text = str(err).strip()
+                first = text.splitlines()[0] if text else type(err).__name__
+                source = " (input_shape)" if i == 0 else ""
+                raise ConvMatError(
+                    f"{path} ({type(m).__name__}) cannot run on an input of shape {shape!r}"
+                    f"{source}: torch says {first!r}"
+                ) from None
+        shapes.append((shape, out))
+        shape = out
+    return shapes
 
 
 def to_mlp(
@@ -180,20 +640,30 @@ def to_mlp(
     ``nn.Linear``; Flatten, Unflatten, Identity and Dropout in eval mode are the identity on
     the flattened vector; element-wise activations are kept as they are.
 
+    Memory: BatchNorm scales the rows of the matrix before it (or the columns of the one after
+    it) and is never formed as a matrix unless it stands alone; average pooling is built from
+    its windows (sparse); every matrix and product is sized before it is formed and refused with
+    :class:`ConvMatError` if it does not fit. With ``sparse=True`` the peak is a small multiple
+    of the result's bytes.
+
     Args:
         model: nested ``nn.Sequential`` of supported layers, in eval mode.
         input_shape: ``(C, *spatial)`` of one input (no batch).
         sparse: hold the merged maps as :class:`SparseLinear` (CSR) instead of ``nn.Linear``.
         dtype: of the result; by default that of the model's parameters (torch's default
-            dtype for a model without parameters).
+            dtype for a model without parameters). The model is run in its own dtype; the
+            matrices are merged in the wider of the two (at least float32) and converted.
 
     Returns:
-        ``nn.Sequential(nn.Flatten(), ...)`` on the model's dtype and device.
+        ``nn.Sequential(nn.Flatten(), ...)`` on the model's device, in ``dtype``.
 
     Raises:
-        ConvMatError: naming the path of the first unsupported layer (max pooling, a module
-            with its own forward such as a residual block, Linear on a non-flat input), or
-            when the model is in training mode.
+        ConvMatError: naming the path and class of the first layer that is not supported (max
+            pooling, a module with its own forward such as a residual block or a conv subclass
+            that standardises its weight, Linear on a non-flat input), that does not take the
+            shape reaching it, or whose matrix does not fit in memory; or when the model is in
+            training mode, or ``input_shape`` / ``dtype`` is not valid.
+        TypeError: if ``model`` is not an ``nn.Module`` or ``sparse`` is not a bool.
 
     Shape:
         ``(B, *input_shape) -> (B, prod(output shape of the model))``
@@ -207,74 +677,85 @@ def to_mlp(
     >>> torch.allclose(mlp(x), cnn(x), atol=1e-12)
     True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be a bool, got {sparse!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConvMatError(
+            f"dtype must be None or a floating-point torch.dtype (torch.float64, ...), got "
+            f"{dtype!r}"
+        )
+    input_shape = _check_input_shape(input_shape)
     layers = _leaves(model)
     for path, m in layers:
         _check_supported(path, m)
+        _check_not_meta(m, f"{path} ({type(m).__name__})")
     if model.training:
         raise ConvMatError(
             f"{type(model).__name__} is in training mode; to_mlp needs model.eval() (BatchNorm "
             f"and Dropout act differently while training)"
         )
-    param = next(model.parameters(), None)
+    for path, m in layers:
+        _check_eval(path, m)
+    model_dtype, device = _model_dtype(model)
     if dtype is None:
-        dtype = param.dtype if param is not None else torch.get_default_dtype()
-    device = param.device if param is not None else torch.device("cpu")
-    # Shapes at every layer, from one forward pass with hooks.
-    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-    hooks = [
-        m.register_forward_hook(
-            lambda _m, i, o: shapes.append((tuple(i[0].shape[1:]), tuple(o.shape[1:])))
+        dtype = model_dtype
+    if sparse and device.type == "cpu" and _itemsize(dtype) < 4:
+        raise ConvMatError(
+            f"dtype {dtype} with sparse=True on the CPU: torch has no sparse CSR product for it "
+            f"there; pass dtype=torch.float32 (or sparse=False)"
         )
-        for _, m in layers
-    ]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
+    # Merge in the wider dtype (at least float32), so nothing is rounded twice.
+    work = torch.promote_types(torch.promote_types(model_dtype, dtype), torch.float32)
+    with torch.no_grad():
+        shapes = _probe(layers, input_shape, sparse, model_dtype, device)
 
     out: list[nn.Module] = [nn.Flatten()]
-    pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    pending: tuple[_Matrix, torch.Tensor | None] | None = None
 
     def flush() -> None:
         nonlocal pending
         if pending is None:
             return
         W, b = pending
-        if sparse:
-            out.append(SparseLinear(W, b))
-        else:
-            lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=dtype, device=device)
-            with torch.no_grad():
-                lin.weight.copy_(W)
-                if b is not None:
-                    lin.bias.copy_(b)
-            out.append(lin)
         pending = None
+        if isinstance(W, _Diagonal):
+            n = W.shape[0]
+            if sparse:
+                index = torch.arange(n + 1, device=device)
+                W = _csr(index, index[:-1], W.d, (n, n))
+            else:
+                _check_matrix(n, n, None, work, device, "a BatchNorm standing alone")
+                W = torch.diag(W.d)
+        b = None if b is None else b.to(dtype)
+        if sparse:
+            if W.dtype != dtype:
+                W = _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
+            out.append(SparseLinear(W, b))
+            return
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device="meta")
+        lin.weight = nn.Parameter(W.to(dtype))
+        if b is not None:
+            lin.bias = nn.Parameter(b)
+        out.append(lin)
 
     with torch.no_grad():
         for (path, m), (shape, out_shape) in zip(layers, shapes):
             if isinstance(m, _ACTIVATIONS):
                 flush()
-                out.append(copy.deepcopy(m))
+                out.append(copy.deepcopy(m).to(dtype))
                 continue
             if isinstance(m, _IDENTITY):
                 continue
-            if isinstance(m, nn.Linear) and len(shape) != 1:
-                raise ConvMatError(
-                    f"{path} (Linear) is applied to a non-flat input of shape {shape!r}; "
-                    f"to_mlp needs an nn.Flatten before it"
-                )
-            W, b = _affine(m, shape, out_shape, sparse, dtype, device)
+            W, b = _affine(path, m, shape, out_shape, sparse, work, device)
             if pending is not None:
                 W0, b0 = pending
-                b = (
-                    (W @ b0 if b0 is not None else None)
-                    if b is None
-                    else (b + W @ b0 if b0 is not None else b)
-                )
-                W = W @ W0
+                if b0 is not None:
+                    b = _apply(W, b0) if b is None else b + _apply(W, b0)
+                pending = None
+                W = _product(W, W0, work, device, path)
+                del W0
             pending = (W, b)
         flush()
     return nn.Sequential(*out)
