@@ -323,6 +323,11 @@ def _check_size_arguments(n: int, **values: Any) -> None:
         ntuple(values[name], n, name, 1)
     if "output_padding" in values:
         ntuple(values["output_padding"], n, "output_padding", 0)
+        if isinstance(values["padding"], str):
+            raise ConvMatError(
+                f"padding must be an int, a tuple of {n} ints or {n} (before, after) pairs for a "
+                f"transposed convolution (torch's take no string), got {values['padding']!r}"
+            )
     for name, value in values.items():
         stack = [value]
         while stack:
@@ -521,7 +526,7 @@ class _MatrixConvNd(_ConvNd):
         function either way.
         """
         args = _constructor_args(self)
-        pairs = _pad_pairs(self.padding)
+        pairs = _pad_pairs(args["padding"])
         if pairs is not None:
             if all(b == a for b, a in pairs):
                 args["padding"] = tuple(b for b, _ in pairs)
