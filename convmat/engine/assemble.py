@@ -3,14 +3,13 @@ into the cached pattern and assemble the requested layout."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 from .._errors import ConvMatError
 from .memory import check_allocation
-from .pattern import Pattern, get_pattern
+from .pattern import INDEX, Pattern, PatternPlan, cached_pattern, get_pattern, plan_pattern
 from .shapes import Geometry
 
 __all__ = ["LAYOUTS", "assemble", "check_matrix_memory", "check_weight", "weight_view"]
@@ -42,21 +41,55 @@ def check_layout(layout: object) -> torch.layout:
 def check_matrix_memory(
     geo: Geometry, layout: torch.layout, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """Refuse, before allocating, a W that cannot fit in the memory of ``device``."""
+    """Refuse, before allocating, a W that cannot fit in the memory of ``device``.
+
+    Counts W itself (dense: every entry; sparse: the exact number of non-zeros, from the cached
+    pattern or the per-axis tables), its values and index tensors, and the pattern's build where
+    the cache does not hold it yet. Nothing is checked on the meta device.
+
+    Raises:
+        ConvMatError: naming the size needed, the limit found and what to do instead.
+    """
+    _need(geo, layout, dtype, torch.device(device), None)
+
+
+def _need(
+    geo: Geometry,
+    layout: torch.layout,
+    dtype: torch.dtype,
+    device: torch.device,
+    pattern: Pattern | None,
+) -> PatternPlan | None:
+    """Check W's memory (see check_matrix_memory); the pattern's plan where it had to be made."""
+    if device.type == "meta":
+        return None
     rows, cols = geo.matrix_shape
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
+    described = f"W of shape ({rows}, {cols}) and dtype {dtype}"
     if layout == torch.strided:
-        need, what = rows * cols * item, "dense"
+        what = f"a dense {described}"
         instead = "use layout=torch.sparse_csr or torch.sparse_coo, which store only the non-zeros"
+        dense = rows * cols * item
+        check_allocation(dense, device, what, instead)  # before any planning
     else:
-        # An upper bound: every row reads at most C_in/groups * prod(kernel) inputs.
-        nnz = rows * (geo.in_channels // geo.groups) * math.prod(geo.kernel_size)
-        index_bytes = 16 if layout == torch.sparse_coo else 8
-        need, what = nnz * (item + index_bytes), "sparse"
+        what = f"a sparse {described}"
         instead = "use convmat.ConvOperator, which never forms W, or a smaller input"
-    check_allocation(
-        need, device, f"a {what} W of shape ({rows}, {cols}) and dtype {dtype}", instead
-    )
+        dense = 0
+    plan = None
+    if pattern is None:
+        pattern = cached_pattern(geo, device)
+    if pattern is not None:
+        nnz, build, growth = pattern.nnz, 0, pattern.growth_bytes(layout)
+    else:
+        plan = plan_pattern(geo)
+        nnz, build = plan.nnz, plan.build_bytes()
+        growth = 16 * nnz if layout != torch.strided else 0  # CSR or COO indices (upper)
+        if device.type != "cpu":
+            build += plan.pattern_bytes()  # the moved copy
+    # Dense: the values and their positions in W, scattered; sparse: the values and indices.
+    extra = nnz * (item + 8) if layout == torch.strided else nnz * item + growth
+    check_allocation(dense + extra + build, device, what, instead)
+    return plan
 
 
 def weight_view(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
@@ -70,13 +103,43 @@ def weight_view(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return view.reshape(geo.out_channels, -1)
 
 
+def _meta_matrix(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> torch.Tensor:
+    """W on the meta device: its shape, layout, number of non-zeros and dtype, no data."""
+    rows, cols = geo.matrix_shape
+    tie = weight_view.sum() * 0  # keeps W in the weight's autograd graph, as on other devices
+    if layout == torch.strided:
+        return weight_view.new_zeros((rows, cols)) + tie
+    nnz = plan_pattern(geo).nnz
+    values = weight_view.new_zeros(nnz) + tie
+    meta = {"dtype": INDEX, "device": weight_view.device}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        if layout == torch.sparse_csr:
+            crow, col = torch.empty(rows + 1, **meta), torch.empty(nnz, **meta)
+            return torch.sparse_csr_tensor(crow, col, values, (rows, cols), check_invariants=False)
+        indices = torch.empty(2, nnz, **meta)
+        return torch.sparse_coo_tensor(
+            indices, values, (rows, cols), is_coalesced=True, check_invariants=False
+        )
+
+
 def assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> torch.Tensor:
-    """W from the weight viewed as ``(C_rows, C_in_per_group * prod(kernel))``."""
+    """W from the weight viewed as ``(C_rows, C_in_per_group * prod(kernel))``.
+
+    The memory it needs is checked first (:func:`check_matrix_memory`). On the meta device W
+    is a meta tensor of the right shape and layout (a sparse one with its exact number of
+    non-zeros, counted from the per-axis tables); no pattern is built, nothing large allocated.
+    """
     check_layout(layout)
-    check_matrix_memory(geo, layout, weight_view.dtype, weight_view.device)
-    pattern: Pattern = get_pattern(geo, weight_view.device)
+    if weight_view.device.type == "meta":
+        return _meta_matrix(weight_view, geo, layout)
+    device = weight_view.device
+    rows, cols = geo.matrix_shape
+    pattern = cached_pattern(geo, device)
+    plan = _need(geo, layout, weight_view.dtype, device, pattern)
+    if pattern is None:
+        pattern = get_pattern(geo, device, plan)
     values = pattern.values(weight_view)
-    rows, cols = pattern.shape
     if layout == torch.strided:
         dense = weight_view.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
         return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)

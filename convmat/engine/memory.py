@@ -1,56 +1,310 @@
-"""The memory guard: how much can still be allocated, checked before every large allocation."""
+"""The memory guard: how much can still be allocated, checked before every large allocation.
+
+On the CPU the bytes that can still be allocated are the smallest of:
+
+- ``MemAvailable`` of ``/proc/meminfo`` (the machine);
+- the cgroup's limit less its usage (containers, CI): cgroup v2 ``memory.max`` minus
+  ``memory.current`` (``"max"`` is no limit), cgroup v1 ``memory.limit_in_bytes`` minus
+  ``memory.usage_in_bytes``, for the process's cgroup and every cgroup above it. Page cache the
+  kernel can drop (``inactive_file`` of ``memory.stat``) is not counted as used, as in
+  ``docker stats``;
+- the process's rlimits: ``RLIMIT_AS`` minus its virtual size (``ulimit -v``) and ``RLIMIT_DATA``
+  minus its data size (``ulimit -d``), where set.
+
+On CUDA it is the driver's free memory plus what torch's caching allocator holds unused. The meta
+device allocates nothing and has no limit.
+
+What the cache holds is real memory, already counted as used by every figure above, so it is not
+subtracted a second time; it can however be given back. When an allocation does not fit,
+:func:`check_allocation` first drops least recently used cache entries on that device (as many as
+the shortfall) and measures again; only then does it refuse. The cache's own growth needs no
+reserve: everything it keeps was built by an allocation that passed this guard.
+
+Allocations below :data:`SMALL` are not checked (reading the limits costs a few file reads).
+
+>>> check_allocation(10 * 2**60, torch.device("cpu"), "an example")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+convmat._errors.ConvMatError: an example needs 11,529,215,046,068,469,760 bytes, more than ...
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from .._errors import ConvMatError
 
-__all__ = ["available_memory", "check_allocation", "total_memory"]
+__all__ = [
+    "SMALL",
+    "MemoryLimit",
+    "available_memory",
+    "check_allocation",
+    "format_bytes",
+    "memory_limit",
+    "memory_limits",
+    "total_memory",
+]
+
+#: Allocations of fewer bytes are not checked.
+SMALL = 2**23
+
+#: Cgroup v1 writes "no limit" as a page-rounded 2**63 - 1; anything this large is no limit.
+_NO_LIMIT = 2**62
+
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """Bytes that can still be allocated under one limit, and which limit it is.
+
+    Attributes:
+        nbytes: the bytes left under this limit.
+        source: which limit (``"MemAvailable"``, ``"cgroup v2 memory.max"``, ``"RLIMIT_AS"``...).
+    """
+
+    nbytes: int
+    source: str
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it >= 1 (``"1.5 GiB"``).
+
+    >>> format_bytes(3 * 2**29), format_bytes(512)
+    ('1.5 GiB', '512 B')
+    """
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} EiB"
+
+
+# -- readers (one place, replaced by the tests) ----------------------------------------------
+def _read(path: str) -> str | None:
+    """The text of ``path``, or None if it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _rlimit(name: str) -> int | None:
+    """The soft limit ``resource.<name>`` in bytes, or None where unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not on every platform
+        return None
+    which = getattr(resource, name, None)
+    if which is None:
+        return None
+    soft, _ = resource.getrlimit(which)
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def _field_kib(text: str | None, name: str) -> int | None:
+    """``name:  123 kB`` of a /proc file, in bytes."""
+    for line in (text or "").splitlines():
+        if line.startswith(name + ":"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text.strip())
+    except ValueError:
+        return None
+
+
+def _stat_field(text: str | None, name: str) -> int:
+    """``name value`` of a cgroup ``memory.stat`` (0 when absent)."""
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == name and parts[1].isdigit():
+            return int(parts[1])
+    return 0
+
+
+def _cgroup_dirs() -> list[tuple[str, str]]:
+    """``(version, directory)`` of the process's memory cgroups: its own and every one above it
+    (a parent's limit binds too), and the mount's root (a container sees its own cgroup there)."""
+    text = _read("/proc/self/cgroup") or ""
+    found: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            version, base = "v2", _CGROUP_ROOT
+        elif "memory" in controllers.split(","):
+            version, base = "v1", f"{_CGROUP_ROOT}/memory"
+        else:
+            continue
+        names = [p for p in path.strip().split("/") if p]
+        for depth in range(len(names), -1, -1):
+            entry = (version, "/".join([base, *names[:depth]]))
+            if entry not in found:
+                found.append(entry)
+    for entry in (("v2", _CGROUP_ROOT), ("v1", f"{_CGROUP_ROOT}/memory")):
+        if entry not in found:
+            found.append(entry)
+    return found
+
+
+def _cgroup_limits() -> list[tuple[int, int, str]]:
+    """``(limit, used, source)`` of every memory cgroup of the process that sets a limit."""
+    out = []
+    for version, d in _cgroup_dirs():
+        if version == "v2":
+            limit = _int(_read(f"{d}/memory.max"))  # "max" (no limit) reads as None
+            used = _int(_read(f"{d}/memory.current"))
+            dropped = _stat_field(_read(f"{d}/memory.stat"), "inactive_file")
+            source = "cgroup v2 memory.max"
+        else:
+            limit = _int(_read(f"{d}/memory.limit_in_bytes"))
+            used = _int(_read(f"{d}/memory.usage_in_bytes"))
+            dropped = _stat_field(_read(f"{d}/memory.stat"), "total_inactive_file")
+            source = "cgroup v1 memory.limit_in_bytes"
+        if limit is None or limit >= _NO_LIMIT:
+            continue
+        out.append((limit, max(0, (used or 0) - dropped), source))
+    return out
+
+
+def _process_sizes() -> tuple[int | None, int | None]:
+    """The process's virtual size and data size in bytes (VmSize, VmData)."""
+    status = _read("/proc/self/status")
+    size, data = _field_kib(status, "VmSize"), _field_kib(status, "VmData")
+    if size is None or data is None:
+        statm = (_read("/proc/self/statm") or "").split()
+        if len(statm) >= 6:
+            page = _page_size()
+            size = int(statm[0]) * page if size is None else size
+            data = int(statm[5]) * page if data is None else data
+    return size, data
+
+
+def _page_size() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4096
+
+
+def _physical(name: str) -> int | None:
+    try:
+        return os.sysconf(name) * _page_size()
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# -- the limits ------------------------------------------------------------------------------
+def memory_limits(device: torch.device | str = "cpu") -> list[MemoryLimit]:
+    """Every limit found on what ``device`` can still allocate (empty where none is known).
+
+    >>> all(limit.nbytes >= 0 for limit in memory_limits("cpu"))
+    True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        spare = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return [MemoryLimit(int(free + max(spare, 0)), "CUDA free memory")]
+    if device.type != "cpu":
+        return []
+    found = []
+    meminfo = _field_kib(_read("/proc/meminfo"), "MemAvailable")
+    if meminfo is None:
+        meminfo = _physical("SC_AVPHYS_PAGES")
+    if meminfo is not None:
+        found.append(MemoryLimit(meminfo, "MemAvailable"))
+    for limit, used, source in _cgroup_limits():
+        found.append(MemoryLimit(max(0, limit - used), source))
+    size, data = _process_sizes()
+    for name, current, shell in (("RLIMIT_AS", size, "-v"), ("RLIMIT_DATA", data, "-d")):
+        cap = _rlimit(name)
+        if cap is not None and current is not None:
+            found.append(MemoryLimit(max(0, cap - current), f"{name}, ulimit {shell}"))
+    return found
+
+
+def memory_limit(device: torch.device | str = "cpu") -> MemoryLimit | None:
+    """The limit that binds first on ``device`` (the smallest), or None where none is known.
+
+    >>> memory_limit("meta") is None
+    True
+    """
+    found = memory_limits(device)
+    return min(found, key=lambda limit: limit.nbytes) if found else None
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device``, or None where that is unknown.
+
+    The smallest of the limits of :func:`memory_limits` (see the module documentation).
+
+    >>> available_memory("cpu") > 0
+    True
+    """
+    limit = memory_limit(device)
+    return None if limit is None else limit.nbytes
 
 
 def total_memory() -> int | None:
-    """Bytes of memory of this machine, or None where that is unknown."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    """Bytes of memory this process may use in all: the machine's, or less where a cgroup's
+    limit or the ``RLIMIT_AS`` / ``RLIMIT_DATA`` rlimits say so; None where nothing is known.
+
+    >>> total_memory() > 0
+    True
+    """
+    found = [_physical("SC_PHYS_PAGES")]
+    found += [limit for limit, _, _ in _cgroup_limits()]
+    found += [_rlimit("RLIMIT_AS"), _rlimit("RLIMIT_DATA")]
+    known = [n for n in found if n is not None]
+    return min(known) if known else None
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``, or None where that is unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_allocation(nbytes: int, device: torch.device, what: str, instead: str = "") -> None:
+def check_allocation(nbytes: int, device: torch.device | str, what: str, instead: str = "") -> None:
     """Raise :class:`ConvMatError` before allocating ``nbytes`` that do not fit on ``device``.
+
+    Cache entries on ``device`` are given back first when that makes room (see the module
+    documentation). The message gives the size needed, the limit found (and which one) and
+    ``instead``.
 
     Args:
         nbytes: the bytes about to be allocated.
         device: where.
         what: what they are for (``"a dense W of shape (10, 10) and dtype torch.float32"``).
         instead: what to do instead, appended to the message.
+
+    >>> check_allocation(100, "cpu", "a small tensor")  # fits: returns None
     """
-    free = available_memory(device)
-    if free is not None and nbytes > free:
-        hint = f"; {instead}" if instead else ""
-        raise ConvMatError(
-            f"{what} needs {nbytes:,} bytes, more than the {free:,} bytes available on "
-            f"{device}{hint}"
-        )
+    if nbytes < SMALL:
+        return
+    device = torch.device(device)
+    limit = memory_limit(device)
+    if limit is None or nbytes <= limit.nbytes:
+        return
+    from .cache import make_room  # the cache imports this module; import it on demand
+
+    if make_room(nbytes - limit.nbytes, device):
+        limit = memory_limit(device)
+        if limit is None or nbytes <= limit.nbytes:
+            return
+    assert limit is not None
+    hint = f"; {instead}" if instead else ""
+    raise ConvMatError(
+        f"{what} needs {nbytes:,} bytes, more than the {limit.nbytes:,} bytes available on "
+        f"{device} ({format_bytes(nbytes)} > {format_bytes(limit.nbytes)}, limit: "
+        f"{limit.source}){hint}"
+    )

@@ -18,23 +18,51 @@ How the pattern is found, without a Python loop over positions, taps or channels
    output channel in a group is the same) and then offset per channel in one pass.
 3. **Values** are a gather from the weight viewed as ``(C_rows, C_in_per_group * K)``: one
    index per non-zero of a channel, plus a segment sum where taps fold.
+
+Memory: the per-axis tables of step 1 already give the exact number of non-zeros and the size of
+every grid of step 2 (:class:`PatternPlan`), so the build is checked against the memory guard
+before anything grid-sized is allocated, and so are the full index tensors a sparse layout asks
+for. Patterns live in the one cache (:mod:`convmat.engine.cache`, owner ``"pattern"``) and are
+measured again when they grow. The meta device holds no data, so no pattern is made for it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
 
-from .cache import cached, store
+from .._errors import ConvMatError
+from .cache import cached, lookup, store
+from .memory import check_allocation
 from .shapes import Geometry
 
-__all__ = ["INDEX", "Pattern", "axis_taps", "build_pattern", "c_strides", "get_pattern"]
+__all__ = [
+    "INDEX",
+    "Pattern",
+    "PatternPlan",
+    "axis_taps",
+    "build_pattern",
+    "c_strides",
+    "cached_pattern",
+    "get_pattern",
+    "pattern_nnz",
+    "plan_pattern",
+    "refuse_meta",
+]
 
 #: The dtype of every index tensor.
 INDEX = torch.int64
+_ITEM = 8  # bytes of one INDEX entry
+
+#: Bytes per (output position, tap) of one axis while its slots are found (a dozen small tables).
+_AXIS_BYTES = 128
+
+#: What to do instead when W's index structure does not fit.
+INSTEAD = "use convmat.ConvOperator, which never forms W or its index pattern, or a smaller input"
 
 
 @dataclass
@@ -92,6 +120,75 @@ def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
     )
 
 
+@dataclass
+class PatternPlan:
+    """The per-axis slots of a geometry and what its pattern will hold, known before it is built.
+
+    ``grid`` is the ``(R_1..R_N, C_in_group, S_1..S_N)`` grid of step 2, ``taps`` the number of
+    ``(row, input channel, tap)`` triples that read the input (one per non-zero where nothing
+    folds). Both counts are exact.
+    """
+
+    geo: Geometry
+    axes: list[_Axis]
+    nnz_per_channel: int
+    taps: int
+
+    @property
+    def folds(self) -> bool:
+        return any(a.folds for a in self.axes)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        cg = self.geo.in_channels // self.geo.groups
+        return (*(a.cols.shape[0] for a in self.axes), cg, *(a.cols.shape[1] for a in self.axes))
+
+    @property
+    def nnz(self) -> int:
+        return self.geo.out_channels * self.nnz_per_channel
+
+    def pattern_bytes(self) -> int:
+        """Bytes of the built :class:`Pattern` (before any full index tensor is made)."""
+        spatial_rows = math.prod(self.geo.output_size)
+        gathered = self.taps * (2 if self.folds else 1)  # gather, and segment where taps fold
+        return _ITEM * (2 * self.nnz_per_channel + gathered + spatial_rows + self.geo.out_channels)
+
+    def build_bytes(self) -> int:
+        """Peak bytes while building the pattern (an upper bound): the grid-sized index and mask
+        tensors of step 2 beside the per-channel results."""
+        grid = math.prod(self.grid)
+        peak = grid * (_ITEM + 1) + 4 * _ITEM * self.nnz_per_channel
+        if self.folds:
+            spatial_rows = math.prod(self.geo.output_size)
+            cg = self.geo.in_channels // self.geo.groups
+            tap_grid = spatial_rows * cg * math.prod(self.geo.kernel_size)
+            peak += grid * _ITEM + tap_grid * (3 * _ITEM + 1) + 3 * _ITEM * self.taps
+        return peak
+
+
+def plan_pattern(geo: Geometry) -> PatternPlan:
+    """The per-axis slots of ``geo`` and the exact size of its pattern (small: one table of
+    ``(output positions, taps)`` per axis, itself checked against the memory guard)."""
+    axis_bytes = _AXIS_BYTES * sum(r * k for r, k in zip(geo.output_size, geo.kernel_size))
+    check_allocation(axis_bytes, torch.device("cpu"), "the per-axis taps of W's pattern", INSTEAD)
+    axes = [_axis(*axis_taps(geo, d)) for d in range(geo.ndim)]
+    cg = geo.in_channels // geo.groups
+    nnz, taps = cg, cg
+    for a in axes:
+        nnz *= int(a.count.sum())
+        taps *= int((a.tap_slot >= 0).sum())
+    return PatternPlan(geo, axes, nnz, taps)
+
+
+def refuse_meta(geo: Geometry, what: str) -> None:
+    """Raise :class:`ConvMatError`: ``what`` (index structure) asked for on the meta device."""
+    raise ConvMatError(
+        f"{what} cannot be made on the meta device: it is index structure, which a meta tensor "
+        f"does not hold; use layout=torch.strided for a meta W of shape {geo.matrix_shape}, "
+        f"or a real device"
+    )
+
+
 def c_strides(sizes: tuple[int, ...]) -> list[int]:
     strides, acc = [], 1
     for v in reversed(sizes):
@@ -119,6 +216,7 @@ class Pattern:
     gather: torch.Tensor  # index into weight_view's second dim
     segment: torch.Tensor | None  # where folded taps add up, or None
     key: Hashable = field(default=None, repr=False)  # its key in the cache
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _crow: torch.Tensor | None = field(default=None, repr=False)
     _col: torch.Tensor | None = field(default=None, repr=False)
     _coo: torch.Tensor | None = field(default=None, repr=False)
@@ -154,6 +252,25 @@ class Pattern:
         if self.key is not None:
             store(self.key, "pattern", self, self.nbytes())
 
+    def _check(self, nbytes: int, what: str) -> None:
+        rows, cols = self.shape
+        check_allocation(
+            nbytes,
+            self.offsets.device,
+            f"the {what} of a sparse W of shape ({rows}, {cols})",
+            INSTEAD,
+        )
+
+    def growth_bytes(self, layout: torch.layout) -> int:
+        """Bytes the index tensors of ``layout`` still need (0 once made, or for dense W)."""
+        if layout == torch.sparse_csr:
+            crow = 0 if self._crow is not None else 2 * _ITEM * (self.shape[0] + 1)
+            col = 0 if self._col is not None else _ITEM * self.nnz
+            return crow + col
+        if layout == torch.sparse_coo:
+            return 0 if self._coo is not None else 2 * _ITEM * self.nnz
+        return 0
+
     def values(self, weight_view: torch.Tensor) -> torch.Tensor:
         """The non-zeros of W in CSR order, shaped ``(row_channels, nnz_per_channel)``."""
         taps = weight_view.index_select(1, self.gather)
@@ -171,36 +288,46 @@ class Pattern:
 
     def crow(self) -> torch.Tensor:
         """``(rows + 1,)`` CSR row pointers, cached."""
-        if self._crow is None:
-            crow = torch.zeros(self.shape[0] + 1, dtype=INDEX, device=self.offsets.device)
-            torch.cumsum(self.row_counts.repeat(self.row_channels), 0, out=crow[1:])
-            self._crow = crow
-            self._grown()
-        return self._crow
+        with self._lock:
+            if self._crow is None:
+                self._check(2 * _ITEM * (self.shape[0] + 1), "row pointers")
+                crow = torch.zeros(self.shape[0] + 1, dtype=INDEX, device=self.offsets.device)
+                torch.cumsum(self.row_counts.repeat(self.row_channels), 0, out=crow[1:])
+                self._crow = crow
+                self._grown()
+            return self._crow
 
     def col(self) -> torch.Tensor:
         """``(nnz,)`` column indices, rows in order and sorted within each row, cached."""
-        if self._col is None:
-            self._col = self._full_cols(
-                torch.empty(self.nnz, dtype=INDEX, device=self.offsets.device)
-            )
-            self._grown()
-        return self._col
+        with self._lock:
+            if self._col is None:
+                self._check(_ITEM * self.nnz, "column indices")
+                self._col = self._full_cols(
+                    torch.empty(self.nnz, dtype=INDEX, device=self.offsets.device)
+                )
+                self._grown()
+            return self._col
 
     def coo_indices(self) -> torch.Tensor:
         """``(2, nnz)`` row and column indices in coalesced order, cached."""
-        if self._coo is None:
-            coo = torch.empty(2, self.nnz, dtype=INDEX, device=self.offsets.device)
-            spatial_rows = self.row_counts.numel()
-            channel = torch.arange(self.row_channels, device=coo.device)[:, None] * spatial_rows
-            torch.add(self.row_pos[None, :], channel, out=coo[0].view(self.row_channels, -1))
-            if self._col is None:
-                self._full_cols(coo[1])
-            else:
-                coo[1].copy_(self._col)
-            self._coo, self._col = coo, coo[1]
-            self._grown()
-        return self._coo
+        with self._lock:
+            if self._coo is None:
+                self._check(2 * _ITEM * self.nnz, "indices")
+                coo = torch.empty(2, self.nnz, dtype=INDEX, device=self.offsets.device)
+                spatial_rows = self.row_counts.numel()
+                channel = torch.arange(self.row_channels, device=coo.device)[:, None]
+                torch.add(
+                    self.row_pos[None, :],
+                    channel * spatial_rows,
+                    out=coo[0].view(self.row_channels, -1),
+                )
+                if self._col is None:
+                    self._full_cols(coo[1])
+                else:
+                    coo[1].copy_(self._col)
+                self._coo, self._col = coo, coo[1]
+                self._grown()
+            return self._coo
 
     def dense_index(self) -> torch.Tensor:
         """``(row_channels, nnz_per_channel)`` positions in W viewed as ``(row_channels, -1)``."""
@@ -209,6 +336,7 @@ class Pattern:
 
     def to(self, device: torch.device) -> Pattern:
         """The same pattern on ``device`` (the full index tensors are made again on request)."""
+        check_allocation(self.nbytes(), device, "W's index pattern", INSTEAD)
         segment = None if self.segment is None else self.segment.to(device)
         return Pattern(
             self.shape,
@@ -253,10 +381,19 @@ def _take(values: torch.Tensor, grid: torch.Size, index: torch.Tensor) -> torch.
     return values.expand(grid).reshape(-1).index_select(0, index)
 
 
-def build_pattern(geo: Geometry) -> Pattern:
-    """Compute the pattern of ``geo`` on the CPU (no loop over positions, taps or channels)."""
+def build_pattern(geo: Geometry, plan: PatternPlan | None = None) -> Pattern:
+    """Compute the pattern of ``geo`` on the CPU (no loop over positions, taps or channels),
+    after checking that its build fits in memory (:class:`ConvMatError` otherwise)."""
+    plan = plan_pattern(geo) if plan is None else plan
+    rows, cols = geo.matrix_shape
+    check_allocation(
+        plan.build_bytes(),
+        torch.device("cpu"),
+        f"building the index pattern of a W of shape ({rows}, {cols})",
+        INSTEAD,
+    )
     n = geo.ndim
-    axes = [_axis(*axis_taps(geo, d)) for d in range(n)]
+    axes = plan.axes
     cg = geo.in_channels // geo.groups
     k_total = math.prod(geo.kernel_size)
     in_total = math.prod(geo.input_size)
@@ -316,13 +453,38 @@ def build_pattern(geo: Geometry) -> Pattern:
     return Pattern(geo.matrix_shape, col_local, row_pos, row_counts, offsets, gather, segment)
 
 
-def get_pattern(geo: Geometry, device: torch.device) -> Pattern:
-    """The cached pattern of ``geo`` on ``device`` (built on the CPU, moved once)."""
+def cached_pattern(geo: Geometry, device: torch.device) -> Pattern | None:
+    """The pattern of ``geo`` on ``device`` if the cache holds it (marked as used), else None."""
+    return lookup(("pattern", geo, device))
+
+
+def pattern_nnz(geo: Geometry, device: torch.device | None = None) -> int:
+    """The exact number of non-zeros of W: the cached pattern's, or found from the per-axis
+    tables (no grid-sized work)."""
+    held = None if device is None else cached_pattern(geo, device)
+    if held is None:
+        held = cached_pattern(geo, torch.device("cpu"))
+    return held.nnz if held is not None else plan_pattern(geo).nnz
+
+
+def get_pattern(geo: Geometry, device: torch.device, plan: PatternPlan | None = None) -> Pattern:
+    """The cached pattern of ``geo`` on ``device``: built on the CPU (the CPU's own copy reused
+    when cached, not kept otherwise) and moved once. ``plan``, if given, is reused.
+
+    Raises:
+        ConvMatError: on the meta device, or when the build does not fit in memory.
+    """
+    if device.type == "meta":
+        refuse_meta(geo, "W's index pattern")
     cpu = torch.device("cpu")
     key = ("pattern", geo, device)
 
     def build() -> Pattern:
-        made = build_pattern(geo) if device == cpu else get_pattern(geo, cpu).to(device)
+        if device == cpu:
+            made = build_pattern(geo, plan)
+        else:
+            held = cached_pattern(geo, cpu)
+            made = (held if held is not None else build_pattern(geo, plan)).to(device)
         made.key = key
         return made
 
