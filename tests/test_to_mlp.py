@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from convmat import ConvMatError, to_mlp
+from convmat import ConvMatError, to_linear, to_mlp
 from convmat.layers import linear
 from convmat.layers.linear import SparseLinear
 
@@ -402,3 +403,222 @@ def test_batchnorm_alone_and_first():
         x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(mlp(x), model(x).flatten(1), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv subclasses: exact when they run torch's forward, refused (path, class, why) otherwise.
+
+
+class StdConv(nn.Conv2d):
+    """Standardises its weight in forward (as timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Pads inside forward (as timm's Conv2dSame)."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride)
+
+
+class ScaledOutput(nn.Conv2d):
+    """Scales the output through ``_conv_forward``."""
+
+    def _conv_forward(self, x, weight, bias):
+        return 2 * super()._conv_forward(x, weight, bias)
+
+
+class Documented(nn.Conv2d):
+    """Only adds a docstring: a plain convolution."""
+
+
+class PlainReLU(nn.ReLU):
+    """A subclass that keeps torch's forward."""
+
+
+class ShiftedBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+class SoftmaxReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.softmax(x, 1)
+
+
+class OwnSequential(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    ("cls", "method"),
+    [(StdConv, "forward"), (Conv2dSame, "forward"), (ScaledOutput, "_conv_forward")],
+)
+def test_conv_subclasses_with_their_own_forward_are_refused(cls, method):
+    layer = cls(2, 3, 3).double()
+    with pytest.raises(ConvMatError, match=rf"^module \({cls.__name__}\) overrides {method}"):
+        to_linear(layer, (6, 6))
+    model = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), layer)).eval()
+    for sparse in (False, True):
+        with pytest.raises(
+            ConvMatError, match=rf"^module 1\.1 \({cls.__name__}\) overrides {method}, so it"
+        ):
+            to_mlp(model, (2, 6, 6), sparse=sparse)
+
+
+def test_subclasses_that_keep_torch_forward_are_exact():
+    torch.manual_seed(0)
+    layer = Documented(2, 3, 3, padding=1).double()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    lin = to_linear(layer, (5, 5))
+    torch.testing.assert_close(lin(x.flatten(1)), layer(x).flatten(1), rtol=0, atol=1e-12)
+    model = nn.Sequential(layer, PlainReLU(), Documented(3, 1, 2).double()).eval()
+    for sparse in (False, True):
+        mlp = to_mlp(model, (2, 5, 5), sparse=sparse)
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), model(x).flatten(1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (ShiftedBatchNorm(2), r"^0\.1 \(ShiftedBatchNorm\) overrides forward"),
+        (SoftmaxReLU(), r"^0\.1 \(SoftmaxReLU\) overrides forward"),
+        (OwnSequential(nn.ReLU()), r"^0\.1 \(OwnSequential\) is not supported by to_mlp"),
+    ],
+)
+def test_other_layers_with_their_own_forward_are_refused(layer, match):
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 1), layer)).eval()
+    with pytest.raises(ConvMatError, match=match):
+        to_mlp(model, (1, 3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: ConvMatError (TypeError for a wrong type) naming the parameter or the layer, the
+# value and what is allowed; nothing large allocated first.
+
+CONV_RELU = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+LAZY = nn.Sequential(nn.LazyConv2d(4, 3)).eval()
+META = nn.Sequential(nn.Conv2d(3, 4, 3, device="meta")).eval()
+PARTLY_TRAINING = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+PARTLY_TRAINING[1].train()
+HUGE = (3, 10**6, 10**6)
+
+BAD_INPUTS = [
+    # (call, error, match)
+    (lambda: to_mlp(CONV_RELU, (3, 0, 4)), ConvMatError, r"input_shape must be a tuple \(C, "),
+    (lambda: to_mlp(CONV_RELU, (3, 4.0, 4)), ConvMatError, r"ints >= 1.*got \(3, 4\.0, 4\)"),
+    (lambda: to_mlp(CONV_RELU, (3, True, 4)), ConvMatError, r"input_shape must .*\(3, True, 4\)"),
+    (lambda: to_mlp(CONV_RELU, 5), ConvMatError, r"input_shape must be .*, got 5$"),
+    (lambda: to_mlp(CONV_RELU, "3,8,8"), ConvMatError, r"input_shape must be .*, got '3,8,8'"),
+    (lambda: to_mlp(CONV_RELU, ()), ConvMatError, r"input_shape must be .*, got \(\)"),
+    (lambda: to_mlp(CONV_RELU, (3, -2, 4)), ConvMatError, r"input_shape must be .*\(3, -2, 4\)"),
+    (
+        lambda: to_mlp(CONV_RELU, (3, 8)),
+        ConvMatError,
+        r"^0 \(Conv2d\) takes inputs of shape \(C=3, 2 spatial sizes\) per sample, got \(3, 8\) "
+        r"\(input_shape\)",
+    ),
+    (
+        lambda: to_mlp(CONV_RELU, (2, 8, 8)),
+        ConvMatError,
+        r"^0 \(Conv2d\) takes inputs of shape \(C=3, .*got \(2, 8, 8\)",
+    ),
+    (lambda: to_mlp(CONV_RELU, (3, 2, 2)), ConvMatError, r"kernel_size 3 .* spans 3 elements"),
+    (
+        lambda: to_mlp(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4)).eval(), (3, 4, 4)),
+        ConvMatError,
+        r"^1 \(BatchNorm2d\) takes inputs of shape \(C=4, 2 spatial sizes\) .*got \(8, 4, 4\)$",
+    ),
+    (
+        lambda: to_mlp(nn.Sequential(nn.Flatten(), nn.Linear(10, 2)).eval(), (3, 4)),
+        ConvMatError,
+        r"^1 \(Linear\) takes inputs of shape \(in_features=10,\) per sample, got \(12,\)",
+    ),
+    (
+        lambda: to_mlp(nn.Sequential(nn.AvgPool2d(5)).eval(), (1, 2, 2)),
+        ConvMatError,
+        r"^0 \(AvgPool2d\) cannot run on an input of shape \(1, 2, 2\) \(input_shape\): torch",
+    ),
+    (
+        lambda: to_mlp(nn.Sequential(nn.AvgPool1d(3)).eval(), (1, 5, 5)),
+        ConvMatError,
+        r"^0 \(AvgPool1d\) takes inputs of shape \(C, 1 spatial sizes\)",
+    ),
+    (
+        lambda: to_mlp(nn.Sequential(nn.Unflatten(1, (5, 5))).eval(), (3, 4)),
+        ConvMatError,
+        r"^0 \(Unflatten\) cannot run on an input of shape \(3, 4\)",
+    ),
+    (
+        lambda: to_mlp(CONV_RELU, (3, 8, 8), dtype=torch.int64),
+        ConvMatError,
+        r"dtype must be None or a floating-point torch\.dtype .*got torch\.int64",
+    ),
+    (lambda: to_mlp(CONV_RELU, (3, 8, 8), dtype="float64"), ConvMatError, r"got 'float64'"),
+    (
+        lambda: to_mlp(CONV_RELU, (3, 8, 8), sparse=True, dtype=torch.float16),
+        ConvMatError,
+        r"dtype torch\.float16 with sparse=True on the CPU: .* pass dtype=torch\.float32",
+    ),
+    (lambda: to_mlp(None, (3, 8, 8)), TypeError, r"model must be an nn\.Module, got NoneType"),
+    (lambda: to_mlp(CONV_RELU, (3, 8, 8), sparse="yes"), TypeError, r"sparse must be a bool"),
+    (lambda: to_mlp(LAZY, (3, 8, 8)), ConvMatError, r"^0 \(LazyConv2d\) has uninitialised"),
+    (lambda: to_mlp(META, (3, 8, 8)), ConvMatError, r"^0 \(Conv2d\) has tensors on the meta"),
+    (
+        lambda: to_mlp(PARTLY_TRAINING, (3, 8, 8)),
+        ConvMatError,
+        r"^1 \(BatchNorm2d\) is in training mode; to_mlp needs model\.eval\(\)",
+    ),
+    (
+        lambda: to_mlp(CONV_RELU, HUGE),
+        ConvMatError,
+        r"^to_mlp: the W of 0 \(Conv2d\), a dense \(3999984000016, 3000000000000\) matrix of "
+        r"torch\.float32, needs [\d,]+ bytes.* pass sparse=True to to_mlp",
+    ),
+    (
+        lambda: to_mlp(CONV_RELU, HUGE, sparse=True),
+        ConvMatError,
+        r"^to_mlp: the W of 0 \(Conv2d\), a sparse \(at most [\d,]+ non-zeros\) .* needs "
+        r"[\d,]+ bytes.* use convmat\.ConvOperator",
+    ),
+    (lambda: to_linear(nn.Linear(3, 4), 5), ConvMatError, r"^module \(Linear\) is not a conv"),
+    (lambda: to_linear(nn.Conv2d(3, 4, 3), 0), ConvMatError, r"input_size must be >= 1"),
+    (lambda: to_linear(nn.Conv2d(3, 4, 3), (5, 5, 5)), ConvMatError, r"input_size must be an int"),
+    (lambda: to_linear(nn.Conv2d(3, 4, 3), (2, 5)), ConvMatError, r"kernel_size 3 .* spans"),
+    (lambda: to_linear(nn.Conv2d(3, 4, 3), "5"), ConvMatError, r"input_size must be an int"),
+    (lambda: to_linear(nn.Conv2d(3, 4, 3, device="meta"), 5), ConvMatError, r"on the meta"),
+    (
+        lambda: to_linear(nn.Conv2d(3, 4, 3), (10**6, 10**6)),
+        ConvMatError,
+        r"^to_linear: a dense W of shape \(3999984000016, 3000000000000\) .* needs [\d,]+ "
+        r"bytes.* to_mlp\(module, \(C, \*input_size\), sparse=True\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"), BAD_INPUTS, ids=[f"row{i}" for i in range(len(BAD_INPUTS))]
+)
+def test_bad_input_is_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match) as info:
+        call()
+    assert "layout" not in str(info.value)
+
+
+def test_sparse_linear_checks_its_input():
+    layer = SparseLinear(torch.eye(3, dtype=torch.float64)[:2], torch.ones(2, dtype=torch.float64))
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x[..., :2] + 1)
+    torch.testing.assert_close(layer(x[0, 0]), x[0, 0, :2] + 1)
+    with pytest.raises(ConvMatError, match=r"input dtype must be the layer's torch\.float64"):
+        layer(x.float())
+    with pytest.raises(ConvMatError, match=r"input must have shape \(\*, 3\), got \(4, 2\)"):
+        layer(torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"input must be a torch\.Tensor, got list"):
+        layer([1.0, 2.0, 3.0])
