@@ -1,148 +1,409 @@
 """The guided tour: convolutions as matrices, step by step, each matrix checked against torch.
 
-The steps follow the tutorial the project grew from: a convolution as a linear map; sparse
-connection and parameter sharing; stride; dilation; padding; channels; a 2-D convolution as a
-1-D one with rows as channels; the transposed convolution.
+The steps follow the tutorial the project grew from: a convolution as a matrix; sparse
+connection and parameter sharing; a ``Conv1D`` layer that builds W; stride; dilation; padding;
+channels; a 2-D convolution as a 1-D one with rows as channels; the transposed convolution as
+W transposed; the true (flipped) convolution beside the cross-correlation.
+
+This module is the one source of the tour. Each :class:`Step` holds its text (Markdown) and its
+code; ``convmat tour`` runs the code and prints the text and what the code shows, and
+:func:`write_notebook` writes the same steps as the notebook ``docs/tour.ipynb``, where each
+step also draws its picture. To change the tour, edit the steps here and run
+``python -m convmat.presentation.tour docs/tour.ipynb`` (a test checks that the committed
+notebook is up to date).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ast
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
 
+__all__ = ["Step", "notebook", "run_step", "steps", "tour", "write_notebook"]
+
+
+class Step(NamedTuple):
+    """One step of the tour.
+
+    Attributes:
+        title: the heading.
+        text: the explanation (Markdown; read as plain text in a terminal).
+        code: Python run by both the terminal tour and the notebook. It checks its matrix
+            against torch (or numpy), prints one line starting ``checked:``, and ends with the
+            expression to show (the symbolic W, as HTML in a notebook).
+        picture: code that draws the step, run only in the notebook (a terminal shows none).
+    """
+
+    title: str
+    text: str
+    code: str
+    picture: str = ""
+
+
+#: Imports shared by every step: the first code cell of the notebook.
+SETUP = """\
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import conv_transpose_output_size
-from ..matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix
-from .symbolic import symbolic
+from convmat import (animate, conv2d_as_conv1d, conv_matrix, conv_transpose_matrix,
+                     plot_matrix, symbolic, to_matrix)
+from convmat.nn import Conv1D"""
 
-__all__ = ["steps", "tour"]
+_INTRO = """\
+# Convolutions as matrices
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
+A convolution layer is a linear map, so it is a matrix W: `conv(x).flatten() == W @ x.flatten()`.
+This tour builds W step by step with convmat for every idea of the classic
+tutorial: sparse connection and parameter sharing, stride, dilation, padding, channels, 2-D as
+1-D, the transposed convolution and the true (flipped) convolution. Every step shows W with its
+entries named by kernel taps, draws it, and checks it against torch's own convolution.
 
+`convmat tour` prints the same steps in a terminal; both come from `convmat/presentation/tour.py`
+(this notebook is generated from it by `write_notebook`)."""
 
-def _check_conv(config: dict[str, Any]) -> str:
-    """Build W with a random kernel and compare ``W @ x`` with torch's convolution."""
-    gen = torch.Generator().manual_seed(0)
-    size = config["input_size"]
-    size = size if isinstance(size, tuple) else (size,)
-    n = len(size)
-    k = config["kernel_size"]
-    k = k if isinstance(k, tuple) else (k,) * n
-    cin, cout = config.get("in_channels", 1), config.get("out_channels", 1)
-    w = torch.randn(cout, cin, *k, dtype=torch.float64, generator=gen)
-    x = torch.randn(2, cin, *size, dtype=torch.float64, generator=gen)
-    kw = {key: config[key] for key in ("stride", "dilation") if key in config}
-    pads = config.get("padding", 0)
-    W = conv_matrix(w, size, padding=pads, **kw)
-    if isinstance(pads, tuple) and isinstance(pads[0], tuple):
-        flat = [v for pair in reversed(pads) for v in pair]
-        y = _CONV[n](F.pad(x, flat), w, **kw)
-        what = f"F.pad + F.conv{n}d"
-    else:
-        y = _CONV[n](x, w, padding=pads, **kw)
-        what = f"F.conv{n}d"
-    diff = (x.flatten(1) @ W.T - y.flatten(1)).abs().max().item()
-    assert diff < 1e-10, diff
-    return f"checked: x @ W.T equals torch's {what} (max difference {diff:.1e})"
-
-
-def _rounded(y: torch.Tensor) -> list[list[float]]:
-    return [[round(v, 6) for v in row] for row in y.tolist()]
-
-
-def steps() -> list[tuple[str, str, str]]:
-    """``(title, explanation, body)`` of every step, bodies computed and checked live."""
-    out: list[tuple[str, str, str]] = []
-
-    def step(title: str, text: str, config: dict[str, Any]) -> None:
-        body = f"{symbolic(**config)}\n{_check_conv(config)}"
-        out.append((title, text, body))
-
-    step(
-        "1. A convolution is a linear map",
-        "Cross-correlation y[n] = sum_m x[n + m] w[m] is linear in x, so it is a matrix W:\n"
-        "y = W x. Input 10, kernel 3: eight outputs, one row each.",
-        dict(input_size=10, kernel_size=3),
-    )
-    step(
+STEPS: tuple[Step, ...] = (
+    Step(
+        "1. A convolution is a matrix",
+        "What deep learning calls a convolution is the cross-correlation "
+        "`y[n] = sum_m x[n + m] w[m]`:\nslide the kernel `w` along `x` and take weighted sums. "
+        "It is linear in `x`, so it is a matrix,\n`y = W x`. Input 10, kernel 3: 8 outputs, one "
+        "row of W each, the kernel on a band.",
+        """\
+w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+x = torch.arange(1.0, 11.0, dtype=torch.float64)
+W = conv_matrix(w.view(1, 1, 3), 10)  # weight (out_channels, in_channels, kernel), input 10
+y = F.conv1d(x.view(1, 1, 10), w.view(1, 1, 3)).flatten()
+assert torch.equal(W @ x, y)
+print(f"W is {tuple(W.shape)}; checked: W @ x equals F.conv1d(x, w) = {y.tolist()}")
+symbolic(10, 3)""",
+        "plot_matrix(input_size=10, kernel_size=3)",
+    ),
+    Step(
         "2. Sparse connection and parameter sharing",
-        "Each output reads only its window (zeros elsewhere: sparse connection), and every row\n"
-        "holds the same w1, w2, w3 (parameter sharing): 3 parameters instead of 8 x 10.",
-        dict(input_size=6, kernel_size=3),
-    )
-    step(
-        "3. Stride",
-        "Stride 2 keeps every second window: every second row of the stride-1 matrix.",
-        dict(input_size=10, kernel_size=3, stride=2),
-    )
-    step(
-        "4. Dilation",
-        "Dilation 2 spreads the taps two apart: the band gets gaps; y[n] = sum_m x[n + 2m] w[m].",
-        dict(input_size=10, kernel_size=3, dilation=2),
-    )
-    step(
-        "5. Padding",
-        "Padding adds zeros around the input; in W they are columns that are dropped, so the\n"
-        "border rows are shorter. Symmetric padding 1 keeps the size ('same'):",
-        dict(input_size=6, kernel_size=3, padding=1),
-    )
-    step(
-        "   ... asymmetric, left only (causal)",
-        "Two zeros before and none after: every output sees only its past.",
-        dict(input_size=6, kernel_size=3, padding=((2, 0),)),
-    )
-    step(
-        "   ... right only",
-        "Two zeros after and none before.",
-        dict(input_size=6, kernel_size=3, padding=((0, 2),)),
-    )
-    step(
-        "6. Channels",
-        "With channels W is a grid of blocks, one banded block per (output, input) channel\n"
-        "pair, labelled w[out, in, tap].",
-        dict(input_size=4, kernel_size=2, in_channels=2, out_channels=2),
-    )
-    # 7: a 2-D convolution as a 1-D one with rows as channels.
-    x = torch.arange(1.0, 21.0, dtype=torch.float64).view(1, 1, 4, 5)
-    w = torch.arange(1, 10, dtype=torch.float64).view(1, 1, 3, 3) / 10
-    w1 = conv2d_as_conv1d(w, 4)
-    y2 = F.conv2d(x, w).view(2, 3)
-    y1 = F.conv1d(x.view(1, 4, 5), w1).view(2, 3)
-    assert torch.allclose(y1, y2, rtol=0, atol=1e-12)
-    out.append(
-        (
-            "7. A 2-D convolution is a 1-D one with rows as channels",
-            "Treat the 4 image rows as 4 input channels and slide along the width: the 3x3 kernel\n"
-            "becomes a (2 output rows, 4 input rows, 3) Conv1d kernel holding each kernel row\n"
-            "where that output row reads it. Image 1..20 (4x5), kernel 0.1..0.9 (3x3):",
-            f"F.conv2d: {_rounded(y2)}\nF.conv1d: {_rounded(y1)}\n"
-            f"checked: the same numbers (Conv1d weight shape {tuple(w1.shape)})",
-        )
-    )
-    # 8: transposed convolution.
-    wt = torch.randn(1, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    WT = conv_transpose_matrix(wt, 4, stride=2)
-    (size,) = conv_transpose_output_size(4, 3, stride=2)
-    Wc = conv_matrix(wt, size, stride=2)
-    xt = torch.randn(2, 1, 4, dtype=torch.float64)
-    diff = (xt.flatten(1) @ WT.T - F.conv_transpose1d(xt, wt, stride=2).flatten(1)).abs().max()
-    assert torch.equal(WT, Wc.T) and diff < 1e-12
-    out.append(
-        (
-            "8. The transposed convolution is W transposed",
-            "conv_transpose(stride 2) on 4 inputs has the matrix W.T of the stride-2\n"
-            "convolution on its output size (i-1)*s - 2p + d*(k-1) + output_padding + 1\n"
-            "= 3*2 - 0 + 2 + 0 + 1 = 9:",
-            f"{symbolic(4, 3, stride=2, transposed=True)}\n"
-            f"checked: equals conv_matrix(w, 9, stride=2).T exactly, and x @ W.T equals torch's "
-            f"F.conv_transpose1d (max difference {float(diff):.1e})",
-        )
-    )
-    return out
+        "A dense layer from 4 inputs to 2 outputs has 2 x 4 = 8 weights, and every output reads "
+        "every input.\nA convolution with kernel 3 connects `y1` only to `x1, x2, x3` and `y2` "
+        "only to `x2, x3, x4`\n(sparse connection), and both rows hold the same `w1, w2, w3` "
+        "(parameter sharing): 3 weights.\n`to_matrix` gives W of any torch layer.",
+        """\
+conv = torch.nn.Conv1d(1, 1, kernel_size=3, bias=False).double()
+W = to_matrix(conv, 4)
+x = torch.randn(5, 1, 4, dtype=torch.float64)
+diff = (conv(x).flatten(1) - x.flatten(1) @ W.T).abs().max().item()
+assert diff < 1e-12
+nonzero = W.count_nonzero().item()
+print(f"{nonzero} of W's {W.numel()} entries are non-zero, made of {conv.weight.numel()} weights")
+print(f"checked: x @ W.T equals nn.Conv1d(x) (max difference {diff:.0e})")
+symbolic(4, 3)""",
+        "plot_matrix(conv, 4)",
+    ),
+    Step(
+        "3. A Conv1D layer that builds W",
+        "The tutorial's `Conv1D` keeps a learnable kernel, builds W from it on every call and "
+        "returns\n`x @ W.T`. `convmat.nn.Conv1D` is that layer without the Python loop: W's index "
+        "pattern is\ncomputed once and the kernel's values are gathered into it, so gradients "
+        "reach the kernel through W.",
+        """\
+layer = Conv1D(kernel_size=3, input_dim=10).double()
+x = torch.randn(4, 10, dtype=torch.float64)  # a batch of 4 signals
+y = layer(x)
+y.square().sum().backward()
+kernel = layer.kernel.detach().clone().requires_grad_()
+y_torch = F.conv1d(x.unsqueeze(1), kernel.view(1, 1, 3)).squeeze(1)
+y_torch.square().sum().backward()
+assert torch.allclose(y, y_torch, rtol=0, atol=1e-12)
+assert torch.allclose(layer.kernel.grad, kernel.grad, rtol=0, atol=1e-10)
+print(f"{tuple(x.shape)} -> {tuple(y.shape)}; "
+      "checked: outputs and kernel gradients equal F.conv1d's")
+layer""",
+        "plot_matrix(layer.weight_matrix())",
+    ),
+    Step(
+        "4. Stride",
+        "Stride 2 moves the window two places at a time: W keeps every second row of the stride-1 "
+        "matrix.\nout = (in - k) // stride + 1 = (10 - 3) // 2 + 1 = 4.",
+        """\
+w = torch.tensor([[[1.0, 2.0, 3.0]]], dtype=torch.float64)
+x = torch.randn(2, 1, 10, dtype=torch.float64)
+W = conv_matrix(w, 10, stride=2)
+assert torch.equal(W, conv_matrix(w, 10)[::2])
+diff = (x.flatten(1) @ W.T - F.conv1d(x, w, stride=2).flatten(1)).abs().max().item()
+assert diff < 1e-12
+print(f"W is {tuple(W.shape)}, every second row of the stride-1 W; "
+      f"checked: equals F.conv1d(stride=2) (max difference {diff:.0e})")
+symbolic(10, 3, stride=2)""",
+        "animate(None, 10, 3, stride=2)  # a path such as 'stride.gif' also writes the file",
+    ),
+    Step(
+        "5. Dilation",
+        "Dilation 2 spreads the taps two apart, `y[n] = sum_m x[n + 2m] w[m]`: the band gets "
+        "gaps.\nThink of a kernel of size (k - 1) * d + 1 with zeros between the taps; dilate "
+        "first, then stride.\nout = 10 - (3 - 1) * 2 = 6.",
+        """\
+W = conv_matrix(w, 10, dilation=2)
+diff = (x.flatten(1) @ W.T - F.conv1d(x, w, dilation=2).flatten(1)).abs().max().item()
+assert diff < 1e-12
+both = conv_matrix(w, 10, dilation=2, stride=2)
+assert torch.equal(both, W[::2])
+print(f"W is {tuple(W.shape)}; checked: equals F.conv1d(dilation=2) (max difference {diff:.0e}),"
+      f" and with stride 2 it keeps every second row")
+symbolic(10, 3, dilation=2)""",
+        "plot_matrix(input_size=10, kernel_size=3, dilation=2)",
+    ),
+    Step(
+        "6. Padding",
+        "Padding adds zeros around the input. In W they would be columns that multiply zeros, "
+        "so they are\ndropped and the border rows are shorter. Padding 1 on both sides keeps "
+        "the size (`'same'`);\n`((2, 0),)` pads only the start (a causal convolution: every "
+        "output sees only its past).\nOther padding modes fold the taps that fall outside back "
+        "into W: `'circular'` wraps around.",
+        """\
+x = torch.randn(2, 1, 6, dtype=torch.float64)
+for before, after in [(1, 1), (2, 0), (0, 2), (1, 3)]:
+    W = conv_matrix(w, 6, padding=((before, after),))
+    y = F.conv1d(F.pad(x, (before, after)), w)
+    assert torch.allclose(x.flatten(1) @ W.T, y.flatten(1), rtol=0, atol=1e-12)
+W = conv_matrix(w, 6, padding=1, padding_mode="circular")
+y = F.conv1d(F.pad(x, (1, 1), mode="circular"), w)
+assert torch.allclose(x.flatten(1) @ W.T, y.flatten(1), rtol=0, atol=1e-12)
+print("checked: x @ W.T equals F.conv1d(F.pad(x, (before, after)), w) for (1, 1), (2, 0), "
+      "(0, 2), (1, 3) and circular (1, 1)")
+display(symbolic(6, 3, padding=1))
+symbolic(6, 3, padding=((2, 0),))""",
+        "plot_matrix(input_size=6, kernel_size=3, padding=1, padding_mode='circular')",
+    ),
+    Step(
+        "7. Channels",
+        "With 2 input and 3 output channels there are 2 x 3 = 6 kernels, `w[out, in, tap]`. "
+        "Each output\nchannel sums its own convolutions of every input channel, so W is a "
+        "3 x 2 grid of banded blocks.",
+        """\
+w = torch.randn(3, 2, 3, dtype=torch.float64)  # (out_channels, in_channels, kernel)
+x = torch.randn(2, 2, 4, dtype=torch.float64)
+W = conv_matrix(w, 4)
+diff = (x.flatten(1) @ W.T - F.conv1d(x, w).flatten(1)).abs().max().item()
+assert diff < 1e-12
+assert torch.equal(W[2:4, 4:8], conv_matrix(w[1:2, 1:2], 4))  # block (out 1, in 1)
+print(f"W is {tuple(W.shape)}: 3 x 2 blocks of 2 x 4; "
+      f"checked: equals F.conv1d (max difference {diff:.0e})")
+symbolic(4, 3, in_channels=2, out_channels=3)""",
+        "plot_matrix(input_size=4, kernel_size=3, in_channels=2, out_channels=3)",
+    ),
+    Step(
+        "8. A 2-D convolution is a 1-D one with rows as channels",
+        "Treat the 4 rows of a 4 x 5 image as 4 input channels and slide along the width: the "
+        "3 x 3 kernel\nbecomes a Conv1d kernel with one output channel per output row, holding "
+        "each kernel row where\nthat output row reads it (image 1..20, kernel 0.1..0.9). Both "
+        "have the same W. Each row of a\n2-D W reads a window of the flattened image: one run "
+        "of taps per image row (below, a 2 x 2\nkernel on a 3 x 3 image).",
+        """\
+image = torch.arange(1.0, 21.0, dtype=torch.float64).view(1, 1, 4, 5)
+w2 = torch.arange(1.0, 10.0, dtype=torch.float64).view(1, 1, 3, 3) / 10
+w1 = conv2d_as_conv1d(w2, 4)  # (2 output rows, 4 input rows, 3)
+y2 = F.conv2d(image, w2).view(2, 3)
+y1 = F.conv1d(image.view(1, 4, 5), w1).view(2, 3)
+assert torch.allclose(y1, y2, rtol=0, atol=1e-12)
+W = conv_matrix(w2, (4, 5))
+assert torch.equal(W, conv_matrix(w1, 5))
+print(f"F.conv2d gives {y2.round(decimals=4).tolist()}")
+print(f"checked: F.conv1d with the {tuple(w1.shape)} weight gives the same; "
+      f"both have the same {tuple(W.shape)} W")
+symbolic((3, 3), 2)""",
+        "plot_matrix(input_size=(4, 5), kernel_size=3)",
+    ),
+    Step(
+        "9. The transposed convolution is W transposed",
+        "If `y = W x`, then `W.T` maps y's size back to x's: the transposed convolution, used to "
+        "upsample in\ndecoders. It is the adjoint, not an inverse (`W.T @ W` is not the "
+        "identity). Its output size is\n(in - 1) * stride - 2 * padding + dilation * (k - 1) + "
+        "output_padding + 1 = 3 * 2 + 2 + 1 = 9 here.",
+        """\
+w = torch.tensor([[[1.0, 2.0, 3.0]]], dtype=torch.float64)
+WT = conv_transpose_matrix(w, 4, stride=2)  # 4 inputs -> 9 outputs
+W = conv_matrix(w, 9, stride=2)  # the stride-2 convolution: 9 inputs -> 4 outputs
+assert torch.equal(WT, W.T)
+x = torch.randn(2, 1, 4, dtype=torch.float64)
+diff = (x.flatten(1) @ WT.T - F.conv_transpose1d(x, w, stride=2).flatten(1)).abs().max().item()
+assert diff < 1e-12
+print(f"checked: conv_transpose_matrix(w, 4, stride=2) is conv_matrix(w, 9, stride=2).T, and "
+      f"x @ WT.T equals F.conv_transpose1d (max difference {diff:.0e})")
+symbolic(4, 3, stride=2, transposed=True)""",
+        "animate(None, 4, 3, stride=2, transposed=True)",
+    ),
+    Step(
+        "10. True convolution and cross-correlation",
+        "Signal processing's convolution flips the kernel, `(x * w)[n] = sum_m x[m] w[n - m]`; "
+        "deep learning's\nlayers compute the cross-correlation, without the flip. One line "
+        "relates the two matrices:\n`W_conv(w) = W_corr(flip(w))`, that is "
+        "`conv_matrix(w, n, flip=True) == conv_matrix(w.flip(-1), n)`.\nWith k - 1 zeros on both "
+        "sides the true convolution is numpy's `'full'` convolution; with none, `'valid'`.",
+        """\
+x = torch.arange(1.0, 7.0, dtype=torch.float64)
+W_corr = conv_matrix(w, 6)
+W_conv = conv_matrix(w, 6, flip=True)
+assert torch.equal(W_conv, conv_matrix(w.flip(-1), 6))
+kernel = w.flatten().numpy()
+assert np.allclose(W_corr @ x, np.correlate(x, kernel, "valid"))
+assert np.allclose(W_conv @ x, np.convolve(x, kernel, "valid"))
+full = conv_matrix(w, 6, padding=2, flip=True)  # k - 1 = 2 zeros on both sides
+assert np.allclose(full @ x, np.convolve(x, kernel, "full"))
+print("checked: W_corr @ x equals np.correlate(x, w), W_conv @ x equals np.convolve(x, w) "
+      "('valid', and 'full' with padding 2)")
+display(W_corr)
+W_conv""",
+        """\
+for name, flip in [("cross-correlation (torch)", False), ("true convolution", True)]:
+    fig = plot_matrix(conv_matrix(w, 6, flip=flip))
+    fig.axes[0].set_title(f"{name}: flip={flip}")
+    display(fig)""",
+    ),
+)
+
+
+def steps() -> list[Step]:
+    """The steps of the tour, in order.
+
+    Returns:
+        Every :class:`Step` (title, text, code, picture).
+
+    Shape:
+        one step per idea of the tutorial.
+
+    >>> [s.title for s in steps()][:2]
+    ['1. A convolution is a matrix', '2. Sparse connection and parameter sharing']
+    """
+    return list(STEPS)
+
+
+def _display(*objects: Any) -> None:
+    """The terminal's stand-in for IPython's ``display``: text, and no pictures."""
+    for obj in objects:
+        if obj is not None and not hasattr(obj, "savefig"):
+            print(obj)
+
+
+def run_step(code: str, namespace: dict[str, Any]) -> str:
+    """Run one step's code in ``namespace`` as a notebook cell runs: what it prints, then the
+    value of its last expression (if not None).
+
+    Args:
+        code: the cell's code.
+        namespace: the variables shared by the cells (updated).
+
+    Returns:
+        The text the cell shows.
+
+    Shape:
+        text, one line per printed line.
+
+    >>> run_step("a = 2\\nprint('a is', a)\\na + 1", {})
+    'a is 2\\n3\\n'
+    """
+    namespace.setdefault("display", _display)
+    tree = ast.parse(code)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(tree, "<tour>", "exec"), namespace)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), "<tour>", "eval"), namespace)
+            if value is not None:
+                print(value)
+    return out.getvalue()
 
 
 def tour() -> None:
-    """Print the tour."""
-    for title, text, body in steps():
-        print(f"{title}\n{'-' * len(title)}\n{text}\n\n{body}\n")
+    """Print the tour: every step's text and what its code shows (its checks run live).
+
+    Shape:
+        one section per step.
+    """
+    namespace: dict[str, Any] = {}
+    run_step(SETUP, namespace)
+    print("Convolutions as matrices. Run docs/tour.ipynb in Jupyter for the same steps with code "
+          "and pictures.\n")  # fmt: skip
+    for step in STEPS:
+        shown = run_step(step.code, namespace)
+        print(f"{step.title}\n{'-' * len(step.title)}\n{step.text.replace('`', '')}\n\n{shown}")
+
+
+def _cell(kind: str, source: str, cell_id: str) -> dict[str, Any]:
+    cell: dict[str, Any] = {
+        "cell_type": kind,
+        "id": cell_id,
+        "metadata": {},
+        "source": source.splitlines(keepends=True),
+    }
+    if kind == "code":
+        cell.update(execution_count=None, outputs=[])
+    return cell
+
+
+def notebook() -> dict[str, Any]:
+    """The tour as a Jupyter notebook (nbformat 4.5, no outputs): per step a Markdown cell, its
+    code and its picture.
+
+    Returns:
+        The notebook as a JSON-ready dict.
+
+    Shape:
+        ``2 + 3 * len(steps())`` cells at most.
+
+    >>> nb = notebook()
+    >>> nb["cells"][2]["source"][0]
+    '## 1. A convolution is a matrix\\n'
+    """
+    cells = [_cell("markdown", _INTRO, "intro"), _cell("code", SETUP, "setup")]
+    for i, step in enumerate(STEPS, 1):
+        cells.append(_cell("markdown", f"## {step.title}\n\n{step.text}", f"step{i}-text"))
+        cells.append(_cell("code", step.code, f"step{i}-code"))
+        if step.picture:
+            cells.append(_cell("code", step.picture, f"step{i}-picture"))
+    return {
+        "cells": cells,
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+def notebook_text() -> str:
+    """:func:`notebook` as the text of an ``.ipynb`` file (stable, so it can be compared)."""
+    return json.dumps(notebook(), indent=1, ensure_ascii=False) + "\n"
+
+
+def write_notebook(path: str | os.PathLike[str]) -> Path:
+    """Write the tour as a notebook (``docs/tour.ipynb`` in the repository).
+
+    Args:
+        path: the ``.ipynb`` file to write.
+
+    Returns:
+        The path written.
+
+    Shape:
+        as :func:`notebook`.
+
+    >>> import tempfile, os
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     write_notebook(os.path.join(d, "tour.ipynb")).stat().st_size > 1000
+    True
+    """
+    p = Path(path)
+    p.write_text(notebook_text(), encoding="utf-8")
+    return p
+
+
+if __name__ == "__main__":  # python -m convmat.presentation.tour docs/tour.ipynb
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m convmat.presentation.tour NOTEBOOK.ipynb")
+    print(f"wrote {write_notebook(sys.argv[1])}")
