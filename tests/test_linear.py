@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from convmat import ConvMatError, conv2d_as_conv1d, to_linear
@@ -15,23 +15,24 @@ from .reference import conv_configs, conv_transpose_configs
 from .tests_helpers import layer_for
 
 
-@given(
-    k=st.integers(1, 5),
-    n=st.integers(1, 20),
-    s=st.integers(1, 3),
-    d=st.integers(1, 3),
-    pads=st.tuples(st.integers(0, 3), st.integers(0, 3)),
-    symmetric=st.booleans(),
-    bias=st.booleans(),
-    batched=st.booleans(),
-)
-def test_conv1d_matches_f_conv1d(k, n, s, d, pads, symmetric, bias, batched):
-    padding = pads[0] if symmetric else pads
-    before, after = (padding, padding) if symmetric else pads
-    if n + before + after < d * (k - 1) + 1:
-        with pytest.raises(ConvMatError, match="spans"):
-            Conv1D(k, n, stride=s, dilation=d, padding=padding)
-        return
+@st.composite
+def _conv1d_cases(draw):
+    """Conv1D arguments whose kernel fits in the padded input."""
+    k, s, d = draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    symmetric = draw(st.booleans())
+    if symmetric:
+        pad = draw(st.integers(0, 3))
+        padding, before, after = pad, pad, pad
+    else:
+        before, after = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+        padding = (before, after)
+    n = draw(st.integers(max(1, d * (k - 1) + 1 - before - after), 20))
+    return k, n, s, d, padding, before, after
+
+
+@given(case=_conv1d_cases(), bias=st.booleans(), batched=st.booleans())
+def test_conv1d_matches_f_conv1d(case, bias, batched):
+    k, n, s, d, padding, before, after = case
     layer = Conv1D(k, n, stride=s, dilation=d, padding=padding, bias=bias).double()
     x = torch.randn(3, n, dtype=torch.float64)
     ref = F.conv1d(
@@ -50,6 +51,20 @@ def test_conv1d_matches_f_conv1d(k, n, s, d, pads, symmetric, bias, batched):
             c = r * s + m * d - before
             if 0 <= c < n:
                 assert W[r, c] == layer.kernel[m]
+
+
+@given(
+    k=st.integers(2, 5),
+    d=st.integers(1, 3),
+    pads=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    data=st.data(),
+)
+def test_conv1d_refuses_a_kernel_wider_than_the_padded_input(k, d, pads, data):
+    span = d * (k - 1) + 1
+    assume(span - pads[0] - pads[1] > 1)
+    n = data.draw(st.integers(1, span - pads[0] - pads[1] - 1))
+    with pytest.raises(ConvMatError, match=rf"kernel_size {k} with dilation {d} spans {span}"):
+        Conv1D(k, n, dilation=d, padding=pads)
 
 
 def test_conv1d_seed_example_and_gradient():
@@ -110,8 +125,7 @@ def test_conv2d_as_conv1d_seed_example():
     pw=st.integers(0, 2),
 )
 def test_conv2d_as_conv1d_random(cin, cout, kh, kw, h, wd, sh, sw, dh, dw, ph, pw):
-    if h + 2 * ph < dh * (kh - 1) + 1 or wd + 2 * pw < dw * (kw - 1) + 1:
-        return
+    assume(h + 2 * ph >= dh * (kh - 1) + 1 and wd + 2 * pw >= dw * (kw - 1) + 1)
     x = torch.randn(2, cin, h, wd, dtype=torch.float64)
     w = torch.randn(cout, cin, kh, kw, dtype=torch.float64)
     y2 = F.conv2d(x, w, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw))
