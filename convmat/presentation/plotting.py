@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import inspect
 import io
 import math
 import os
@@ -147,9 +148,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], **savefig_kwargs: Any) -
 def _geometry(config: dict[str, Any]) -> Geometry:
     """The geometry of a :func:`convmat.symbolic` configuration, without building its pattern
     (so the picture's size is known, and refused, before anything large is made)."""
-    known = ("input_size", "kernel_size", "stride", "padding", "dilation", "in_channels",
-             "out_channels", "groups", "padding_mode", "transposed", "output_padding")  # fmt: skip
-    unknown = sorted(set(config) - set(known))
+    unknown = sorted(set(config) - set(inspect.signature(symbolic).parameters))
     if unknown:
         raise TypeError(f"plot_matrix() got unexpected keyword arguments {unknown!r}")
     if "kernel_size" not in config:
