@@ -87,7 +87,7 @@ def _need(
         if device.type != "cpu":
             build += plan.pattern_bytes()  # the moved copy
     # Dense: the values and their positions in W, scattered; sparse: the values and indices.
-    extra = nnz * (item + 8) if layout == torch.strided else nnz * item + growth
+    extra = nnz * (item + 16) if layout == torch.strided else nnz * item + growth
     check_allocation(dense + extra + build, device, what, instead)
     return plan
 

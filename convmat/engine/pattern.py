@@ -157,7 +157,7 @@ class PatternPlan:
         """Peak bytes while building the pattern (an upper bound): the grid-sized index and mask
         tensors of step 2 beside the per-channel results."""
         grid = math.prod(self.grid)
-        peak = grid * (_ITEM + 1) + 4 * _ITEM * self.nnz_per_channel
+        peak = grid * (_ITEM + 1) + 5 * _ITEM * self.nnz_per_channel
         if self.folds:
             spatial_rows = math.prod(self.geo.output_size)
             cg = self.geo.in_channels // self.geo.groups
