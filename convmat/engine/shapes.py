@@ -176,13 +176,22 @@ def plain_conv_problem(module: object) -> str:
     return ""
 
 
+#: torch keeps sizes and strides in 64-bit integers and refuses larger ones ("Overflow").
+_INT64_MAX = 2**63 - 1
+
+
 def _as_int(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise ConvMatError(f"{name} must be an int, got {value!r}")
     try:
-        return operator.index(value)
+        out = operator.index(value)
     except TypeError:
         raise ConvMatError(f"{name} must be an int, got {value!r}") from None
+    if abs(out) > _INT64_MAX:
+        raise ConvMatError(
+            f"{name} must fit in a 64-bit integer (as in torch), got {value!r}"
+        )
+    return out
 
 
 def ntuple(value: Any, n: int, name: str, minimum: int | None = None) -> tuple[int, ...]:
@@ -205,8 +214,13 @@ def ntuple(value: Any, n: int, name: str, minimum: int | None = None) -> tuple[i
     return out
 
 
-def _spatial_dims(*values: Any) -> int:
+def _spatial_dims(input_size: Any, *values: Any) -> int:
     """The number of spatial dims implied by int-or-tuple arguments (ints broadcast)."""
+    if isinstance(input_size, Sequence) and not isinstance(input_size, str) and not input_size:
+        raise ConvMatError(
+            f"input_size must be an int or a tuple of 1, 2 or 3 ints, got {input_size!r}"
+        )
+    values = (input_size, *values)
     lengths = {len(v) for v in values if isinstance(v, Sequence) and not isinstance(v, str)}
     if len(lengths) > 1:
         raise ConvMatError(
