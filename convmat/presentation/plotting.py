@@ -17,7 +17,7 @@ import inspect
 import io
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,10 @@ def _output_path(path: Any, suffixes: tuple[str, ...]) -> Path:
 def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then move it into place: a
     failure never leaves a partial file."""
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # Not mkstemp: its 0600 would replace the umask's mode of an ordinary new file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise ConvMatError(f"cannot write {str(path)!r}: {e.strerror}") from None
     try:

@@ -246,11 +246,11 @@ x = torch.arange(1.0, 7.0, dtype=torch.float64)
 W_corr = conv_matrix(w, 6)
 W_conv = conv_matrix(w, 6, flip=True)
 assert torch.equal(W_conv, conv_matrix(w.flip(-1), 6))
-kernel = w.flatten().numpy()
-assert np.allclose(W_corr @ x, np.correlate(x, kernel, "valid"))
-assert np.allclose(W_conv @ x, np.convolve(x, kernel, "valid"))
+x_np, w_np = x.numpy(), w.flatten().numpy()
+assert np.allclose(W_corr @ x, np.correlate(x_np, w_np, "valid"))
+assert np.allclose(W_conv @ x, np.convolve(x_np, w_np, "valid"))
 full = conv_matrix(w, 6, padding=2, flip=True)  # k - 1 = 2 zeros on both sides
-assert np.allclose(full @ x, np.convolve(x, kernel, "full"))
+assert np.allclose(full @ x, np.convolve(x_np, w_np, "full"))
 print("checked: W_corr @ x equals np.correlate(x, w), W_conv @ x equals np.convolve(x, w) "
       "('valid', and 'full' with padding 2)")
 display(W_corr)
@@ -321,6 +321,13 @@ def tour() -> None:
 
     Shape:
         one section per step.
+
+    >>> tour()  # doctest: +ELLIPSIS
+    Convolutions as matrices...
+    1. A convolution is a matrix
+    ...
+    W is (8, 10); checked: W @ x equals F.conv1d(x, w) = [14.0, 20.0, 26.0, ...]
+    ...
     """
     namespace: dict[str, Any] = {}
     run_step(SETUP, namespace)
@@ -375,7 +382,18 @@ def notebook() -> dict[str, Any]:
 
 
 def notebook_text() -> str:
-    """:func:`notebook` as the text of an ``.ipynb`` file (stable, so it can be compared)."""
+    """:func:`notebook` as the text of an ``.ipynb`` file (stable, so it can be compared).
+
+    Returns:
+        JSON, one-space indented, ending in a newline.
+
+    Shape:
+        as :func:`notebook`.
+
+    >>> import json
+    >>> json.loads(notebook_text())["nbformat"]
+    4
+    """
     return json.dumps(notebook(), indent=1, ensure_ascii=False) + "\n"
 
 
