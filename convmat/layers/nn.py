@@ -336,8 +336,8 @@ def _check_size_arguments(n: int, **values: Any) -> None:
                 stack.extend(v)
             elif isinstance(v, int) and abs(v) > _INT64_MAX:
                 raise ConvMatError(
-                    f"{name} must be below 2**63 in every dimension (torch refuses larger "
-                    f"values with 'Overflow when unpacking long long'), got {value!r}"
+                    f"{name} must fit in a 64-bit integer in every dimension (as in torch, "
+                    f"which refuses larger values with 'Overflow'), got {value!r}"
                 )
 
 
