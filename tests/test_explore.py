@@ -314,10 +314,12 @@ def test_labels_and_form_syntax(browser):
         "weight = w.flip(-2, -1)"
     )
     bad = browser.execute_script(js, {"input": "5", "kernel": "3", "padding": "1;2"})
-    assert bad == {"ok": False, "error": "padding must be an int, a tuple of 1 ints, a tuple of 1 "
+    assert bad == {"ok": False, "settings": False,
+                   "error": "padding must be an int, a tuple of 1 ints, a tuple of 1 "
                    "(before, after) pairs, 'valid' or 'same', got '1;2'"}  # fmt: skip
     bad = browser.execute_script(js, {"input": "5", "kernel": "3x"})
-    assert bad == {"ok": False, "error": "kernel: expected comma-separated ints, got '3x'"}
+    assert bad == {"ok": False, "settings": True,  # the page's own word, not a refusal
+                   "error": "kernel: expected comma-separated ints, got '3x'"}  # fmt: skip
     refused = browser.execute_script(js, {"input": "5", "kernel": "3", "transposed": True,
                                           "padding_mode": "reflect"})  # fmt: skip
     assert refused["error"] == (
@@ -422,9 +424,20 @@ def test_large_input_and_screenshot(browser):
     _load(browser, explore.page_url(browser.page, shot))
     lit = _hover(browser, '#grid-out .cell[data-row="27"]')  # y[0,3,3]
     assert lit["inputs"] == [5, 6, 9, 10] and lit["w_rows"] == [27]
-    height = browser.execute_script("return document.documentElement.scrollHeight")
-    browser.set_window_size(1400, height + 140)  # the window's frame around the page
+    browser.set_window_size(1300, 900)
+    height = browser.execute_script("return document.body.scrollHeight")
+    inner = browser.execute_script("return window.outerHeight - window.innerHeight")
+    browser.set_window_size(1300, height + inner)
     target = (ROOT / "docs" / "explorer.png") if os.environ.get("CONVMAT_SCREENSHOT") else None
     path = target or Path(tempfile.mkdtemp()) / "explorer.png"
     assert browser.save_screenshot(str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    # The copy button answers (through the clipboard API or the selection fallback).
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "copy-torch").click()
+    browser.execute_script("return new Promise(r => setTimeout(r, 50))")
+    assert browser.find_element(By.ID, "copied").text == "copied"
+    # Nothing went wrong in the page's script through all of this module's tests.
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
