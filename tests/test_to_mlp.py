@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from convmat import ConvMatError, to_linear, to_mlp
+from convmat import ConvMatError, to_linear, to_matrix, to_mlp
 from convmat.layers import linear
 from convmat.layers.linear import SparseLinear
 
@@ -622,3 +622,45 @@ def test_sparse_linear_checks_its_input():
         layer(torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"input must be a torch\.Tensor, got list"):
         layer([1.0, 2.0, 3.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes are checked before anything is formed.
+
+
+def test_product_size_estimate_covers_the_product():
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, stride=2)
+    B = to_matrix(first, (64, 64), layout=torch.sparse_csr)
+    A = to_matrix(second, (64, 64), layout=torch.sparse_csr)
+    actual = (A @ B).values().numel()
+    nnz, exact = linear._product_nnz(A, B)  # estimated from a sample of rows
+    assert not exact and actual <= nnz <= 1.5 * actual
+    A_small = to_matrix(second, (8, 8), layout=torch.sparse_csr)
+    B_small = to_matrix(first, (8, 8), layout=torch.sparse_csr)
+    bound, exact = linear._product_nnz(A_small, B_small)  # small: the bound itself
+    assert exact and bound >= (A_small @ B_small).values().numel()
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_every_matrix_and_product_is_checked_before_it_is_formed(monkeypatch, sparse):
+    asked = []
+    real = linear.check_allocation
+
+    def spy(nbytes, device, what, instead=""):
+        asked.append((what, nbytes))
+        real(nbytes, device, what, instead)
+
+    monkeypatch.setattr(linear, "check_allocation", spy)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2)
+    ).eval()
+    mlp = to_mlp(model, (2, 8, 8), sparse=sparse)
+    W = mlp[1].weight
+    parts = [W.crow_indices(), W.col_indices(), W.values()] if sparse else [W]
+    result = sum(t.numel() * t.element_size() for t in parts)
+    whats = " | ".join(what for what, _ in asked)
+    for name in ("the W of 0 (Conv2d)", "the matrix of 1 (AvgPool2d)", "the W of 2 (Conv2d)"):
+        assert name in whats
+    products = [n for what, n in asked if what.startswith("to_mlp: the product of 2 (Conv2d)")]
+    assert products and products[-1] >= result
