@@ -148,7 +148,7 @@ def open_page(config: Mapping[str, Any] | None = None) -> str:
         config: the settings it opens on (see :func:`page_html`).
 
     Returns:
-        The page's URL (also printed by the command when no browser can be found).
+        The page's URL (the page stays in a new folder under the system's temporary folder).
     """
     folder = tempfile.mkdtemp(prefix="convmat-explore-")
     url = page_url(write_page(Path(folder) / "explorer.html", config), config)
@@ -178,7 +178,20 @@ def _padding(text: str) -> str:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``explore`` subcommand to the command's subparsers (its ``run`` is :func:`run`)."""
+    """Add the ``explore`` subcommand to the command's subparsers (its ``run`` is :func:`run`).
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The subcommand's parser.
+
+    >>> parser = argparse.ArgumentParser(prog="convmat")
+    >>> _ = add_parser(parser.add_subparsers())
+    >>> args = parser.parse_args(["explore", "--input", "6,6", "--padding", "1:0,2", "--no-open"])
+    >>> args.input, args.padding, args.run is run
+    ('6,6', '1:0,2', True)
+    """
     parser = subparsers.add_parser(
         "explore",
         help="an interactive page: the input, the output and W, linked by hover",
@@ -212,7 +225,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Write the page (to ``-o`` or a temporary file), print where, and open it unless
-    ``--no-open``."""
+    ``--no-open``. The settings given open the page; the rest take convmat's defaults.
+
+    Args:
+        args: the parsed command line of :func:`add_parser`'s subcommand.
+
+    Raises:
+        ConvMatError: if the page cannot be written.
+
+    >>> import tempfile, pathlib
+    >>> parser = argparse.ArgumentParser(prog="convmat")
+    >>> _ = add_parser(parser.add_subparsers())
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "page.html"
+    >>> run(parser.parse_args(["explore", "-o", str(out), "--stride", "2", "--no-open"]))
+    ... # doctest: +ELLIPSIS
+    wrote .../page.html
+    """
     config = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     if args.output:
         path = write_page(args.output, config)
