@@ -139,8 +139,15 @@ def _from_channels_last(y: torch.Tensor, channels: int) -> torch.Tensor:
 def _bsr(
     crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
 ) -> torch.Tensor:
+    """Block-sparse rows; 1 x 1 blocks as plain CSR (the same matrix; CUDA's block kernels
+    refuse blocks of one column)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse (BSR|CSR) tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly")
+        if values.shape[1:] == (1, 1):
+            return torch.sparse_csr_tensor(
+                crow, col, values.reshape(-1), shape, check_invariants=False
+            )
         return torch.sparse_bsr_tensor(crow, col, values, shape, check_invariants=False)
 
 
