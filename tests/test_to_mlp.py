@@ -664,3 +664,22 @@ def test_every_matrix_and_product_is_checked_before_it_is_formed(monkeypatch, sp
         assert name in whats
     products = [n for what, n in asked if what.startswith("to_mlp: the product of 2 (Conv2d)")]
     assert products and products[-1] >= result
+
+
+def test_to_mlp_leaves_the_model_and_the_random_state_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 2)
+    )
+    _randomise_batchnorm(model)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    state = torch.get_rng_state()
+    for sparse in (False, True):
+        mlp = to_mlp(model, (2, 6, 6), sparse=sparse)
+        # Nothing in the result shares memory with the model.
+        for t in [*mlp.parameters(), *mlp.buffers()]:
+            (t.values() if t.is_sparse_csr else t.data).zero_()
+    assert torch.equal(torch.get_rng_state(), state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -120,8 +120,17 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: Any
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W held as a sparse CSR matrix (a buffer, not trained).
 
+    Args:
+        weight: ``(out_features, in_features)``, dense or sparse (stored as CSR).
+        bias: ``(out_features,)`` or None.
+
     Shape:
         ``(*, in_features) -> (*, out_features)``
+
+    >>> layer = SparseLinear(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([0.5]))
+    >>> layer(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]))
+    tensor([[3.5000],
+            [2.5000]])
     """
 
     weight: torch.Tensor
@@ -266,7 +275,7 @@ def _sparse_bytes(nnz: int, rows: int, dtype: torch.dtype) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _check_matrix(
@@ -564,7 +573,9 @@ def _pool(
         f"the matrix of {path} ({type(m).__name__})",
     )
     crow, col, values = (t.to(device) for t in _pool_channel(axes, spatial, divisor))
-    x = torch.randn(1, 1, *spatial, dtype=torch.float64, device=device)
+    # A fixed generator: the caller's random state is left as it was.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, *spatial, dtype=torch.float64, generator=gen).to(device)
     ref = m(x).reshape(-1)
     mine = _csr(crow, col, values, (p_out, p_in)) @ x.reshape(-1)
     if ref.shape != mine.shape or not torch.allclose(mine, ref, rtol=1e-12, atol=1e-12):
@@ -597,13 +608,9 @@ def _affine(
         b = None if m.bias is None else m.bias.to(dtype).repeat_interleave(math.prod(out_shape[1:]))
         layout = torch.sparse_csr if sparse else torch.strided
         W = to_matrix(m, geo.input_size, layout=layout)
-        if W.dtype != dtype:
-            W = (
-                _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
-                if (sparse)
-                else W.to(dtype)
-            )
-        return W, b
+        if W.dtype != dtype and sparse:
+            W = _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
+        return W.to(dtype), b
     if isinstance(m, _BATCHNORM):
         return _batchnorm(m, shape, dtype)
     if isinstance(m, _POOL):
