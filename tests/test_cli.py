@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
+import convmat
+from convmat.presentation import cli
 from convmat.presentation.tour import steps
 
 from .test_symbolic import STRIDE_2
@@ -99,7 +102,7 @@ def test_animate_writes_gif_with_stated_frames(tmp_path):
 def test_tour():
     r = run("tour")
     assert r.returncode == 0, r.stderr
-    titles = [t for t, _, _ in steps()]
+    titles = [s.title for s in steps()]
     positions = [r.stdout.index(t) for t in titles]
     assert positions == sorted(positions) and len(titles) == 10
     assert r.stdout.count("checked:") == 10
@@ -115,7 +118,7 @@ def test_tour():
         ),
         (
             ["show", "--input", "x", "--kernel", "3"],
-            "convmat show: error: argument --input: expected comma-separated ints, got 'x'",
+            "convmat show: error: argument --input: expected comma-separated ints >= 1, got 'x'",
         ),
         (
             ["show", "--kernel", "3"],
@@ -133,7 +136,7 @@ def test_tour():
             ["plot", "--input", "8", "--kernel", "3", "-o", "/nonexistent/dir/W.png"],
             "convmat: error:",
         ),
-        (["frobnicate"], "convmat: error: argument command: invalid choice: 'frobnicate'"),
+        (["frobnicate"], "convmat: error: argument COMMAND: invalid choice: 'frobnicate'"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(args, message):
@@ -142,3 +145,84 @@ def test_bad_arguments_one_line_exit_2(args, message):
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith(message), r.stderr
+
+
+LAYER = ["--input", "224,224", "--kernel", "3", "--padding", "1", "--in-channels", "64",
+         "--out-channels", "64"]  # fmt: skip
+SIZE_LINE = "W: 3211264 x 3211264 = (64 channels x 224 x 224) x (64 channels x 224 x 224)"
+
+
+def test_shape_of_a_large_layer_builds_nothing():
+    r = run("shape", *LAYER)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("= floor((224 + 1 + 1 - 1*(3 - 1) - 1) / 1) + 1 = 224")
+    assert lines[-1] == SIZE_LINE and len(lines) == 3
+
+
+def test_show_of_a_large_layer_prints_its_corners():
+    r = run("show", *LAYER)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert SIZE_LINE in lines
+    assert lines[-1] == "(3211264 x 3211264: showing 16 rows and 16 columns; '...' marks the rest)"
+    grid = lines[lines.index("") + 1 : -1]
+    assert len(grid) == 17  # 16 rows and the '...' row
+    # Output (0, 0, 0) reads inputs (i, 0..1, 0..1) of channel 0 through taps 1..2 (padding 1).
+    assert grid[0].lstrip("[ ").startswith("w[0,0,1,1],   w[0,0,1,2],")
+    # The last output (63, 223, 223) reads inputs (i, 222..223, 222..223) through taps 0..1.
+    assert grid[-1].endswith("w[63,63,1,0], w[63,63,1,1]]]")
+
+
+def test_version_and_bare_command(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"convmat {convmat.__version__}\n"
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: convmat") and "shape" in out and "norm" in out
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_has_help():
+    parser = cli._parser()
+    commands = _subparsers(parser)
+    assert set(commands) == {"show", "shape", "plot", "animate", "norm", "tour"}
+    for name, sub in [("convmat", parser), *commands.items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, (name, action.option_strings)
+
+
+def test_closed_pipe_ends_quietly():
+    with subprocess.Popen([sys.executable, "-m", "convmat", "tour"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:  # fmt: skip
+        p.stdout.close()  # as `| head` does, before the command writes
+        err = p.stderr.read()
+        code = p.wait(timeout=300)
+    assert err == b""
+    assert code == 141
+
+
+def test_internal_error_is_one_line_and_status_1(capsys, monkeypatch):
+    def broken(geo):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "_size_lines", broken)
+    assert cli.main(["shape", "--input", "8", "--kernel", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("convmat: internal error: ZeroDivisionError: division by zero")
+    assert "CONVMAT_DEBUG=1" in err
+
+
+def test_transposed_shape(capsys):
+    assert cli.main(["shape", "--input", "4", "--kernel", "3", "--stride", "2", "--transposed",
+                     "--output-padding", "1", "--padding", "1"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("= (4 - 1)*2 - 1 - 1 + 1*(3 - 1) + 1 + 1 = 8")
+    assert lines[1] == "W: 8 x 4 = (1 channels x 8) x (1 channels x 4)"
