@@ -607,6 +607,7 @@ def _affine(
         geo = _conv_geometry(path, m, shape, sparse)
         b = None if m.bias is None else m.bias.to(dtype).repeat_interleave(math.prod(out_shape[1:]))
         layout = torch.sparse_csr if sparse else torch.strided
+        # Fresh values (only the index pattern is cached and shared): later scaled in place.
         W = to_matrix(m, geo.input_size, layout=layout)
         if W.dtype != dtype and sparse:
             W = _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
