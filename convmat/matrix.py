@@ -188,6 +188,11 @@ def to_matrix(
     return assemble(_weight_view(module.weight, geo), geo, layout)  # type: ignore[arg-type]
 
 
+def _as_size(value: object) -> int:
+    """``value`` as an int where it is one (else 1: the checks that follow name it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
 def conv2d_as_conv1d(
     weight: torch.Tensor,
     input_height: int,
@@ -235,20 +240,38 @@ def conv2d_as_conv1d(
             f"{tuple(weight.shape)!r}"
         )
     c_out, c_in, kh, kw = weight.shape
-
-    def height(value: object) -> object:
-        return value[0] if isinstance(value, tuple | list) and len(value) == 2 else value
-
+    if isinstance(input_height, bool) or not isinstance(input_height, int):
+        raise ConvMatError(f"input_height must be an int, got {input_height!r}")
+    if input_height < 1:
+        raise ConvMatError(f"input_height must be >= 1, got {input_height!r}")
     if isinstance(padding, str):
         raise ConvMatError(f"padding must be an int or a (height, width) tuple, got {padding!r}")
+
+    def pair(value: object, name: str) -> tuple[object, object]:
+        if isinstance(value, tuple | list):
+            if len(value) != 2:
+                raise ConvMatError(
+                    f"{name} must be an int or a (height, width) tuple, got {value!r}"
+                )
+            return value[0], value[1]
+        return value, value
+
+    parts = [pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"),
+                                      (dilation, "dilation"))]  # fmt: skip
+    # The whole 2-D configuration is checked as conv_matrix would check it (the width part
+    # included), on the narrowest input width the kernel fits in.
+    width = _as_size(parts[2][1]) * (kw - 1) + 1
+    conv_geometry(weight.shape, (input_height, width), stride=stride, padding=padding,
+                  dilation=dilation)  # type: ignore[arg-type]  # fmt: skip
+    stride, padding, dilation = (p[0] for p in parts)
     # Rows (co, kw, h_out) x columns (ci, h): the height matrix of every kernel column.
     columns = weight.permute(0, 3, 1, 2).reshape(c_out * kw, c_in, kh)
     rows = conv_matrix(
         columns,
         input_height,
-        stride=height(stride),  # type: ignore[arg-type]
-        padding=(height(padding),),  # type: ignore[arg-type]
-        dilation=height(dilation),  # type: ignore[arg-type]
+        stride=stride,  # type: ignore[arg-type]
+        padding=(padding,),  # type: ignore[arg-type]
+        dilation=dilation,  # type: ignore[arg-type]
     )
     h_out = rows.shape[0] // (c_out * kw)
     per = rows.view(c_out, kw, h_out, c_in * input_height).permute(0, 2, 3, 1)
