@@ -153,6 +153,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`convmat.symbolic` from the options, checked in the
     options' own names."""
     n = len(args.input)
+    if n > 3:
+        raise ConvMatError(
+            f"--input must have 1, 2 or 3 values (a 1-D, 2-D or 3-D convolution), got {n}"
+        )
     for option, value in (("--kernel", args.kernel), ("--stride", args.stride),
                           ("--dilation", args.dilation),
                           ("--output-padding", args.output_padding)):  # fmt: skip
@@ -648,9 +652,25 @@ def _run(argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command and return its exit status: 0 done, 2 a user mistake (one line on
-    stderr), 1 a bug in convmat (one line). Output cut short by a closed pipe (``| head``)
-    ends quietly with status 141, as if killed by SIGPIPE."""
+    """Run the command and return its exit status.
+
+    Args:
+        argv: the arguments after ``convmat`` (``sys.argv[1:]`` by default).
+
+    Returns:
+        0 done; 2 a mistake in the arguments, the model or the files (one line on stderr);
+        1 a bug in convmat (one line; ``CONVMAT_DEBUG=1`` raises it instead); 130 interrupted;
+        141 output cut short by a closed pipe (``| head``), quietly, as if killed by SIGPIPE.
+
+    Shape:
+        ``shape`` and ``show`` cost the same at any size: the Geometry, and the labels of the
+        rows and columns printed.
+
+    >>> main(["shape", "--input", "10", "--kernel", "3", "--stride", "2"])
+    dim 0: out = floor((in + pad_before + pad_after - dilation*(kernel - 1) - 1) / stride) + 1 = floor((10 + 0 + 0 - 1*(3 - 1) - 1) / 2) + 1 = 4
+    W: 4 x 10 = (1 channels x 4) x (1 channels x 10)
+    0
+    """  # noqa: E501 - the doctest shows the line as printed
     argv = sys.argv[1:] if argv is None else list(argv)
     showwarning = warnings.showwarning
 
