@@ -253,15 +253,17 @@ class SymbolicMatrix:
         in_group = g.in_channels // g.groups
         group = o // (g.out_channels // g.groups)
         # The columns: input channels of the group times the positions read on every axis.
-        flat = torch.arange(group * in_group, (group + 1) * in_group, dtype=torch.int64)
-        flat = flat * math.prod(g.input_size)
+        axes = []
         for d, r in enumerate(position):
             read, valid = _reads(g, d, torch.tensor([r], dtype=torch.int64))
+            axes.append(torch.unique(read[valid]))
+        count = in_group * math.prod(a.numel() for a in axes)
+        check_allocation(count * _LABEL_BYTES, _CPU, f"the names of the {count} inputs of a row")
+        flat = torch.arange(group * in_group, (group + 1) * in_group, dtype=torch.int64)
+        flat = flat * math.prod(g.input_size)
+        for d, read in enumerate(axes):
             stride = math.prod(g.input_size[d + 1 :])
-            flat = (flat[:, None] + torch.unique(read[valid])[None, :] * stride).reshape(-1)
-        check_allocation(
-            flat.numel() * _LABEL_BYTES, _CPU, f"the names of the {flat.numel()} inputs of a row"
-        )
+            flat = (flat[:, None] + read[None, :] * stride).reshape(-1)
         return [self.input_label(c) for c in flat.tolist()]
 
     def describe(self, row: int) -> str:
