@@ -6,6 +6,7 @@ convmat plot --input 4,5 --kernel 3 -o W.png
 convmat animate --input 8 --kernel 3 -o conv.gif
 convmat norm --model torchvision.models:resnet18 --input 3,224,224
 convmat tour
+convmat explore --input 4,4 --kernel 3 --stride 2 --padding 1 --transposed --output-padding 1
 
 ``convmat`` alone prints the help and exits with 0. A mistake in the arguments, the model or
 the files prints one line on stderr and exits with 2; anything else that goes wrong is a bug in
@@ -605,6 +606,9 @@ def _parser() -> argparse.ArgumentParser:
                           description="A guided walk through convolutions as matrices, each "
                           "step checked against torch.")  # fmt: skip
     tour.set_defaults(run=_cmd_tour)
+    from . import explore
+
+    explore.add_parser(sub)
     return parser
 
 
