@@ -57,6 +57,8 @@ CASES = [
     ("float32 input, float64 transposed layer",
      lambda: MatrixConvTranspose2d(3, 2, 3).double()(x2d()), ConvMatError,
      r"layer's dtype torch\.float64, got torch\.float32"),
+    ("float8 layer", lambda: conv2d().to(torch.float8_e4m3fn)(x2d().to(torch.float8_e4m3fn)),
+     ConvMatError, r"layer's dtype must be a floating point type of 16 bits or more.*float8"),
     ("two dims for a 2-D layer", lambda: conv2d()(torch.randn(5, 5)), ConvMatError,
      r"input must have 3 \(unbatched\) or 4 \(batched\) dimensions .* got shape \(5, 5\)"),
     ("five dims for a 2-D layer", lambda: conv2d()(torch.randn(1, 1, 3, 5, 5)), ConvMatError,

@@ -132,3 +132,33 @@ def test_frozen_weight_and_input_without_grad(layout):
     (mine,) = torch.autograd.grad(f_twin(x_plain, w, b).pow(2).sum(), w)
     (theirs,) = torch.autograd.grad(f_ref(x_plain, w, b).pow(2).sum(), w)
     torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", [KINDS[1], KINDS[5]], ids=["conv2d", "conv_transpose2d"])
+def test_complex_layers(kind, layout):
+    """Complex weights and inputs: torch's conjugate convention (grad_x = W^H g, grad_w sums
+    g conj(x)), first and second order."""
+    cls, base, kwargs, shape = kind
+    torch.manual_seed(5)
+    twin = cls(**kwargs, dtype=torch.complex128, layout=layout)
+    ref = base(**kwargs, dtype=torch.complex128)
+    ref.load_state_dict(twin.state_dict())
+    x = torch.randn(shape, dtype=torch.complex128)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = twin(x1), ref(x2)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=1e-10)
+    g = torch.randn_like(y2)
+    (y1 * g).real.sum().backward()
+    (y2 * g).real.sum().backward()
+    for mine, theirs in [(x1.grad, x2.grad), (twin.weight.grad, ref.weight.grad)]:
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+    w = twin.weight.detach().clone().requires_grad_()
+
+    def f(x, w):
+        return functional_call(twin, {"weight": w, "bias": twin.bias}, (x,))
+
+    inputs = (x[:1].clone().requires_grad_(), w)
+    assert gradcheck(f, inputs)
+    assert gradgradcheck(f, inputs)

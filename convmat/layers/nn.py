@@ -23,11 +23,11 @@ whenever the values differ, whatever changed them (an optimizer step, ``.data`` 
 ``load_state_dict``, ``torch.func.functional_call`` with other weights). The index pattern is
 cached per configuration, so a rebuild only gathers kernel values.
 
-The backward pass is matrix calculus on the same pattern: ``grad_x = W^T grad_y``, and the weight
-gradient sums ``grad_y x^T`` over the entries of W that hold each kernel tap (one batched product
-over the gathered inputs). Both are differentiable again (the product by ``W^T`` is itself a
-product by a matrix whose backward multiplies by W), so gradient penalties, Hessian-vector
-products and any higher order work as through torch's own layers.
+The backward pass is matrix calculus on the same pattern: ``grad_x = W^H grad_y`` (``W^T`` for
+real layers), and the weight gradient sums ``grad_y x^H`` over the entries of W that hold each
+kernel tap (one batched product over the gathered inputs). Both are differentiable again (the
+product by ``W^H`` is itself a product by a matrix whose backward multiplies by W), so gradient
+penalties, Hessian-vector products and any higher order work as through torch's own layers.
 
 >>> conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect", dtype=torch.float64)
 >>> twin = MatrixConv2d.from_module(conv)
@@ -179,8 +179,13 @@ class _LayerMatrix:
             return (x.reshape(b, cols) @ self.matrix.T).view(b, rows, out // rows)
         return _from_channels_last(self.matrix @ _channels_last(x), rows)
 
-    def multiply_transpose(self, g: torch.Tensor) -> torch.Tensor:
-        """``(B, C_out, P_out)`` -> ``(B, C_in, P_in)``: ``W^T g``, the adjoint."""
+    def multiply_adjoint(self, g: torch.Tensor) -> torch.Tensor:
+        """``(B, C_out, P_out)`` -> ``(B, C_in, P_in)``: ``W^H g`` (``W^T g`` for real W)."""
+        if self.matrix.dtype.is_complex:
+            return self._multiply_transpose(g.conj().resolve_conj()).conj().resolve_conj()
+        return self._multiply_transpose(g)
+
+    def _multiply_transpose(self, g: torch.Tensor) -> torch.Tensor:
         b, cols = g.shape[0], self.geo.in_channels
         if self.blocks is None:
             out, columns = self.matrix.shape
@@ -195,8 +200,10 @@ class _LayerMatrix:
 
     def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Gradient of ``<g, W x>`` for the ``(C_rows, C_in_group * K)`` weight view: for every
-        tap, the sum of ``g[row] * x[col]`` over the entries of W that hold it (one batched
-        product). Written with differentiable torch ops, so it has gradients in ``x`` and ``g``."""
+        tap, the sum of ``g[row] * conj(x[col])`` over the entries of W that hold it (one
+        batched product; torch's convention for complex values). Written with differentiable
+        torch ops, so it has gradients in ``x`` and ``g``."""
+        x = x.conj()  # a no-op for real x
         geo = self.geo
         b, groups = x.shape[0], geo.groups
         positions, k = self.taps.shape
@@ -217,7 +224,7 @@ class _LayerMatrix:
 
 
 class _Multiply(torch.autograd.Function):
-    """``y = W x``. Its backward is ``W^T g`` (:class:`_MultiplyTranspose`, whose own backward
+    """``y = W x``. Its backward is ``W^H g`` (:class:`_MultiplyAdjoint`, whose own backward
     is this one) and the weight gradient in differentiable ops: every order of derivative is
     exact. A first-order backward (grad mode off) multiplies directly."""
 
@@ -235,22 +242,22 @@ class _Multiply(torch.autograd.Function):
         gx = gw = None
         if ctx.needs_input_grad[0]:
             if torch.is_grad_enabled():  # create_graph: a product that has a backward itself
-                gx = _MultiplyTranspose.apply(g, view, op)
+                gx = _MultiplyAdjoint.apply(g, view, op)
             else:
-                gx = op.multiply_transpose(g)
+                gx = op.multiply_adjoint(g)
         if ctx.needs_input_grad[1]:
             gw = op.weight_grad(x, g)
         return gx, gw, None
 
 
-class _MultiplyTranspose(torch.autograd.Function):
-    """``x = W^T g``, the adjoint of :class:`_Multiply`; its backward mirrors that one's."""
+class _MultiplyAdjoint(torch.autograd.Function):
+    """``x = W^H g``, the adjoint of :class:`_Multiply`; its backward mirrors that one's."""
 
     @staticmethod
     def forward(ctx: Any, g: torch.Tensor, view: torch.Tensor, op: _LayerMatrix) -> torch.Tensor:
         ctx.op = op
         ctx.save_for_backward(g, view)
-        return op.multiply_transpose(g)
+        return op.multiply_adjoint(g)
 
     @staticmethod
     def backward(ctx: Any, gg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -261,7 +268,7 @@ class _MultiplyTranspose(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dg = _Multiply.apply(gg, view, op) if torch.is_grad_enabled() else op.multiply(gg)
         if ctx.needs_input_grad[1]:
-            # <gg, W^T g> = <g, W gg>: the weight gradient of a product with input gg.
+            # <gg, W^H g> = <W gg, g>: the weight gradient of a product with input gg.
             dview = op.weight_grad(gg, g)
         return dg, dview, None
 
@@ -452,6 +459,12 @@ class _MatrixConvNd(_ConvNd):
         if input.layout != torch.strided:
             raise ConvMatError(f"input must be a dense (strided) tensor, got {input.layout}")
         w = self.weight
+        if not (w.dtype.is_complex or (w.dtype.is_floating_point and w.dtype.itemsize >= 2)):
+            raise ConvMatError(
+                f"the layer's dtype must be a floating point type of 16 bits or more, or "
+                f"complex, got {w.dtype} (torch has no convolution for it either); convert the "
+                f"layer with .to(torch.float32)"
+            )
         if input.dtype != w.dtype:
             raise ConvMatError(
                 f"input dtype must be the layer's dtype {w.dtype}, got {input.dtype} (torch "
