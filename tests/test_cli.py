@@ -190,7 +190,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_option_has_help():
     parser = cli._parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"show", "shape", "plot", "animate", "norm", "tour"}
+    assert set(commands) == {"show", "shape", "plot", "animate", "norm", "tour", "explore"}
     for name, sub in [("convmat", parser), *commands.items()]:
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):
