@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from convmat import ConvMatError, lipschitz_report, to_matrix
-from convmat.analysis import spectral
+from convmat import ConvMatError, lipschitz_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,10 +77,18 @@ EXPECTED_INPUTS = {
 }
 
 
+def jacobian(m: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """The matrix of ``x -> m(x) - m(0)`` on one input of ``shape``, by torch's autograd on a
+    float64 copy (independent of convmat)."""
+    f = copy.deepcopy(m).double().eval()
+    zero = torch.zeros(shape, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: f(v[None])[0], zero)
+    return jac.reshape(-1, zero.numel())
+
+
 def dense_norm(model: nn.Module, path: str, shape: tuple[int, ...]) -> float:
     m = model.get_submodule(path.split(" ")[0])
-    W = m.weight.detach() if isinstance(m, nn.Linear) else to_matrix(m, shape[1:])
-    return torch.linalg.svdvals(W.double())[0].item()
+    return float(np.linalg.svd(jacobian(m, shape).numpy(), compute_uv=False)[0])
 
 
 def test_resnet_layer_norms_equal_dense_svd():
@@ -89,32 +98,30 @@ def test_resnet_layer_norms_equal_dense_svd():
     report = lipschitz_report(model, (3, 12, 12), progress=False)
     assert {r.path: r.input_shape for r in report} == EXPECTED_INPUTS
     assert [r.path for r in report][:3] == ["stem", "layer1.conv1", "layer1.conv2"]
+    expected = {r.path: dense_norm(model, r.path, r.input_shape) for r in report}
     for r in report:
-        expected = dense_norm(model, r.path, r.input_shape)
-        assert abs(r.norm - expected) <= 1e-9 * expected, r.path
-        assert r.lower <= expected * (1 + 1e-12) and expected <= r.upper * (1 + 1e-12)
-    assert report.bound == pytest.approx(math.prod(r.norm for r in report), rel=1e-15)
-    assert report.certified_bound >= report.bound
+        assert abs(r.norm - expected[r.path]) <= 1e-9 * expected[r.path], r.path
+        assert r.lower <= expected[r.path] * (1 + 1e-12) <= r.upper * (1 + 1e-12)
+        assert r.certified and r.converged
+    assert report.product == pytest.approx(math.prod(expected.values()), rel=1e-8)
+    assert report.certified_bound >= math.prod(expected.values()) * (1 - 1e-10)
     # The forward pass ran in eval mode and left the model as it was.
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(model.layer1.bn1.running_mean, stats)
     assert [r.method for r in report if r.path == "stem"] == ["fft"]
+    assert not hasattr(report, "bound")  # it multiplied point values: now `product`
 
 
 def test_iterative_norms_and_intervals():
-    """With dense SVD off, every conv layer goes through Lanczos (or the exact FFT method)."""
+    """method="lanczos": every conv layer goes through Lanczos, at the default tol."""
     model = small_resnet()
-    old = spectral.DENSE_LIMIT
-    spectral.DENSE_LIMIT = 0
-    try:
-        report = lipschitz_report(model, (3, 12, 12), progress=False)
-    finally:
-        spectral.DENSE_LIMIT = old
+    report = lipschitz_report(model, (3, 12, 12), progress=False, method="lanczos")
     methods = {r.path: r.method for r in report}
     assert methods["layer1.conv1"] == "lanczos" and methods["up"] == "lanczos"
+    assert methods["stem"] == "lanczos" and methods["fc"] == "dense"
     for r in report:
         expected = dense_norm(model, r.path, r.input_shape)
-        assert abs(r.norm - expected) <= 1e-6 * expected, r.path
+        assert abs(r.norm - expected) <= 1e-7 * expected, r.path
         assert r.lower <= expected * (1 + 1e-12) and expected <= r.upper * (1 + 1e-12), r.path
 
 
@@ -145,10 +152,11 @@ def test_chain_records_and_table(channels, size, stride):
     expected = [("0", (1, size))] + ([("0 (call 2)", (1, out))] if channels == 1 else [])
     assert [(r.path, r.input_shape) for r in report] == expected
     for r in report:
-        W = to_matrix(conv, r.input_shape[1:])
+        W = jacobian(conv, r.input_shape)
         assert r.norm == pytest.approx(torch.linalg.svdvals(W)[0].item(), rel=1e-9)
     table = str(report)
     assert all(r.path in table for r in report) and "product of layer norms" in table
+    assert "(an estimate, not a bound)" in table and "certified bound: " in table
     rows = report.to_dicts()
     assert [d["path"] for d in rows] == [r.path for r in report]
     assert rows[0]["ratio"] == report[0].ratio and rows[0]["config"].startswith(
@@ -173,6 +181,100 @@ def test_errors():
         lipschitz_report(model, (3, 1000000, 1000000), progress=False)
     with pytest.raises(ConvMatError, match=r"model must be an nn.Module, got str"):
         lipschitz_report("resnet", (3, 8, 8))
+    with pytest.raises(ConvMatError, match=r"tol must be a number with 0 < tol < 1, got nan"):
+        lipschitz_report(model, (3, 8, 8), tol=float("nan"))
+    with pytest.raises(ConvMatError, match=r"method='fft' does not apply"):
+        lipschitz_report(model, (3, 8, 8), method="fft", progress=False)
+
+
+# -- conv subclasses with their own forward ------------------------------------------------
+
+
+class PadInForward(nn.Conv2d):
+    """As timm's Conv2dSame: pads (asymmetrically) inside forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(F.pad(x, [0, 1, 1, 0]), self.weight, self.bias)
+
+
+class StdConv2d(nn.Conv2d):
+    """As timm's StdConv2d: standardises its weight in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return F.conv2d(x, (w - mean) / (std + 1e-6), self.bias, self.stride, self.padding)
+
+
+class ScaledOutput(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.5 * super().forward(x)
+
+
+class Documented(nn.Conv2d):
+    """Only a docstring: a plain convolution."""
+
+
+class Squared(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) ** 2
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * super().forward(x)
+
+
+def subclass_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        PadInForward(2, 3, 3),
+        nn.ReLU(),
+        StdConv2d(3, 3, 3, padding=1),
+        ScaledOutput(3, 2, 3, padding=1, bias=True),
+        Documented(2, 2, 3, padding=1),
+        nn.Flatten(),
+        ScaledLinear(72, 4),
+    ).double()
+
+
+def test_subclasses_linear_in_their_input_get_a_jacobian_norm():
+    model = subclass_model()
+    report = lipschitz_report(model, (2, 7, 7), progress=False)
+    rows = {r.path: r for r in report}
+    assert {p: r.method for p, r in rows.items()} == {
+        "0": "jvp-lanczos", "2": "jvp-lanczos", "3": "jvp-lanczos", "4": "dense",
+        "6": "jvp-lanczos",
+    }  # fmt: skip
+    assert rows["0"].input_shape == (2, 7, 7) and rows["2"].input_shape == (3, 6, 6)
+    for r in report:
+        m = model.get_submodule(r.path)
+        expected = float(np.linalg.svd(jacobian(m, r.input_shape).numpy(), compute_uv=False)[0])
+        assert abs(r.norm - expected) <= 1e-7 * expected, r.path
+        if r.method == "jvp-lanczos":
+            assert r.lower == r.norm and r.upper == math.inf and not r.certified and r.converged
+            assert "own forward, linear" in r.config
+        else:
+            assert r.certified and r.lower <= expected * (1 + 1e-12) <= r.upper * (1 + 1e-12)
+    # Taken for a plain convolution, StdConv2d's stored weight gives another norm.
+    plain = nn.Conv2d(3, 3, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        plain.weight.copy_(model[2].weight)
+    stored = float(np.linalg.svd(jacobian(plain, (3, 6, 6)).numpy(), compute_uv=False)[0])
+    assert abs(stored - rows["2"].norm) > 0.1 * rows["2"].norm
+    assert report.certified_bound == math.inf
+    table = str(report)
+    assert "none" in table and "not certified" in table
+    assert "no certified bound: no certified upper end for 0, 2, 3, 6" in table
+
+
+def test_subclass_not_linear_in_its_input_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(Squared(2, 2, 3)))
+    with pytest.raises(
+        ConvMatError, match=r"module 1\.0 \(Squared\) overrides forward.*not linear in its input"
+    ):
+        lipschitz_report(model, (1, 8, 8), progress=False)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -193,7 +295,8 @@ def test_norm_command_from_a_factory():
     assert [d["path"] for d in data["layers"]] == [e.path for e in expected]
     for d, e in zip(data["layers"], expected):
         assert d["norm"] == pytest.approx(e.norm, rel=1e-9)
-    assert data["bound"] == pytest.approx(expected.bound, rel=1e-9)
+    assert data["product"] == pytest.approx(expected.product, rel=1e-9)
+    assert data["certified_bound"] == pytest.approx(expected.certified_bound, rel=1e-9)
     table = norm("--model", "tests/test_lipschitz.py:small_resnet", "--input", "3,12,12")
     assert table.returncode == 0, table.stderr
     assert "layer2.down.0" in table.stdout and "product of layer norms" in table.stdout
@@ -223,7 +326,7 @@ def test_norm_command_from_saved_files(tmp_path):
              "--input", "3,12,12", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     fc = json.loads(r.stdout)["layers"][-1]
-    assert fc["norm"] == pytest.approx(torch.linalg.svdvals(model.fc.weight.double())[0].item())
+    assert fc["norm"] == pytest.approx(np.linalg.svd(model.fc.weight.detach().double().numpy())[1][0])
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,19 @@
-"""Lipschitz reports: the exact operator norm of every convolution and linear layer of a model.
+"""Lipschitz reports: the operator norm of every convolution and linear layer of a model.
 
-A forward pass with hooks finds the input size each layer sees; each layer's norm is then
+A forward pass with hooks finds the input size each layer sees; each plain layer's norm is then
 :func:`convmat.operator_norm` of its matrix at that size (a linear layer's is the norm of its
-weight). Beside it stands the norm of the reshaped kernel ``weight.reshape(C_out, -1)`` that
+weight), with a certified interval. A conv or linear subclass with its own ``forward`` (one that
+pads inside forward, standardises its weight, scales its output, ...) is checked numerically for
+linearity in its input (the bias removed: ``f(x) - f(0)``); a linear one gets its norm by Lanczos
+on Jacobian-vector products (``torch.func.jvp`` / ``vjp``), a value and a lower bound with no
+certified upper end; any other is refused, naming its path and class. Beside each norm stands
+the norm of the reshaped kernel ``weight.reshape(C_out, -1)`` that
 ``torch.nn.utils.spectral_norm`` normalises, which is not the layer's norm.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -19,14 +25,26 @@ import torch
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import available_memory
+from ..engine import Geometry, available_memory, plain_conv_problem
 from ..layers.linear import SparseLinear
-from .spectral import NormResult, operator_norm
+from .spectral import (
+    _DENSE_SLACK,
+    Method,
+    NormResult,
+    _check_method,
+    _check_tol,
+    _gram_top,
+    operator_norm,
+)
 
 __all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report"]
 
 _CONV = nn.modules.conv._ConvNd
 _LAYERS = (_CONV, nn.Linear, SparseLinear)
+#: Modules whose linear layers' ``forward`` is ``x @ weight.T + bias`` as it is.
+_TRUSTED_LINEAR = ("torch.nn.modules.linear", "convmat.layers.linear")
+#: Relative tolerance of the numerical linearity check (float64; rounding is ~1e-15).
+_LINEARITY_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -38,11 +56,15 @@ class LayerNorm:
         kind: the module's class name.
         config: channels, kernel, stride, padding, ... in short.
         input_shape: the shape of one input at this layer (without the batch).
-        norm: the exact operator norm of the layer (bias excluded).
-        lower, upper: its certified interval (:class:`convmat.NormResult`).
-        method: how it was computed.
+        norm: the operator norm of the layer (bias excluded): exact, or to ``tol`` for
+            Lanczos (:class:`convmat.NormResult`).
+        lower, upper: its interval; ``upper`` is ``inf`` where nothing certifies one
+            (``"jvp-lanczos"``).
+        method: how it was computed: ``"fft"``, ``"dense"``, ``"lanczos"`` or
+            ``"jvp-lanczos"`` (a module with its own forward, linear in its input).
         reshaped: the spectral norm of the weight reshaped as ``spectral_norm`` does.
         seconds: time spent on this layer.
+        converged: the iteration reached ``tol`` (True for exact methods).
     """
 
     path: str
@@ -55,6 +77,12 @@ class LayerNorm:
     method: str
     reshaped: float
     seconds: float
+    converged: bool = True
+
+    @property
+    def certified(self) -> bool:
+        """Whether ``upper`` is a certified upper end."""
+        return math.isfinite(self.upper)
 
     @property
     def ratio(self) -> float:
@@ -66,23 +94,24 @@ class LayerNorm:
 class LipschitzReport:
     """Per-layer operator norms of a model; iterate it for the :class:`LayerNorm` records.
 
-    ``str(report)`` is an aligned table. :attr:`bound`, the product of the layer norms, bounds
-    the Lipschitz constant (in the 2-norm) of a model that chains these layers with 1-Lipschitz
-    activations (ReLU, tanh, max pooling, ...); skip connections, normalisation and other layers
-    with weights are not in it.
+    ``str(report)`` is an aligned table. :attr:`certified_bound`, the product of the layers'
+    certified upper ends, bounds the Lipschitz constant (in the 2-norm) of a model that chains
+    these layers with 1-Lipschitz activations (ReLU, tanh, max pooling, ...); skip connections,
+    normalisation and other layers with weights are not in it. :attr:`product` multiplies the
+    norms themselves: an estimate, not a bound (an iterative norm may lie below the true one).
     """
 
     records: tuple[LayerNorm, ...]
     input_shape: tuple[int, ...]
 
     @property
-    def bound(self) -> float:
-        """The product of the layer norms."""
+    def product(self) -> float:
+        """The product of the layer norms (point values: not a bound)."""
         return math.prod(r.norm for r in self.records)
 
     @property
     def certified_bound(self) -> float:
-        """The product of the upper ends of the layers' certified intervals."""
+        """The product of the certified upper ends (``inf`` if a layer has none)."""
         return math.prod(r.upper for r in self.records)
 
     def __iter__(self) -> Iterator[LayerNorm]:
@@ -103,8 +132,8 @@ class LipschitzReport:
                 "ratio", "method", "time"]  # fmt: skip
         rows = [
             [r.path, r.kind, r.config, "x".join(map(str, r.input_shape)), f"{r.norm:.6f}",
-             f"{r.upper:.6f}", f"{r.reshaped:.6f}", f"{r.ratio:.3f}", r.method,
-             f"{r.seconds:.2f} s"]
+             f"{r.upper:.6f}" if r.certified else "none", f"{r.reshaped:.6f}", f"{r.ratio:.3f}",
+             r.method + ("" if r.converged else " (not converged)"), f"{r.seconds:.2f} s"]
             for r in self.records
         ]  # fmt: skip
         widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
@@ -121,33 +150,108 @@ class LipschitzReport:
         out.append(line(["-" * w for w in widths]))
         out += [line(row) for row in rows]
         out.append(
-            f"product of layer norms: {self.bound:.6g} (certified: {self.certified_bound:.6g}); "
-            f"a Lipschitz bound for a chain of these layers with 1-Lipschitz activations"
+            "norm: the layer's operator norm (exact for fft/dense, to tol for lanczos; "
+            "jvp-lanczos: a module with its own forward, measured on its Jacobian, not certified)"
         )
+        out.append(f"product of layer norms: {self.product:.6g} (an estimate, not a bound)")
+        uncertified = [r.path for r in self.records if not r.certified]
+        if uncertified:
+            out.append(f"no certified bound: no certified upper end for {', '.join(uncertified)}")
+        else:
+            out.append(
+                f"certified bound: {self.certified_bound:.6g} (product of the certified upper "
+                f"ends): a Lipschitz bound for a chain of these layers with 1-Lipschitz "
+                f"activations"
+            )
         return "\n".join(out)
 
 
-def _describe(m: Any) -> str:
-    """``3->64 k=7x7 s=2 p=3`` and whatever else differs from the defaults."""
+def _describe(m: Any, in_shape: tuple[int, ...]) -> str:
+    """``3->64 k=7x7 s=2 p=3`` and whatever else differs from the defaults (from the layer's
+    :class:`~convmat.engine.Geometry`)."""
     if not isinstance(m, _CONV):
         return f"{m.in_features}->{m.out_features}"
+    geo = Geometry.from_module(m, in_shape[1:])
 
     def fmt(v: Any) -> str:  # one value where every dimension has it
-        return v if isinstance(v, str) else str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
+        return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
 
-    parts = [f"{m.in_channels}->{m.out_channels}", f"k={'x'.join(map(str, m.kernel_size))}"]
-    padding = m.padding if isinstance(m.padding, str) else m._reversed_padding_repeated_twice
+    pads = tuple(str(b) if b == a else f"{b}/{a}" for b, a in geo.padding)
+    parts = [f"{geo.in_channels}->{geo.out_channels}", f"k={'x'.join(map(str, geo.kernel_size))}"]
     extras = [
-        ("s", m.stride, all(v == 1 for v in m.stride)),
-        ("p", m.padding, padding == "valid" or (not isinstance(padding, str) and not any(padding))),
-        ("d", m.dilation, all(v == 1 for v in m.dilation)),
-        ("g", (m.groups,), m.groups == 1),
-        ("op", m.output_padding, not m.transposed or not any(m.output_padding)),
+        ("s", geo.stride, all(v == 1 for v in geo.stride)),
+        ("p", pads, all(b == a == 0 for b, a in geo.padding)),
+        ("d", geo.dilation, all(v == 1 for v in geo.dilation)),
+        ("g", (geo.groups,), geo.groups == 1),
+        ("op", geo.output_padding, not any(geo.output_padding)),
     ]
     parts += [f"{name}={fmt(v)}" for name, v, default in extras if not default]
-    if m.padding_mode != "zeros":
-        parts.append(m.padding_mode)
+    if geo.padding_mode != "zeros":
+        parts.append(geo.padding_mode)
     return " ".join(parts)
+
+
+def _own_forward_problem(m: nn.Module) -> str:
+    """Why ``m`` may not compute what its weight and settings describe (``""``: it does)."""
+    if isinstance(m, _CONV):
+        return plain_conv_problem(m)
+    owner = next((c for c in type(m).__mro__ if "forward" in c.__dict__), None)
+    if owner is not None and owner.__module__ not in _TRUSTED_LINEAR:
+        return "overrides forward, so it may not compute the product its weight describes"
+    return ""
+
+
+def _jacobian_norm(
+    path: str, m: nn.Module, in_shape: tuple[int, ...], tol: float, problem: str
+) -> tuple[NormResult, tuple[int, ...]]:
+    """The norm of a module with its own forward that is linear in its input, by Lanczos on
+    its Jacobian products (float64 copy of the module), and the shape of one output;
+    ConvMatError naming the path and class if it is not linear."""
+    where = f"module {path} ({type(m).__name__})"
+    param = next(iter(m.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        f = copy.deepcopy(m).to(torch.float64)
+    except Exception as err:  # any failure to copy means: it cannot be measured
+        raise ConvMatError(f"{where} {problem}, and could not be copied to measure it: "
+                           f"{err}") from None  # fmt: skip
+    f.eval()
+    zero = torch.zeros(1, *in_shape, dtype=torch.float64, device=device)
+
+    with torch.no_grad():
+        offset = f(zero)  # the bias part: f is affine if it is linear after this
+        gen = torch.Generator(device=device).manual_seed(0)
+        x, y = (torch.randn(1, *in_shape, dtype=torch.float64, device=device, generator=gen)
+                for _ in range(2))  # fmt: skip
+        a, b = 0.7, -1.3
+        fx, fy = f(x) - offset, f(y) - offset
+        mixed = f(a * x + b * y) - offset
+    gap = float((mixed - a * fx - b * fy).norm())
+    scale = abs(a) * float(fx.norm()) + abs(b) * float(fy.norm())
+    if not gap <= _LINEARITY_TOL * max(scale, 1e-300):
+        raise ConvMatError(
+            f"{where} {problem}, and it is not linear in its input (f(a x + b y) - f(0) differs "
+            f"from a (f(x) - f(0)) + b (f(y) - f(0)) by {gap:.2e} relative to {scale:.2e}): "
+            f"its operator norm is not defined; replace it by a plain layer or leave it out"
+        )
+
+    def linear(v: torch.Tensor) -> torch.Tensor:
+        return f(v) - offset
+
+    n = math.prod(in_shape)
+
+    def gram(block: torch.Tensor) -> torch.Tensor:
+        V = block.reshape(-1, *in_shape)
+        base = torch.zeros_like(V)
+        jv = torch.func.jvp(lambda t: f(t) - offset, (base,), (V,))[1]
+        _, pull = torch.func.vjp(lambda t: f(t) - offset, base)
+        return pull(jv)[0].reshape(block.shape[0], n)
+
+    with torch.no_grad():
+        vector, converged, error = _gram_top(gram, n, tol, device)
+        value = float(linear(vector.reshape(1, *in_shape)).norm() / vector.norm())
+    result = NormResult(value, value, math.inf, "jvp-lanczos", converged, tol, error)
+    return result, tuple(offset.shape[1:])
 
 
 def _reshaped_norm(m: Any) -> float:
@@ -212,18 +316,27 @@ def lipschitz_report(
     *,
     tol: float = 1e-7,
     progress: bool | None = None,
+    method: Method = "auto",
 ) -> LipschitzReport:
-    """The exact operator norm of every convolution and linear layer of ``model``.
+    """The operator norm of every convolution and linear layer of ``model``.
 
     Args:
         model: any ``nn.Module``; its conv (``nn.Conv*d``, ``nn.ConvTranspose*d`` and convmat's
             matrix-form twins) and linear layers are measured, at the input size each sees.
+            Subclasses with their own forward are measured on their Jacobian if linear in
+            their input (``"jvp-lanczos"``, not certified), refused otherwise.
         input_shape: the shape of one input without the batch, e.g. ``(3, 32, 32)``.
         tol: relative accuracy for the iterative method (see :func:`convmat.operator_norm`).
         progress: show a progress bar (``None``: only on a terminal).
+        method: for every plain conv layer (see :func:`convmat.operator_norm`); an explicit one
+            that does not apply to a layer raises.
 
     Returns:
         :class:`LipschitzReport`; ``print`` it for the table.
+
+    Raises:
+        ConvMatError: a layer with its own forward that is not linear in its input (naming its
+            path and class), a model that does not run on the input, a bad ``tol``.
 
     Shape:
         the model takes ``(1, *input_shape)``.
@@ -233,7 +346,9 @@ def lipschitz_report(
     >>> report = lipschitz_report(model, (1, 4, 4), progress=False)
     >>> [(r.path, r.input_shape) for r in report]
     [('0', (1, 4, 4)), ('3', (32,))]
-    >>> report.bound == report[0].norm * report[1].norm
+    >>> report.product == report[0].norm * report[1].norm
+    True
+    >>> report.certified_bound >= report.product
     True
     """
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -246,6 +361,8 @@ def lipschitz_report(
         raise ConvMatError(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
     if not shape or any(v < 1 for v in shape):
         raise ConvMatError(f"input_shape must be positive sizes, got {input_shape!r}")
+    tol = _check_tol(tol)
+    method = _check_method(method)
     records = []
     bar = tqdm(_calls(model, shape), desc="operator norms", unit="layer",
                disable=None if progress is None else not progress, leave=False)  # fmt: skip
@@ -253,12 +370,18 @@ def lipschitz_report(
         bar.set_postfix_str(path)
         start = time.perf_counter()
         reshaped = _reshaped_norm(m)
-        if isinstance(m, _CONV):
-            r = operator_norm(m, in_shape[1:], tol=tol)
+        problem = _own_forward_problem(m)
+        if problem:
+            r, out_shape = _jacobian_norm(path, m, in_shape, tol, problem)
+            config = f"{in_shape[0]}->{out_shape[0]} own forward, linear"
+        elif isinstance(m, _CONV):
+            r = operator_norm(m, in_shape[1:], tol=tol, method=method)
+            config = _describe(m, in_shape)
         else:  # a linear layer's matrix is its weight
-            slack = 1e-12 * max(reshaped, 1.0)
-            r = NormResult(reshaped, reshaped - slack, reshaped + slack, "dense svd")
+            slack = _DENSE_SLACK * max(reshaped, 1.0)
+            r = NormResult(reshaped, reshaped - slack, reshaped + slack, "dense")
+            config = _describe(m, in_shape)
         seconds = time.perf_counter() - start
-        records.append(LayerNorm(path, type(m).__name__, _describe(m), in_shape, r.value, r.lower,
-                                 r.upper, r.method, reshaped, seconds))  # fmt: skip
+        records.append(LayerNorm(path, type(m).__name__, config, in_shape, r.value, r.lower,
+                                 r.upper, r.method, reshaped, seconds, r.converged))  # fmt: skip
     return LipschitzReport(tuple(records), shape)

@@ -463,6 +463,26 @@ def _rough_vectors(side: ConvOperator, tol: float, basis: int) -> torch.Tensor:
     return torch.stack(found)
 
 
+#: Basis vectors of the block Lanczos on a map given only by its products (no float32 pass
+#: to start from; full reorthogonalisation costs ``O(basis^2 * n)`` per cycle).
+_PRODUCT_BASIS = 100
+
+
+def _gram_top(
+    gram: Callable[[torch.Tensor], torch.Tensor], n: int, tol: float, device: torch.device
+) -> tuple[torch.Tensor, bool, float]:
+    """A top eigenvector of the ``n x n`` positive semi-definite map ``gram`` (``J^T J`` given
+    on ``(b, n)`` blocks), by float64 block Lanczos from random starts; whether it reached
+    ``tol`` relative on the norm ``sqrt(eigenvalue)``, and the norm's estimated error."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    start = torch.randn(min(_BLOCK, n), n, dtype=torch.float64, device=device, generator=gen)
+    basis = max(min(_PRODUCT_BASIS, _basis_size(n, device, arrays=2), n), 2 * start.shape[0])
+    vector, converged, error = _block_refine(
+        gram, start, tol / (_SAFETY * _GRAM_TO_NORM), basis
+    )
+    return vector, converged, error * _GRAM_TO_NORM
+
+
 # -- the norm methods --------------------------------------------------------------------------
 def _norm_fft(op: ConvOperator, tol: float) -> NormResult:
     geo = op.geometry
