@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .._errors import ConvMatError
+from ..engine import PADDING_MODES
 
 __all__ = ["FIELDS", "add_parser", "open_page", "page_html", "page_url", "run", "write_page"]
 
@@ -203,19 +204,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-open", action="store_true", help="do not open a browser")
     parser.add_argument("--input", type=_ints, help="spatial input size: 8 (1-D) or 6,7 (2-D)")
     parser.add_argument("--kernel", type=_ints, help="kernel size")
-    parser.add_argument("--stride", type=_ints)
-    parser.add_argument("--dilation", type=_ints)
+    parser.add_argument("--stride", type=_ints, help="step between windows")
+    parser.add_argument("--dilation", type=_ints, help="spacing between kernel taps")
     parser.add_argument(
         "--padding", type=_padding, help="int, ints per dim, before:after pairs, 'same' or 'valid'"
     )
-    parser.add_argument(
-        "--padding-mode", choices=["zeros", "reflect", "replicate", "circular"], default=None
-    )
-    parser.add_argument("--in-channels", type=int)
-    parser.add_argument("--out-channels", type=int)
-    parser.add_argument("--groups", type=int)
-    parser.add_argument("--transposed", action="store_true", default=None)
-    parser.add_argument("--output-padding", type=_ints)
+    parser.add_argument("--padding-mode", choices=list(PADDING_MODES), default=None,
+                        help="how the padded border is filled")  # fmt: skip
+    parser.add_argument("--in-channels", type=int, help="input channels")
+    parser.add_argument("--out-channels", type=int, help="output channels")
+    parser.add_argument("--groups", type=int, help="blocked connections (depthwise: = channels)")
+    parser.add_argument("--transposed", action="store_true", default=None,
+                        help="a transposed convolution")  # fmt: skip
+    parser.add_argument("--output-padding", type=_ints,
+                        help="size added to the end of a transposed convolution's output")  # fmt: skip
     parser.add_argument(
         "--flip", action="store_true", default=None, help="true convolution (flipped kernel)"
     )
