@@ -217,7 +217,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--transposed", action="store_true", default=None,
                         help="a transposed convolution")  # fmt: skip
     parser.add_argument("--output-padding", type=_ints,
-                        help="size added to the end of a transposed convolution's output")  # fmt: skip
+                        help="added to a transposed convolution's output size")  # fmt: skip
     parser.add_argument(
         "--flip", action="store_true", default=None, help="true convolution (flipped kernel)"
     )
