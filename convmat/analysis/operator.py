@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..engine import (
     check_weight,
     conv_geometry,
     conv_transpose_geometry,
+    discard,
     flat_pads,
     lookup,
     store,
@@ -38,12 +40,23 @@ __all__ = ["ConvOperator", "dottest"]
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
-#: The cache owner of the flipped kernels (see :func:`convmat.cache_info`).
+#: The cache owner of the flipped kernels, one per operator and its adjoints (see
+#: :func:`convmat.cache_info`): ``"flipped kernel#7"``.
 FLIPPED_OWNER = "flipped kernel"
 
-#: Tags the flipped-kernel entries of one operator and its adjoints in the engine's cache (an
-#: entry is reused only while the kernel values equal the stored copy).
-_TOKENS = itertools.count()
+_COUNTER = itertools.count()
+
+
+class _Token:
+    """Names the flipped-kernel entry of one operator and its adjoints in the engine's cache
+    (reused only while the kernel values equal the stored copy); the entry is dropped when the
+    last operator holding the token goes."""
+
+    __slots__ = ("__weakref__", "owner")
+
+    def __init__(self) -> None:
+        self.owner = f"{FLIPPED_OWNER}#{next(_COUNTER)}"
+        weakref.finalize(self, discard, self.owner)
 
 
 def _conv_forward(geo: Geometry, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +139,9 @@ class ConvOperator:
     ) -> None:
         weight = check_weight(weight)
         make = conv_transpose_geometry if transposed else conv_geometry
-        self._init(weight, make(weight.shape, input_size, **config), False, next(_TOKENS))
+        self._init(weight, make(weight.shape, input_size, **config), False, _Token())
 
-    def _init(self, weight: torch.Tensor, geo: Geometry, adjoint: bool, token: int) -> None:
+    def _init(self, weight: torch.Tensor, geo: Geometry, adjoint: bool, token: _Token) -> None:
         self._weight = weight
         self._geometry = geo
         self._is_adjoint = adjoint
@@ -145,7 +158,7 @@ class ConvOperator:
         if not isinstance(geometry, Geometry):
             raise ConvMatError(f"geometry must be a Geometry, got {type(geometry).__name__}")
         op = object.__new__(cls)
-        op._init(cls._matching(check_weight(weight), geometry), geometry, False, next(_TOKENS))
+        op._init(cls._matching(check_weight(weight), geometry), geometry, False, _Token())
         return op
 
     @staticmethod
@@ -182,7 +195,7 @@ class ConvOperator:
         """
         op = object.__new__(type(self))
         weight = self._matching(check_weight(weight), self._geometry)
-        op._init(weight, self._geometry, self._is_adjoint, next(_TOKENS))
+        op._init(weight, self._geometry, self._is_adjoint, _Token())
         return op
 
     # -- read-only state -------------------------------------------------------------------
@@ -246,7 +259,8 @@ class ConvOperator:
     def _flipped(self) -> torch.Tensor:
         """The kernel transposed per group and flipped, kept in the engine's cache while the
         kernel's values equal the copy it was made from (whatever changed them)."""
-        w, key = self._weight, ("flipped kernel", self._token)
+        w, owner = self._weight, self._token.owner
+        key = (FLIPPED_OWNER, owner)
         hit = lookup(key)
         if hit is not None:
             copy, flipped = hit
@@ -257,7 +271,7 @@ class ConvOperator:
         flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
         flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
         copy = w.detach().clone()
-        store(key, FLIPPED_OWNER, (copy, flipped), tensor_bytes([copy, flipped]))
+        store(key, owner, (copy, flipped), tensor_bytes([copy, flipped]))
         return flipped
 
     def _apply(self, batch: torch.Tensor) -> torch.Tensor:
