@@ -79,6 +79,8 @@ CASES = [
      r"module \(Linear\) is not a convolution layer"),
     (lambda: operator_norm(nn.LazyConv2d(2, 3), (8, 8)), ConvMatError,
      r"module \(LazyConv2d\) has uninitialised parameters"),
+    (lambda: operator_norm(nn.Conv2d(2, 2, 3, device="meta"), (8, 8)), ConvMatError,
+     r"need the weight's values, got a weight on the meta device"),
     (lambda: operator_norm([[1.0]], 8), TypeError,
      r"source must be a weight tensor, a convolution module or a ConvOperator, got list"),
     (lambda: operator_norm(W, (8, 8), method="svd"), ConvMatError,

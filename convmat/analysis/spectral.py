@@ -162,6 +162,9 @@ def _operator(source: Any, input_size: Any, config: dict[str, Any]) -> ConvOpera
             f"{type(source).__name__}"
         )
     w = op.weight.detach()
+    if w.device.type == "meta":
+        raise ConvMatError("the spectral functions need the weight's values, got a weight on "
+                           "the meta device (load or initialise the weights first)")  # fmt: skip
     if w.is_complex():
         raise ConvMatError(f"the spectral functions take real weights, got dtype {w.dtype}")
     w = w.to(torch.float64)  # exact for every real dtype (float8 and integers included)
