@@ -50,7 +50,9 @@ def check_matrix_memory(
     Raises:
         ConvMatError: naming the size needed, the limit found and what to do instead.
     """
-    _need(geo, layout, dtype, torch.device(device), None)
+    device = torch.device(device)
+    pattern = None if device.type == "meta" else cached_pattern(geo, device)
+    _need(geo, layout, dtype, device, pattern)
 
 
 def _need(
@@ -70,22 +72,21 @@ def _need(
         what = f"a dense {described}"
         instead = "use layout=torch.sparse_csr or torch.sparse_coo, which store only the non-zeros"
         dense = rows * cols * item
-        check_allocation(dense, device, what, instead)  # before any planning
+        if pattern is None:
+            check_allocation(dense, device, what, instead)  # before any planning
     else:
         what = f"a sparse {described}"
         instead = "use convmat.ConvOperator, which never forms W, or a smaller input"
         dense = 0
     plan = None
-    if pattern is None:
-        pattern = cached_pattern(geo, device)
     if pattern is not None:
         nnz, build, growth = pattern.nnz, 0, pattern.growth_bytes(layout)
     else:
         plan = plan_pattern(geo)
-        nnz, build = plan.nnz, plan.build_bytes()
+        nnz = plan.nnz
         growth = 16 * nnz if layout != torch.strided else 0  # CSR or COO indices (upper)
-        if device.type != "cpu":
-            build += plan.pattern_bytes()  # the moved copy
+        # Built on the CPU (that build checks the CPU's memory itself), then moved.
+        build = plan.build_bytes() if device.type == "cpu" else plan.pattern_bytes()
     # Dense: the values and their positions in W, scattered; sparse: the values and indices.
     extra = nnz * (item + 16) if layout == torch.strided else nnz * item + growth
     check_allocation(dense + extra + build, device, what, instead)

@@ -161,22 +161,37 @@ def _cgroup_dirs() -> list[tuple[str, str]]:
     return found
 
 
+#: The process's limited memory cgroups, ``(version, directory, limit)``, found once (a
+#: cgroup's limit is its configuration; its usage is read at every check), with the reader
+#: they were found with.
+_LIMITED: tuple[object, list[tuple[str, str, int]]] | None = None
+
+
+def _limited_cgroups() -> list[tuple[str, str, int]]:
+    global _LIMITED
+    if _LIMITED is None or _LIMITED[0] is not _read:  # a new reader (the tests) looks again
+        found = []
+        for version, d in _cgroup_dirs():
+            name = "memory.max" if version == "v2" else "memory.limit_in_bytes"
+            limit = _int(_read(f"{d}/{name}"))  # "max" (no limit) reads as None
+            if limit is not None and limit < _NO_LIMIT:
+                found.append((version, d, limit))
+        _LIMITED = (_read, found)
+    return _LIMITED[1]
+
+
 def _cgroup_limits() -> list[tuple[int, int, str]]:
     """``(limit, used, source)`` of every memory cgroup of the process that sets a limit."""
     out = []
-    for version, d in _cgroup_dirs():
+    for version, d, limit in _limited_cgroups():
         if version == "v2":
-            limit = _int(_read(f"{d}/memory.max"))  # "max" (no limit) reads as None
             used = _int(_read(f"{d}/memory.current"))
             dropped = _stat_field(_read(f"{d}/memory.stat"), "inactive_file")
             source = "cgroup v2 memory.max"
         else:
-            limit = _int(_read(f"{d}/memory.limit_in_bytes"))
             used = _int(_read(f"{d}/memory.usage_in_bytes"))
             dropped = _stat_field(_read(f"{d}/memory.stat"), "total_inactive_file")
             source = "cgroup v1 memory.limit_in_bytes"
-        if limit is None or limit >= _NO_LIMIT:
-            continue
         out.append((limit, max(0, (used or 0) - dropped), source))
     return out
 
@@ -230,11 +245,13 @@ def memory_limits(device: torch.device | str = "cpu") -> list[MemoryLimit]:
         found.append(MemoryLimit(meminfo, "MemAvailable"))
     for limit, used, source in _cgroup_limits():
         found.append(MemoryLimit(max(0, limit - used), source))
-    size, data = _process_sizes()
-    for name, current, shell in (("RLIMIT_AS", size, "-v"), ("RLIMIT_DATA", data, "-d")):
-        cap = _rlimit(name)
-        if cap is not None and current is not None:
-            found.append(MemoryLimit(max(0, cap - current), f"{name}, ulimit {shell}"))
+    caps = {name: _rlimit(name) for name in ("RLIMIT_AS", "RLIMIT_DATA")}
+    if any(cap is not None for cap in caps.values()):
+        sizes = dict(zip(caps, _process_sizes()))
+        for (name, cap), shell in zip(caps.items(), ("-v", "-d")):
+            current = sizes[name]
+            if cap is not None and current is not None:
+                found.append(MemoryLimit(max(0, cap - current), f"{name}, ulimit {shell}"))
     return found
 
 
@@ -268,7 +285,7 @@ def total_memory() -> int | None:
     True
     """
     found = [_physical("SC_PHYS_PAGES")]
-    found += [limit for limit, _, _ in _cgroup_limits()]
+    found += [limit for _, _, limit in _limited_cgroups()]
     found += [_rlimit("RLIMIT_AS"), _rlimit("RLIMIT_DATA")]
     known = [n for n in found if n is not None]
     return min(known) if known else None
