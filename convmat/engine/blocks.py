@@ -171,9 +171,6 @@ def tap_table(geo: Geometry, device: torch.device | None = None) -> torch.Tensor
     if device.type == "meta":
         return torch.empty(shape, dtype=INDEX, device=device)
     key = ("tap table", geo, device)
-    held = lookup(key)
-    if held is not None:
-        return held
 
     def build() -> torch.Tensor:
         # The table, its validity mask and one temporary beside it; one more for the move.
