@@ -146,6 +146,7 @@ def assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> 
         return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly")
         if layout == torch.sparse_csr:
             return torch.sparse_csr_tensor(
                 pattern.crow(),
