@@ -6,25 +6,63 @@
 torch.Size([2, 4])
 """
 
-from ._errors import ConvMatError
-from .analysis.lipschitz import LayerNorm, LipschitzReport, lipschitz_report
-from .analysis.operator import ConvOperator, dottest
-from .analysis.spectral import NormResult, operator_norm, singular_values
-from .engine import (
-    cache_budget,
-    cache_info,
-    clear_cache,
-    conv_output_size,
-    conv_transpose_output_size,
-    same_padding,
-    set_cache_budget,
-)
-from .layers.linear import to_linear, to_mlp
-from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
-from .presentation.plotting import animate, plot_matrix
-from .presentation.symbolic import SymbolicMatrix, symbolic
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
+
+#: Where each public name lives; imported on first use (``import convmat`` stays light).
+_WHERE = {
+    "ConvMatError": "._errors",
+    "ConvOperator": ".analysis.operator",
+    "LayerNorm": ".analysis.lipschitz",
+    "LipschitzReport": ".analysis.lipschitz",
+    "NormResult": ".analysis.spectral",
+    "SymbolicMatrix": ".presentation.symbolic",
+    "animate": ".presentation.plotting",
+    "cache_budget": ".engine",
+    "cache_info": ".engine",
+    "clear_cache": ".engine",
+    "conv2d_as_conv1d": ".matrix",
+    "conv_matrix": ".matrix",
+    "conv_output_size": ".engine",
+    "conv_transpose_matrix": ".matrix",
+    "conv_transpose_output_size": ".engine",
+    "dottest": ".analysis.operator",
+    "lipschitz_report": ".analysis.lipschitz",
+    "operator_norm": ".analysis.spectral",
+    "plot_matrix": ".presentation.plotting",
+    "same_padding": ".engine",
+    "set_cache_budget": ".engine",
+    "singular_values": ".analysis.spectral",
+    "symbolic": ".presentation.symbolic",
+    "to_linear": ".layers.linear",
+    "to_matrix": ".matrix",
+    "to_mlp": ".layers.linear",
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
+
+if TYPE_CHECKING:  # what IDEs and type checkers see
+    from ._errors import ConvMatError
+    from .analysis.lipschitz import LayerNorm, LipschitzReport, lipschitz_report
+    from .analysis.operator import ConvOperator, dottest
+    from .analysis.spectral import NormResult, operator_norm, singular_values
+    from .engine import (
+        cache_budget,
+        cache_info,
+        clear_cache,
+        conv_output_size,
+        conv_transpose_output_size,
+        same_padding,
+        set_cache_budget,
+    )
+    from .layers.linear import to_linear, to_mlp
+    from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
+    from .presentation.plotting import animate, plot_matrix
+    from .presentation.symbolic import SymbolicMatrix, symbolic
+
 
 __all__ = [
     "ConvMatError",

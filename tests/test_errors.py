@@ -240,7 +240,7 @@ def test_transposed_rejects_exactly_what_torch_rejects(k, s, d, p, op, size):
 
 F8 = torch.float8_e4m3fn
 NO_F8_CHECK = (
-    "check_weight (convmat/engine/assemble.py) accepts float8 weights: the dense layout then "
+    "check_weight (convmat/engine/assembly.py) accepts float8 weights: the dense layout then "
     "fails inside scatter_ with a raw NotImplementedError and the sparse layouts return a W "
     "nothing can multiply; it should refuse dtypes torch's convolution lacks (float8) by name"
 )

@@ -4,42 +4,114 @@ one cache. Nothing here imports the layers, the analysis or the presentation.
 The names below are the engine's interface; the other packages use only these.
 """
 
-from .assemble import (
-    LAYOUTS,
-    assemble,
-    check_layout,
-    check_matrix_memory,
-    check_weight,
-    weight_view,
-)
-from .blocks import BlockPattern, block_size, get_block_pattern, tap_table
-from .cache import (
-    cache_budget,
-    cache_info,
-    cached,
-    cached_bytes,
-    clear_cache,
-    discard,
-    lookup,
-    set_cache_budget,
-    store,
-    tensor_bytes,
-)
-from .memory import available_memory, check_allocation, total_memory
-from .padding import PADDING_MODES, PaddingMode, padding_mode
-from .pattern import INDEX, Pattern, get_pattern
-from .shapes import (
-    Geometry,
-    conv_geometry,
-    conv_output_size,
-    conv_transpose_geometry,
-    conv_transpose_output_size,
-    flat_pads,
-    ntuple,
-    output_padding_for,
-    plain_conv_problem,
-    same_padding,
-)
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
+
+#: Where each name of the interface lives; a module is imported on first use (the shape rules
+#: need no torch, so ``convmat shape`` starts at once).
+_WHERE = {
+    "BlockPattern": ".blocks",
+    "Geometry": ".shapes",
+    "INDEX": ".pattern",
+    "LAYOUTS": ".assembly",
+    "MemoryLimit": ".memory",
+    "PADDING_MODES": ".padding",
+    "PaddingMode": ".padding",
+    "Pattern": ".pattern",
+    "assemble": ".assembly",
+    "available_memory": ".memory",
+    "block_size": ".blocks",
+    "builds": ".cache",
+    "cache_budget": ".cache",
+    "cache_info": ".cache",
+    "cached": ".cache",
+    "cached_bytes": ".cache",
+    "cached_pattern": ".pattern",
+    "check_allocation": ".memory",
+    "check_layout": ".assembly",
+    "check_matrix_memory": ".assembly",
+    "check_weight": ".assembly",
+    "clear_cache": ".cache",
+    "conv_geometry": ".shapes",
+    "conv_output_size": ".shapes",
+    "conv_transpose_geometry": ".shapes",
+    "conv_transpose_output_size": ".shapes",
+    "discard": ".cache",
+    "flat_pads": ".shapes",
+    "format_bytes": ".memory",
+    "get_block_pattern": ".blocks",
+    "get_pattern": ".pattern",
+    "lookup": ".cache",
+    "make_room": ".cache",
+    "memory_limit": ".memory",
+    "memory_limits": ".memory",
+    "ntuple": ".shapes",
+    "output_padding_for": ".shapes",
+    "padding_mode": ".padding",
+    "parse_bytes": ".cache",
+    "pattern_nnz": ".pattern",
+    "plain_conv_problem": ".shapes",
+    "plan_pattern": ".pattern",
+    "same_padding": ".shapes",
+    "set_cache_budget": ".cache",
+    "store": ".cache",
+    "tap_table": ".blocks",
+    "tensor_bytes": ".cache",
+    "total_memory": ".memory",
+    "weight_view": ".assembly",
+}
+
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
+
+if TYPE_CHECKING:
+    from .assembly import (
+        LAYOUTS,
+        assemble,
+        check_layout,
+        check_matrix_memory,
+        check_weight,
+        weight_view,
+    )
+    from .blocks import BlockPattern, block_size, get_block_pattern, tap_table
+    from .cache import (
+        builds,
+        cache_budget,
+        cache_info,
+        cached,
+        cached_bytes,
+        clear_cache,
+        discard,
+        lookup,
+        make_room,
+        parse_bytes,
+        set_cache_budget,
+        store,
+        tensor_bytes,
+    )
+    from .memory import (
+        MemoryLimit,
+        available_memory,
+        check_allocation,
+        format_bytes,
+        memory_limit,
+        memory_limits,
+        total_memory,
+    )
+    from .padding import PADDING_MODES, PaddingMode, padding_mode
+    from .pattern import INDEX, Pattern, cached_pattern, get_pattern, pattern_nnz, plan_pattern
+    from .shapes import (
+        Geometry,
+        conv_geometry,
+        conv_output_size,
+        conv_transpose_geometry,
+        conv_transpose_output_size,
+        flat_pads,
+        ntuple,
+        output_padding_for,
+        plain_conv_problem,
+        same_padding,
+    )
 
 __all__ = [
     "INDEX",
@@ -47,15 +119,18 @@ __all__ = [
     "PADDING_MODES",
     "BlockPattern",
     "Geometry",
+    "MemoryLimit",
     "PaddingMode",
     "Pattern",
     "assemble",
     "available_memory",
     "block_size",
+    "builds",
     "cache_budget",
     "cache_info",
     "cached",
     "cached_bytes",
+    "cached_pattern",
     "check_allocation",
     "check_layout",
     "check_matrix_memory",
@@ -67,13 +142,20 @@ __all__ = [
     "conv_transpose_output_size",
     "discard",
     "flat_pads",
+    "format_bytes",
     "get_block_pattern",
     "get_pattern",
     "lookup",
+    "make_room",
+    "memory_limit",
+    "memory_limits",
     "ntuple",
     "output_padding_for",
     "padding_mode",
+    "parse_bytes",
+    "pattern_nnz",
     "plain_conv_problem",
+    "plan_pattern",
     "same_padding",
     "set_cache_budget",
     "store",

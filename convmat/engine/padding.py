@@ -14,9 +14,12 @@ tensor([False,  True,  True,  True,  True, False])
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .._errors import ConvMatError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PADDING_MODES", "PaddingMode", "padding_mode"]
 
@@ -45,6 +48,8 @@ class PaddingMode:
     def copies(self, size: int, before: int, after: int) -> int:
         """The most times any real input appears in the padded input (the square of the
         padding's operator norm)."""
+        import torch  # here: the shape rules need no torch
+
         p, valid = self.source(torch.arange(-before, size + after), size)
         if valid is not None:
             p = p[valid]
@@ -65,8 +70,8 @@ class _Reflect(PaddingMode):
     name = torch_pad_mode = "reflect"
 
     def source(self, position, size):
-        p = torch.where(position < 0, -position, position)
-        return torch.where(p >= size, 2 * (size - 1) - p, p), None
+        p = position.abs()
+        return (2 * (size - 1) - p).where(p >= size, p), None
 
     def check(self, size, before, after, dim, raw):
         if max(before, after) >= size:
@@ -111,7 +116,5 @@ def padding_mode(name: object) -> PaddingMode:
     """
     mode = PADDING_MODES.get(name) if isinstance(name, str) else None
     if mode is None:
-        raise ConvMatError(
-            f"padding_mode must be one of {tuple(PADDING_MODES)!r}, got {name!r}"
-        )
+        raise ConvMatError(f"padding_mode must be one of {tuple(PADDING_MODES)!r}, got {name!r}")
     return mode

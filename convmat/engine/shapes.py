@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from .._errors import ConvMatError
 from .._typing import IntOrTuple, PaddingArg, Pads
 from .padding import PADDING_MODES, PaddingMode
@@ -32,6 +30,7 @@ __all__ = [
     "plain_conv_problem",
     "same_padding",
 ]
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -115,6 +114,7 @@ class Geometry:
         Raises:
             ConvMatError: naming the path, the class and why, for anything else.
 
+        >>> from torch import nn
         >>> Geometry.from_module(nn.Conv1d(2, 3, 3, stride=2), 9).output_size
         (4,)
         """
@@ -152,6 +152,7 @@ _TRUSTED_MODULES = ("torch.nn.modules.conv", "convmat.layers.nn")
 def plain_conv_problem(module: object) -> str:
     """Why ``module`` is not a plain convolution, or ``""`` if it is one.
 
+    >>> from torch import nn
     >>> plain_conv_problem(nn.Conv2d(1, 1, 3))
     ''
     >>> class Scaled(nn.Conv2d):
@@ -160,6 +161,8 @@ def plain_conv_problem(module: object) -> str:
     >>> plain_conv_problem(Scaled(1, 1, 3))
     'overrides forward, so it may not compute the convolution its settings describe'
     """
+    from torch import nn  # here, not at the top: the shape rules need no torch
+
     if not isinstance(module, nn.modules.conv._ConvNd):
         return (
             "is not a convolution layer: one of nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d or "
@@ -170,9 +173,7 @@ def plain_conv_problem(module: object) -> str:
     for name in ("forward", "_conv_forward"):
         owner = next((c for c in type(module).__mro__ if name in c.__dict__), None)
         if owner is not None and owner.__module__ not in _TRUSTED_MODULES:
-            return (
-                f"overrides {name}, so it may not compute the convolution its settings describe"
-            )
+            return f"overrides {name}, so it may not compute the convolution its settings describe"
     return ""
 
 
@@ -188,9 +189,7 @@ def _as_int(value: Any, name: str) -> int:
     except TypeError:
         raise ConvMatError(f"{name} must be an int, got {value!r}") from None
     if abs(out) > _INT64_MAX:
-        raise ConvMatError(
-            f"{name} must fit in a 64-bit integer (as in torch), got {value!r}"
-        )
+        raise ConvMatError(f"{name} must fit in a 64-bit integer (as in torch), got {value!r}")
     return out
 
 
