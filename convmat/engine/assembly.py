@@ -24,6 +24,12 @@ def check_weight(weight: object) -> torch.Tensor:
         raise ConvMatError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype == torch.bool:
         raise ConvMatError(f"weight must have a numeric dtype, got {weight.dtype}")
+    if "float8" in str(weight.dtype):
+        raise ConvMatError(
+            f"weight must have a dtype torch's convolutions compute in (not float8), got "
+            f"{str(weight.dtype).removeprefix('torch.')}; cast it first, e.g. "
+            f"weight.to(torch.float32)"
+        )
     if weight.layout != torch.strided:
         raise ConvMatError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
     return weight
