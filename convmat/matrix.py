@@ -185,7 +185,8 @@ def to_matrix(
     True
     """
     geo = Geometry.from_module(module, input_size)
-    return assemble(_weight_view(module.weight, geo), geo, layout)  # type: ignore[arg-type]
+    weight = check_weight(module.weight)
+    return assemble(_weight_view(weight, geo), geo, layout)
 
 
 def _as_size(value: object) -> int:
