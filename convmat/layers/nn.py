@@ -61,7 +61,6 @@ from ..engine import (
     Geometry,
     assemble,
     block_size,
-    check_matrix_memory,
     conv_output_size,
     discard,
     flat_pads,
@@ -414,7 +413,6 @@ class _MatrixConvNd(_ConvNd):
                 matrix = assemble(view, geo, torch.strided)
                 op = _LayerMatrix(geo, source, matrix, None, None, tap_table(geo, w.device))
             else:
-                check_matrix_memory(geo, torch.sparse_csr, view.dtype, view.device)
                 # Square blocks (what the sparse kernels take) dividing both channel counts.
                 side = block_size(
                     math.gcd(geo.out_channels // geo.groups, geo.in_channels // geo.groups)
