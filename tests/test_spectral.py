@@ -87,11 +87,11 @@ def test_singular_values_dense_path(cfg, k):
 
 
 @settings(deadline=None)
-@given(cfg=st.one_of(conv_configs(), conv_transpose_configs()))
-def test_lanczos_interval_contains_the_norm_at_the_default_tol(cfg):
-    """Lanczos forced on every draw (any shape): the interval holds and the value is within
-    the default tol of the dense SVD's."""
-    w = cfg.weight()
+@given(cfg=st.one_of(conv_configs(), conv_transpose_configs()), seed=st.integers(0, 2**16))
+def test_lanczos_interval_contains_the_norm_at_the_default_tol(cfg, seed):
+    """Lanczos forced on every draw (any shape, rank-deficient and repeated tops included): the
+    interval holds and the value is within the default tol of the dense SVD's."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
     W = dense(cfg, w)
     values = torch.linalg.svdvals(W)
     expected = values[0].item()
@@ -180,8 +180,8 @@ def test_not_converged_is_a_field_and_a_warning(monkeypatch):
     assert r.lower == r.value <= exact * (1 + 1e-12) <= r.upper * (1 + 1e-12)
 
 
-def test_float8_and_integer_weights_are_exact():
-    w = torch.randn(3, 2, 3, dtype=torch.float64).to(torch.float8_e4m3fn)
+def test_integer_and_half_weights_are_exact():
+    w = torch.randn(3, 2, 3, dtype=torch.float64).to(torch.bfloat16)
     exact = np.linalg.svd(conv_matrix(w.double(), 9, padding=1).numpy(), compute_uv=False)
     r = operator_norm(w, 9, padding=1)
     assert r.value == pytest.approx(exact[0], rel=1e-12)

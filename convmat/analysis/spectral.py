@@ -76,6 +76,10 @@ _MAX_STEPS = 3000
 _CHECK_EVERY = 4
 #: ``beta`` below this fraction of the top Ritz value: the Krylov space is invariant, exact.
 _BREAKDOWN = 1e-14
+#: A new block vector whose part outside the basis is below this fraction of its norm adds
+#: nothing at float64 precision (the basis is invariant to that level); keeping it would break
+#: the basis's orthogonality.
+_DEFLATION = 1e-10
 #: Smallest gap used between Ritz values (avoids dividing by zero for exact doubles).
 _GAP_FLOOR = 1e-300
 #: Vectors in the float64 block refinement: the two float32 vectors, so that a near-double top
@@ -140,9 +144,7 @@ def _check_k(k: Any, count: int) -> int | None:
 
 def _check_method(method: Any) -> str:
     if method != "auto" and method not in METHODS:
-        raise ConvMatError(
-            f"method must be one of {('auto', *METHODS)!r}, got {method!r}"
-        )
+        raise ConvMatError(f"method must be one of {('auto', *METHODS)!r}, got {method!r}")
     return method
 
 
@@ -378,14 +380,27 @@ def _lanczos_top(
 
 
 def _orthonormal(block: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:
-    """The rows of ``block`` made orthogonal to the rows of ``against`` (classical Gram-Schmidt,
-    twice) and orthonormal; rows that vanish (already in the span) are dropped."""
-    scale = max(float(block.norm(dim=1).max()), _GAP_FLOOR)
-    for _ in range(2):
+    """The rows of ``block`` made orthonormal and orthogonal to the (orthonormal) rows of
+    ``against``: each projected out twice, normalised, projected once more; a row whose part
+    outside the span is below :data:`_DEFLATION` of its norm is dropped."""
+    kept: list[torch.Tensor] = []
+
+    def project(row: torch.Tensor) -> torch.Tensor:
         if against is not None:
-            block = block - (block @ against.T) @ against
-    q, r = torch.linalg.qr(block.T)
-    return q.T[r.diagonal().abs() > _BREAKDOWN * scale]
+            row = row - (against @ row) @ against
+        for k in kept:
+            row = row - torch.dot(k, row) * k
+        return row
+
+    for row in block:  # at most _BLOCK rows
+        scale = float(row.norm())
+        row = project(project(row))
+        norm = float(row.norm())
+        if norm <= _DEFLATION * max(scale, _GAP_FLOOR):
+            continue
+        row = project(row / norm)
+        kept.append(row / row.norm())
+    return torch.stack(kept) if kept else block.new_empty(0, block.shape[1])
 
 
 def _block_refine(
@@ -419,12 +434,12 @@ def _block_refine(
             V, AV, H = Y[-b:], AY[-b:], torch.diag(theta[-b:])
             last = V.shape[0]
         block = _orthonormal(AV[-last:], V)
-        if block.shape[0] == 0:  # the basis spans an invariant subspace: exact
-            return Y[-1], True, 0.0
+        if block.shape[0] == 0:  # the basis spans an invariant subspace (to _DEFLATION)
+            return Y[-1], error <= tol, error
         image = apply(block)
         V, AV = torch.cat([V, block]), torch.cat([AV, image])
         column = V @ image.T
-        H = torch.cat([torch.cat([H, column[:-block.shape[0]].T]), column], 1)
+        H = torch.cat([torch.cat([H, column[: -block.shape[0]].T]), column], 1)
         last = block.shape[0]
         steps += last
 
@@ -480,9 +495,7 @@ def _gram_top(
     gen = torch.Generator(device=device).manual_seed(0)
     start = torch.randn(min(_BLOCK, n), n, dtype=torch.float64, device=device, generator=gen)
     basis = max(min(_PRODUCT_BASIS, _basis_size(n, device, arrays=2), n), 2 * start.shape[0])
-    vector, converged, error = _block_refine(
-        gram, start, tol / (_SAFETY * _GRAM_TO_NORM), basis
-    )
+    vector, converged, error = _block_refine(gram, start, tol / (_SAFETY * _GRAM_TO_NORM), basis)
     return vector, converged, error * _GRAM_TO_NORM
 
 
