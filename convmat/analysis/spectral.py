@@ -80,6 +80,9 @@ _BREAKDOWN = 1e-14
 #: nothing at float64 precision (the basis is invariant to that level); keeping it would break
 #: the basis's orthogonality.
 _DEFLATION = 1e-10
+#: A remainder below this fraction of its vector's norm has lost digits to cancellation: one
+#: more projection restores its orthogonality to the basis.
+_CANCELLATION = 1e-4
 #: Smallest gap used between Ritz values (avoids dividing by zero for exact doubles).
 _GAP_FLOOR = 1e-300
 #: Vectors in the float64 block refinement: the two float32 vectors, so that a near-double top
@@ -381,25 +384,30 @@ def _lanczos_top(
 
 def _orthonormal(block: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:
     """The rows of ``block`` made orthonormal and orthogonal to the (orthonormal) rows of
-    ``against``: each projected out twice, normalised, projected once more; a row whose part
-    outside the span is below :data:`_DEFLATION` of its norm is dropped."""
+    ``against``: projected out twice as a block (classical Gram-Schmidt twice), then row by row
+    against each other; a row whose remainder is below :data:`_DEFLATION` of its norm is
+    dropped, and one with heavy cancellation (below :data:`_CANCELLATION`) is projected once
+    more."""
+    scale = block.norm(dim=1).tolist()
+
+    def project(rows: torch.Tensor) -> torch.Tensor:
+        return rows if against is None else rows - (rows @ against.T) @ against
+
+    block = project(project(block))
     kept: list[torch.Tensor] = []
-
-    def project(row: torch.Tensor) -> torch.Tensor:
-        if against is not None:
-            row = row - (against @ row) @ against
-        for k in kept:
-            row = row - torch.dot(k, row) * k
-        return row
-
-    for row in block:  # at most _BLOCK rows
-        scale = float(row.norm())
-        row = project(project(row))
+    for row, norm0 in zip(block, scale):  # at most _BLOCK rows
+        for _ in range(2):
+            for k in kept:
+                row = row - torch.dot(k, row) * k
         norm = float(row.norm())
-        if norm <= _DEFLATION * max(scale, _GAP_FLOOR):
+        if norm <= _DEFLATION * max(norm0, _GAP_FLOOR):
             continue
-        row = project(row / norm)
-        kept.append(row / row.norm())
+        if norm <= _CANCELLATION * norm0:
+            row = project((row / norm)[None])[0]
+            for k in kept:
+                row = row - torch.dot(k, row) * k
+            norm = float(row.norm())
+        kept.append(row / norm)
     return torch.stack(kept) if kept else block.new_empty(0, block.shape[1])
 
 
@@ -421,21 +429,28 @@ def _block_refine(
     AV = apply(V)
     H = V @ AV.T  # V^T A V, grown by the new columns at each step
     last, steps = V.shape[0], V.shape[0]
+    error = math.inf
     while True:
-        theta, S = torch.linalg.eigh((H + H.T) / 2)
-        top = max(float(theta[-1]), _GAP_FLOOR)
-        count = min(2 * b + 2, theta.numel())  # the top few Ritz pairs and their residuals
-        Y, AY = S[:, -count:].T @ V, S[:, -count:].T @ AV
-        residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
-        error = _error_estimate(theta[-count:], residuals) / top
-        if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS:
-            return Y[-1], error <= tol, error
-        if V.shape[0] + b > basis:
-            V, AV, H = Y[-b:], AY[-b:], torch.diag(theta[-b:])
-            last = V.shape[0]
+        full = V.shape[0] + b > basis
+        if steps >= _REFINE_MIN_STEPS or full:  # Ritz pairs: only when they may be used
+            theta, S = torch.linalg.eigh((H + H.T) / 2)
+            top = max(float(theta[-1]), _GAP_FLOOR)
+            count = min(2 * b + 2, theta.numel())  # the top few Ritz pairs and residuals
+            Y, AY = S[:, -count:].T @ V, S[:, -count:].T @ AV
+            residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
+            error = _error_estimate(theta[-count:], residuals) / top
+            if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS:
+                return Y[-1], error <= tol, error
+            if full:
+                V, AV, H = Y[-b:], AY[-b:], torch.diag(theta[-b:])
+                last = V.shape[0]
         block = _orthonormal(AV[-last:], V)
         if block.shape[0] == 0:  # the basis spans an invariant subspace (to _DEFLATION)
-            return Y[-1], error <= tol, error
+            theta, S = torch.linalg.eigh((H + H.T) / 2)
+            top = max(float(theta[-1]), _GAP_FLOOR)
+            y, ay = S[:, -1] @ V, S[:, -1] @ AV
+            error = float((ay - theta[-1] * y).norm()) / top
+            return y, error <= tol, error
         image = apply(block)
         V, AV = torch.cat([V, block]), torch.cat([AV, image])
         column = V @ image.T
