@@ -70,10 +70,8 @@ def test_adjoint_of_zero_padded_conv_is_conv_transpose_matrix(cfg):
     out_pad = tuple(i - q for i, q in zip(cfg.input_size, natural))
     assume(all(p < max(s, d) for p, s, d in zip(out_pad, cfg.stride, cfg.dilation)))
     y = torch.randn(2, *op.out_shape, dtype=torch.float64)
-    expected = F.conv_transpose1d if cfg.ndim == 1 else F.conv_transpose2d if cfg.ndim == 2 else (
-        F.conv_transpose3d
-    )
-    got = expected(y, w, stride=cfg.stride, padding=pads, output_padding=out_pad,
+    conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[cfg.ndim]
+    got = conv_t(y, w, stride=cfg.stride, padding=pads, output_padding=out_pad,
                    groups=cfg.groups, dilation=cfg.dilation)  # fmt: skip
     torch.testing.assert_close(op.T @ y, got, rtol=0, atol=1e-10)
     WT = conv_transpose_matrix(w, op.out_shape[1:], stride=cfg.stride, padding=pads,
@@ -135,6 +133,20 @@ def test_flipped_kernel_follows_the_values():
     del op  # the entry goes with the last operator holding it
     gc.collect()
     assert not any(o.startswith("flipped kernel") for o in cache_info())
+
+
+def test_adjoint_is_differentiable_in_the_weight_every_time():
+    """The flipped kernel is not cached with an autograd graph: two backward passes work and
+    equal torch's gradients."""
+    w = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 3, 6, dtype=torch.float64)
+    x = torch.zeros(1, 2, 6, dtype=torch.float64, requires_grad=True)
+    (ref,) = torch.autograd.grad(F.conv1d(x, w, padding=1), x, y, create_graph=True)
+    (expected,) = torch.autograd.grad(ref.square().sum(), w)
+    op = ConvOperator(w, 6, padding=1)
+    for _ in range(2):
+        (grad,) = torch.autograd.grad((op.T @ y).square().sum(), w)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
 
 
 def test_matmul_checks_its_argument():

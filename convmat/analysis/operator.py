@@ -73,9 +73,7 @@ def _crop(t: torch.Tensor, pads: Any, size: tuple[int, ...]) -> torch.Tensor:
     return t[index]
 
 
-def _conv_adjoint(
-    geo: Geometry, w: torch.Tensor, y: torch.Tensor, flipped: Any
-) -> torch.Tensor:
+def _conv_adjoint(geo: Geometry, w: torch.Tensor, y: torch.Tensor, flipped: Any) -> torch.Tensor:
     """A convolution's W^T applied to ``(B, C_out, *output_size)``; ``flipped()`` gives the
     kernel transposed per group and flipped (used for stride 1 with zero padding)."""
     n = geo.ndim
@@ -258,8 +256,12 @@ class ConvOperator:
     # -- applying it ---------------------------------------------------------------------------
     def _flipped(self) -> torch.Tensor:
         """The kernel transposed per group and flipped, kept in the engine's cache while the
-        kernel's values equal the copy it was made from (whatever changed them)."""
-        w, owner = self._weight, self._token.owner
+        kernel's values equal the copy it was made from (whatever changed them). Not kept where
+        autograd records it (its graph belongs to one backward pass)."""
+        w = self._weight
+        if w.requires_grad and torch.is_grad_enabled():
+            return self._flip(w)
+        owner = self._token.owner
         key = (FLIPPED_OWNER, owner)
         hit = lookup(key)
         if hit is not None:
@@ -267,12 +269,15 @@ class ConvOperator:
             if (copy.dtype == w.dtype and copy.device == w.device and copy.shape == w.shape
                     and torch.equal(copy, w)):  # fmt: skip
                 return flipped
-        g, n = self._geometry.groups, self._geometry.ndim
-        flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
-        flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+        flipped = self._flip(w)
         copy = w.detach().clone()
         store(key, owner, (copy, flipped), tensor_bytes([copy, flipped]))
         return flipped
+
+    def _flip(self, w: torch.Tensor) -> torch.Tensor:
+        g, n = self._geometry.groups, self._geometry.ndim
+        flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
+        return flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
 
     def _apply(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, *in_shape)`` -> ``(B, *out_shape)``."""
