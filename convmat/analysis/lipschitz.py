@@ -45,6 +45,9 @@ _LAYERS = (_CONV, nn.Linear, SparseLinear)
 _TRUSTED_LINEAR = ("torch.nn.modules.linear", "convmat.layers.linear")
 #: Relative tolerance of the numerical linearity check (float64; rounding is ~1e-15).
 _LINEARITY_TOL = 1e-9
+#: The coefficients ``a, b`` of the check ``f(a x + b y) = a f(x) + b f(y)``: neither 0 nor 1
+#: nor equal in size, so that neither homogeneity nor additivity alone passes it.
+_PROBE_COEFFICIENTS = (0.7, -1.3)
 
 
 @dataclass(frozen=True)
@@ -223,12 +226,12 @@ def _jacobian_norm(
         gen = torch.Generator(device=device).manual_seed(0)
         x, y = (torch.randn(1, *in_shape, dtype=torch.float64, device=device, generator=gen)
                 for _ in range(2))  # fmt: skip
-        a, b = 0.7, -1.3
+        a, b = _PROBE_COEFFICIENTS
         fx, fy = f(x) - offset, f(y) - offset
         mixed = f(a * x + b * y) - offset
     gap = float((mixed - a * fx - b * fy).norm())
     scale = abs(a) * float(fx.norm()) + abs(b) * float(fy.norm())
-    if not gap <= _LINEARITY_TOL * max(scale, 1e-300):
+    if not gap <= _LINEARITY_TOL * max(scale, torch.finfo(torch.float64).tiny):
         raise ConvMatError(
             f"{where} {problem}, and it is not linear in its input (f(a x + b y) - f(0) differs "
             f"from a (f(x) - f(0)) + b (f(y) - f(0)) by {gap:.2e} relative to {scale:.2e}): "
