@@ -326,7 +326,9 @@ def test_norm_command_from_saved_files(tmp_path):
              "--input", "3,12,12", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     fc = json.loads(r.stdout)["layers"][-1]
-    assert fc["norm"] == pytest.approx(np.linalg.svd(model.fc.weight.detach().double().numpy())[1][0])
+    assert fc["norm"] == pytest.approx(
+        np.linalg.svd(model.fc.weight.detach().double().numpy())[1][0]
+    )
 
 
 @pytest.mark.parametrize(
