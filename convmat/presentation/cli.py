@@ -485,20 +485,29 @@ def _load_model(spec: str, weights: str | None, trust: bool) -> Any:
     return model
 
 
+def _finite_or_null(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None (JSON's null)."""
+    if isinstance(data, dict):
+        return {k: _finite_or_null(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite_or_null(v) for v in data]
+    return None if isinstance(data, float) and not math.isfinite(data) else data
+
+
 def _cmd_norm(args: argparse.Namespace) -> None:
     from ..analysis.lipschitz import lipschitz_report
 
     model = _load_model(args.model, args.weights, args.trust_pickle)
     report = lipschitz_report(model, args.input, tol=args.tol)
     if args.json:
-        # The records, and whatever totals the report has (its float properties).
-        totals = {
-            name: getattr(report, name)
-            for name, attr in vars(type(report)).items()
-            if isinstance(attr, property) and isinstance(getattr(report, name), float)
+        data = {
+            "input_shape": list(args.input),
+            "layers": report.to_dicts(),
+            "product": report.product,
+            "certified_bound": report.certified_bound,
         }
-        data = {"input_shape": list(args.input), "layers": report.to_dicts(), **totals}
-        print(json.dumps(data, indent=2))
+        # Strict JSON has no infinity: an upper end that nothing certifies is null.
+        print(json.dumps(_finite_or_null(data), indent=2, allow_nan=False))
     else:
         print(report)
 
