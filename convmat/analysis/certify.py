@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .._errors import ConvMatError
-from ..engine import Geometry, assemble, check_weight, weight_view
+from ..engine import Geometry, assemble, check_allocation, check_weight, weight_view
 
 __all__ = ["Certificate", "certify_upper", "nested_dissection"]
 
@@ -39,7 +39,8 @@ class Certificate(NamedTuple):
         info: how: ``side`` (``"input"`` for ``W^T W``, ``"output"`` for ``W W^T``), ``n``,
             ``shift`` (the ``s`` factored), ``margin`` (the rounding allowance, relative to
             ``theta``), ``row_count`` (the bound ``k`` on a row of the factor),
-            ``failed_column`` (where a pivot was not positive), ``reason``, timings in seconds.
+            ``factor_nnz_bound`` (on the factor's entries), ``failed_column`` (where a pivot
+            was not positive), ``reason``, ``times`` (seconds per step).
     """
 
     upper: float
@@ -255,9 +256,11 @@ def _gram_lower(
     return row[keep], col[keep], values[keep], p
 
 
-def _row_count_bound(pattern: Any, order: np.ndarray, channels: int, cvxopt: Any) -> int:
-    """An upper bound on the number of entries in any row of the Cholesky factor of the full
-    matrix, from the factor of its position-level (quotient) pattern.
+def _row_count_bound(
+    pattern: Any, order: np.ndarray, channels: int, cvxopt: Any
+) -> tuple[int, int]:
+    """Upper bounds on the number of entries in any row of the Cholesky factor of the full
+    matrix and in the whole factor, from the factor of its position-level (quotient) pattern.
 
     The scalar pattern is contained in ``kron(Q, ones(C, C))`` with ``Q`` the pattern of
     positions; fill is monotone in the pattern, and the scalar order is the block expansion of
@@ -288,7 +291,7 @@ def _row_count_bound(pattern: Any, order: np.ndarray, channels: int, cvxopt: Any
         cholmod.options.update(saved)
     rows = np.asarray(cvxopt.matrix(lower.I), dtype=np.int64).ravel()
     counts = np.bincount(rows, minlength=q.shape[0])
-    return int(counts.max()) * channels
+    return int(counts.max()) * channels, len(rows) * channels * channels
 
 
 def certify_upper(
@@ -385,13 +388,33 @@ def certify_upper(
 
     theta, eps = float(theta), float(eps)
     times: dict[str, float] = {}
-    start = time.perf_counter()
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     if not torch.isfinite(w).all():
         raise ConvMatError("weight must be finite, got non-finite values")
     side, size, channels, reach = _gram_side(conv)
     positions = math.prod(size)
     n = positions * channels
+    # The position-level pattern (one channel, all-ones kernel) and the order.
+    start = time.perf_counter()
+    order = nested_dissection(size, reach)
+    ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64)
+    one = Geometry(
+        False, 1, 1, 1, conv.input_size, conv.output_size, conv.kernel_size, conv.stride,
+        conv.dilation, conv.padding, conv.padding_mode,
+    )  # fmt: skip
+    pos = _to_scipy(assemble(weight_view(ones, one), one, torch.sparse_csr))
+    pattern = pos @ pos.T if side == "output" else pos.T @ pos
+    k, factor_nnz = _row_count_bound(pattern, order, channels, cvxopt)
+    entries = pattern.nnz * channels * channels  # the Gram's stored entries, at most
+    check_allocation(
+        20 * entries + 8 * factor_nnz, "cpu",
+        f"the tight certificate's Gram matrix ({entries} entries) and Cholesky factor "
+        f"({factor_nnz} entries)", "use the default (circular) upper bound",
+    )  # fmt: skip
+    perm = (order[:, None] * channels + np.arange(channels)[None, :]).ravel()
+    times["order"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     d_w = 0.0
     if conv.padding_mode == "zeros":
         row, col, values, p = _gram_lower(w, conv, side, reach)
@@ -423,20 +446,6 @@ def certify_upper(
     frob2 = float(diag.sum()) / (1.0 - _gamma(p)) / (1.0 - _gamma(n))
     times["build"] = time.perf_counter() - start
 
-    # The position-level pattern (one channel, all-ones kernel) and the order.
-    start = time.perf_counter()
-    order = nested_dissection(size, reach)
-    ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64)
-    one = Geometry(
-        False, 1, 1, 1, conv.input_size, conv.output_size, conv.kernel_size, conv.stride,
-        conv.dilation, conv.padding, conv.padding_mode,
-    )  # fmt: skip
-    pos = _to_scipy(assemble(weight_view(ones, one), one, torch.sparse_csr))
-    pattern = pos @ pos.T if side == "output" else pos.T @ pos
-    k = _row_count_bound(pattern, order, channels, cvxopt)
-    perm = (order[:, None] * channels + np.arange(channels)[None, :]).ravel()
-    times["order"] = time.perf_counter() - start
-
     # The margins, bounded a priori with s <= t = theta (1 + eps).
     t = theta * (1.0 + eps)
     max_diag = float(diag.max(initial=0.0))
@@ -449,7 +458,7 @@ def certify_upper(
     s = (room * room) * (1.0 - 64.0 * _U) - margin if room > 0 else -math.inf
     info: dict[str, Any] = {
         "side": side, "n": n, "shift": s, "margin": margin / theta, "row_count": k,
-        "failed_column": None, "reason": "", "times": times,
+        "factor_nnz_bound": factor_nnz, "failed_column": None, "reason": "", "times": times,
     }  # fmt: skip
     if not s > theta:
         info["reason"] = (
