@@ -73,7 +73,7 @@ def _param(module) -> ConvSpectralNorm:
 
 
 # -- (a) the converged estimate is the operator norm ------------------------------------------
-@settings(max_examples=30)
+@settings(max_examples=max(10, settings.default.max_examples // 2))  # 2000 power steps each
 @given(layers(), st.sampled_from([0.5, 1.0, 3.0]))
 def test_converged_sigma_is_the_operator_norm(drawn, bound):
     module, size, config = drawn
@@ -96,6 +96,44 @@ def test_converged_sigma_is_the_operator_norm(drawn, bound):
     module.eval()
     normalised = convmat.operator_norm(module.weight.detach(), size, **config).value
     assert abs(normalised - bound) <= 1e-6 * bound
+
+
+@pytest.mark.parametrize(
+    ("module", "config"),
+    [
+        (nn.Conv3d(2, 2, 3, stride=(1, 2, 1), padding=1, padding_mode="circular", dtype=F64),
+         dict(stride=(1, 2, 1), padding=1, padding_mode="circular")),
+        (nn.ConvTranspose3d(2, 4, 2, stride=2, groups=2, dtype=F64),
+         dict(transposed=True, stride=2, groups=2)),
+    ],
+    ids=["conv3d", "conv_transpose3d"],
+)  # fmt: skip
+def test_three_dimensional_layers(module, config):
+    size = (3, 4, 3)
+    torch.manual_seed(0)
+    weight = module.weight.detach().clone()
+    spectral_norm(module, size, n_power_iterations=50)
+    _train_forwards(module, size, 40)
+    with torch.no_grad():
+        sigma = _param(module).sigma(module.parametrizations.weight.original).item()
+    exact = convmat.operator_norm(weight, size, method="dense", **config).value
+    assert abs(sigma - exact) <= 1e-6 * exact
+
+
+def test_complex_weights_use_the_conjugate_transpose():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 2, 3, padding=1, bias=False, dtype=torch.complex128)
+    dense = convmat.ConvOperator(conv.weight.detach(), 6, padding=1).to_dense()
+    exact = torch.linalg.matrix_norm(dense, ord=2).item()
+    spectral_norm(conv, 6, n_power_iterations=50)
+    _train_forwards(conv, (6,), 40)
+    conv.eval()
+    normalised = convmat.ConvOperator(conv.weight.detach(), 6, padding=1).to_dense()
+    assert abs(torch.linalg.matrix_norm(normalised, ord=2).item() - 1.0) <= 1e-6
+    with torch.no_grad():
+        sigma = _param(conv).sigma(conv.parametrizations.weight.original)
+    assert not sigma.is_complex()
+    assert abs(sigma.item() - exact) <= 1e-6 * exact
 
 
 def test_vectors_have_the_operator_shapes():
