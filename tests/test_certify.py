@@ -104,6 +104,9 @@ def test_a_strided_and_a_large_kernel_layer():
         ((8, 3, 7, 7), (16, 16), dict(stride=2, padding=3)),
         ((6, 4, 3, 3), (10, 12), dict(stride=(2, 1), padding=1, dilation=(1, 2))),
         ((4, 4, 3, 3, 3), (5, 5, 5), dict(padding=1)),
+        # inputs that no tap reaches: rows of zeros in W^T W, folded and not
+        ((1, 1, 1, 1), (3, 3), dict(stride=(2, 1), padding=(0, 1), padding_mode="reflect")),
+        ((2, 3, 1, 1), (5, 5), dict(stride=2)),
     ]:
         weight = torch.randn(shape, generator=gen, dtype=torch.float64)
         geo = conv_geometry(shape, size, **config)

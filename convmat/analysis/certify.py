@@ -432,6 +432,10 @@ def certify_upper(
         col = (gram.col % positions) * channels + gram.col // positions
         keep = row >= col
         row, col, values = row[keep], col[keep], gram.data[keep]
+        # a diagonal entry for every unknown (an input no tap reaches has none in W^T W)
+        missing = np.setdiff1d(np.arange(n), row[row == col])
+        row, col = np.concatenate([row, missing]), np.concatenate([col, missing])
+        values = np.concatenate([values, np.zeros(len(missing))])
         sort = np.lexsort((col, row))
         row, col, values = row[sort], col[sort], values[sort]
         del gram
