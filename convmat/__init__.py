@@ -36,6 +36,7 @@ _WHERE = {
     "same_padding": ".engine",
     "set_cache_budget": ".engine",
     "singular_values": ".analysis.spectral",
+    "spectral_norm": ".analysis.normalize",
     "symbolic": ".presentation.symbolic",
     "to_linear": ".layers.linear",
     "to_matrix": ".matrix",
@@ -47,6 +48,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
 if TYPE_CHECKING:  # what IDEs and type checkers see
     from ._errors import ConvMatError
     from .analysis.lipschitz import LayerNorm, LipschitzReport, lipschitz_report
+    from .analysis.normalize import spectral_norm
     from .analysis.operator import ConvOperator, dottest
     from .analysis.spectral import NormResult, operator_norm, singular_values
     from .engine import (
@@ -88,6 +90,7 @@ __all__ = [
     "same_padding",
     "set_cache_budget",
     "singular_values",
+    "spectral_norm",
     "symbolic",
     "to_linear",
     "to_matrix",
