@@ -7,7 +7,7 @@ from typing import Any
 from .layers.nn import *  # noqa: F403
 from .layers.nn import __all__ as _layers
 
-__all__ = [*_layers, "spectral_norm"]
+__all__ = [*_layers, "spectral_norm"]  # noqa: F405 (spectral_norm: by __getattr__)
 
 
 def __getattr__(name: str) -> Any:
