@@ -1,8 +1,8 @@
 """The tight certificate on every convolution of a ResNet-18 (random weights, no torchvision).
 
 For each of the 20 convolutions at 224x224: the Lanczos value (``convmat.operator_norm``), then
-``certify_upper`` with ``theta = value^2``; printed: the Gram side and its order n, a bound on
-the factor's entries, the rounding margin, the times (Lanczos, certificate), the peak memory of
+``certify_upper`` with ``theta = value^2``; printed: the Gram side and its order n, the
+factor's stored entries, the rounding margin, the times (Lanczos, certificate), the peak memory of
 the process that ran the layer, and the relative width ``upper / lower - 1`` (target <= 1e-6).
 Each layer runs in its own process so that its peak memory is its own.
 
@@ -97,7 +97,8 @@ def run_layer(index: int, size: int) -> dict:
     return {
         "layer": name, "shape": list(weight.shape), "input": list(input_size),
         "stride": geo.stride[0], "side": info["side"], "n": info["n"],
-        "factor_nnz_bound": info.get("factor_nnz_bound"), "margin": info["margin"],
+        "factor_nnz": info.get("factor_nnz") or info.get("factor_nnz_bound"),
+        "margin": info["margin"],
         "lower": norm.lower, "value": norm.value, "upper": upper, "certified": certified,
         "width": upper / norm.lower - 1, "old_width": norm.upper / norm.lower - 1,
         "lanczos_s": lanczos_s, "certify_s": cert_s, "times": info["times"],
@@ -118,7 +119,7 @@ def main() -> None:
         return
     layers = args.layers if args.layers else range(len(convolutions(args.size)))
     print(
-        f"{'layer':26} {'shape':>16} {'in':>5} {'side':>6} {'n':>8} {'L nnz<=':>8} "
+        f"{'layer':26} {'shape':>16} {'in':>5} {'side':>6} {'n':>8} {'L nnz':>8} "
         f"{'margin':>8} {'lanczos':>8} {'certify':>8} {'peak':>7} {'width':>9} {'before':>8}"
     )
     total = 0.0
@@ -136,7 +137,7 @@ def main() -> None:
         width = f"{r['width']:.2e}" if r["certified"] else "FAILED"
         print(
             f"{r['layer']:26} {shape:>16} {r['input'][0]:>5} {r['side']:>6} {r['n']:>8} "
-            f"{r['factor_nnz_bound'] / 1e6:>7.0f}M {r['margin']:>8.1e} {r['lanczos_s']:>7.1f}s "
+            f"{r['factor_nnz'] / 1e6:>7.0f}M {r['margin']:>8.1e} {r['lanczos_s']:>7.1f}s "
             f"{r['certify_s']:>7.1f}s {r['peak_gb']:>6.1f}G {width:>9} {r['old_width']:>8.1e}",
             flush=True,
         )
