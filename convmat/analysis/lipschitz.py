@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .._errors import ConvMatError
@@ -37,7 +39,7 @@ from .spectral import (
     operator_norm,
 )
 
-__all__ = ["LayerNorm", "LipschitzReport", "lipschitz_report"]
+__all__ = ["GraphFactor", "LayerNorm", "LipschitzReport", "lipschitz_report"]
 
 _CONV = nn.modules.conv._ConvNd
 _LAYERS = (_CONV, nn.Linear, SparseLinear)
@@ -95,17 +97,32 @@ class LayerNorm:
 
 @dataclass(frozen=True)
 class LipschitzReport:
-    """Per-layer operator norms of a model; iterate it for the :class:`LayerNorm` records.
+    """Per-layer operator norms of a model and a certified Lipschitz bound of the whole model;
+    iterate it for the :class:`LayerNorm` records.
 
-    ``str(report)`` is an aligned table. :attr:`certified_bound`, the product of the layers'
-    certified upper ends, bounds the Lipschitz constant (in the 2-norm) of a model that chains
-    these layers with 1-Lipschitz activations (ReLU, tanh, max pooling, ...); skip connections,
-    normalisation and other layers with weights are not in it. :attr:`product` multiplies the
-    norms themselves: an estimate, not a bound (an iterative norm may lie below the true one).
+    ``str(report)`` prints ``[lower, upper]`` for the model, the per-layer table, the graph's
+    other factors and what was not certified. :attr:`upper` (also :attr:`certified_bound`)
+    bounds the Lipschitz constant of the model in eval mode, in the 2-norm: the certified upper
+    ends combined along the model's ``torch.fx`` graph (composition multiplies, an addition
+    adds, a concatenation adds in quadrature; BatchNorm folded into the layer before it,
+    pooling and activations with their own constants); ``inf`` where some node on the way has
+    no certified constant (:attr:`not_certified` says which and why) or the model could not be
+    traced. :attr:`lower` is the largest ``||J v|| / ||v||`` found for the model's Jacobian at
+    random inputs: a local value, so ``lower <= Lipschitz constant <= upper``; the input and
+    direction reaching it are :attr:`witness_input` and :attr:`witness_direction`.
+    :attr:`product` multiplies the layer norms: an estimate of nothing in particular.
     """
 
     records: tuple[LayerNorm, ...]
     input_shape: tuple[int, ...]
+    upper: float = math.inf
+    lower: float = 0.0
+    graph: str = ""
+    factors: tuple[GraphFactor, ...] = ()
+    not_certified: tuple[str, ...] = ()
+    lower_note: str = ""
+    witness_input: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    witness_direction: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def product(self) -> float:
@@ -114,8 +131,13 @@ class LipschitzReport:
 
     @property
     def certified_bound(self) -> float:
-        """The product of the certified upper ends (``inf`` if a layer has none)."""
-        return math.prod(r.upper for r in self.records)
+        """The certified Lipschitz bound of the whole model (:attr:`upper`; ``inf``: none)."""
+        return self.upper
+
+    @property
+    def certified(self) -> bool:
+        """Whether :attr:`upper` is a certified bound."""
+        return math.isfinite(self.upper)
 
     def __iter__(self) -> Iterator[LayerNorm]:
         return iter(self.records)
@@ -130,6 +152,20 @@ class LipschitzReport:
         """The records as plain dicts (with the ratio), e.g. for JSON or a DataFrame."""
         return [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.records]
 
+    def model_dict(self) -> dict[str, Any]:
+        """The whole-model figures as plain data (the witness as its norms, not its entries)."""
+        witness = None
+        if self.witness_input is not None and self.witness_direction is not None:
+            witness = {"input_norm": float(self.witness_input.norm()),
+                       "direction_norm": float(self.witness_direction.norm()),
+                       "value": self.lower}  # fmt: skip
+        return {
+            "lower": self.lower, "upper": self.upper, "certified": self.certified,
+            "graph": self.graph, "not_certified": list(self.not_certified),
+            "lower_note": self.lower_note, "witness": witness,
+            "factors": [dataclasses.asdict(f) for f in self.factors],
+        }  # fmt: skip
+
     def __str__(self) -> str:
         head = ["layer", "type", "config", "input", "norm", "certified upper", "reshaped",
                 "ratio", "method", "time"]  # fmt: skip
@@ -139,19 +175,12 @@ class LipschitzReport:
              r.method + ("" if r.converged else " (not converged)"), f"{r.seconds:.2f} s"]
             for r in self.records
         ]  # fmt: skip
-        widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-        numeric = {4, 5, 6, 7, 9}
-
-        def line(cells: list[str]) -> str:
-            return "  ".join(
-                c.rjust(w) if i in numeric else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths))
-            ).rstrip()
-
         shape = "x".join(map(str, self.input_shape))
-        out = [f"Lipschitz report for inputs of shape {shape} ({len(rows)} layers)", line(head)]
-        out.append(line(["-" * w for w in widths]))
-        out += [line(row) for row in rows]
+        upper = f"{self.upper:.6g}" if self.certified else "none certified"
+        out = [f"Lipschitz report for inputs of shape {shape} ({len(rows)} layers)",
+               f"model Lipschitz constant (2-norm, eval mode): [{self.lower:.6g}, {upper}]",
+               ""]  # fmt: skip
+        out += _table(head, rows, {4, 5, 6, 7, 9})
         out.append(
             "norm: the layer's operator norm (exact for fft/dense, to tol for lanczos; "
             "jvp-lanczos: a module with its own forward, measured on its Jacobian, not certified)"
@@ -160,13 +189,38 @@ class LipschitzReport:
         uncertified = [r.path for r in self.records if not r.certified]
         if uncertified:
             out.append(f"no certified bound: no certified upper end for {', '.join(uncertified)}")
+        paths = {r.path.split(" ")[0] for r in self.records}
+        others = [f for f in self.factors if f.target not in paths
+                  and (f.factor != 1 or f.rule.startswith(("sum", "concatenation")))]
+        if others:
+            out += ["", f"other factors along the {self.graph}:"]
+            out += _table(
+                ["node", "target", "kind", "input", "factor", "rule", "bound so far"],
+                [[f.node, f.target, f.kind, "x".join(map(str, f.input_shape)),
+                  f"{f.factor:.6g}", f.rule, f"{f.lipschitz:.6g}"] for f in others],
+                {4, 6},
+            )  # fmt: skip
+        out.append("")
+        if self.certified:
+            out.append(f"certified bound: {self.upper:.6g}, the Lipschitz constant of the model "
+                       f"in eval mode along its {self.graph}")  # fmt: skip
         else:
-            out.append(
-                f"certified bound: {self.certified_bound:.6g} (product of the certified upper "
-                f"ends): a Lipschitz bound for a chain of these layers with 1-Lipschitz "
-                f"activations"
-            )
+            out.append("not certified: " + "; ".join(self.not_certified or ("no bound",)))
+        out.append(f"lower end {self.lower:.6g}: {self.lower_note}")
         return "\n".join(out)
+
+
+def _table(head: list[str], rows: list[list[str]], numeric: set[int]) -> list[str]:
+    """The lines of an aligned table (``numeric`` columns right-aligned)."""
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return [line(head), line(["-" * w for w in widths]), *(line(row) for row in rows)]
 
 
 def _describe(m: Any, in_shape: tuple[int, ...]) -> str:
@@ -320,8 +374,30 @@ def lipschitz_report(
     tol: float = 1e-7,
     progress: bool | None = None,
     method: Method = "auto",
+    probes: int = 3,
+    iterations: int = 20,
+    seed: int = 0,
 ) -> LipschitzReport:
-    """The operator norm of every convolution and linear layer of ``model``.
+    """The operator norm of every convolution and linear layer of ``model``, and a certified
+    Lipschitz bound of the whole model with an empirical lower end.
+
+    The bound: the model is traced with ``torch.fx`` (conv and linear layers kept whole) and
+    run once in eval mode on zeros; along the graph each node gets a bound ``L`` from the
+    model's input: a layer multiplies by its certified upper end, an addition adds
+    (``L(f + g) <= L(f) + L(g)``), a concatenation (``torch.cat``/``stack``) combines in
+    quadrature (``||[f(x); g(x)] - [f(y); g(y)]||^2 <= (L_f^2 + L_g^2) ||x - y||^2``), a
+    constant counts 0. Factors: a BatchNorm in eval mode whose input is a conv or linear layer
+    used nowhere else is folded into it (the certified norm of the layer with its output
+    channels scaled by ``gamma / sqrt(var + eps)``), alone it is ``max |gamma / sqrt(var +
+    eps)|``; average pooling (plain or adaptive, any padding, ``ceil_mode``,
+    ``count_include_pad``, ``divisor_override``) the exact norm of its matrix, a Kronecker
+    product of 1-D pooling matrices; max pooling ``sqrt(k)``, ``k`` the most windows any input
+    entry belongs to; ``mean`` over ``n`` entries ``1/sqrt(n)``, ``sum`` ``sqrt(n)``; ReLU,
+    ReLU6, Tanh, Hardtanh, Softplus, CELU, Dropout (eval), Identity, Flatten, reshapes and
+    slices 1; LeakyReLU ``max(1, |slope|)``; ELU ``max(1, |alpha|)``; Sigmoid 1/4; Hardswish
+    3/2; GELU, SiLU, Mish the sup of ``|f'|`` on a fine grid plus a margin (GELU 1.1291, SiLU
+    1.0998, Mish 1.0885). A node with no rule (LayerNorm, a product of two tensors, ...) makes
+    the bound ``inf``, named in ``not_certified``; a model fx cannot trace gets no bound, said so.
 
     Args:
         model: any ``nn.Module``; its conv (``nn.Conv*d``, ``nn.ConvTranspose*d`` and convmat's
@@ -333,6 +409,9 @@ def lipschitz_report(
         progress: show a progress bar (``None``: only on a terminal).
         method: for every plain conv layer (see :func:`convmat.operator_norm`); an explicit one
             that does not apply to a layer raises.
+        probes: random inputs at which the lower end is sought (0: none).
+        iterations: power-iteration steps on ``J^T J`` at each.
+        seed: of the random inputs and starting directions.
 
     Returns:
         :class:`LipschitzReport`; ``print`` it for the table.
@@ -351,7 +430,7 @@ def lipschitz_report(
     [('0', (1, 4, 4)), ('3', (32,))]
     >>> report.product == report[0].norm * report[1].norm
     True
-    >>> report.certified_bound >= report.product
+    >>> report.lower <= report.product <= report.upper  # a chain: the product of the uppers
     True
     """
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -366,6 +445,9 @@ def lipschitz_report(
         raise ConvMatError(f"input_shape must be positive sizes, got {input_shape!r}")
     tol = _check_tol(tol)
     method = _check_method(method)
+    for name, value, least in (("probes", probes, 0), ("iterations", iterations, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConvMatError(f"{name} must be an int >= {least}, got {value!r}")
     records = []
     bar = tqdm(_calls(model, shape), desc="operator norms", unit="layer",
                disable=None if progress is None else not progress, leave=False)  # fmt: skip
@@ -387,4 +469,478 @@ def lipschitz_report(
         seconds = time.perf_counter() - start
         records.append(LayerNorm(path, type(m).__name__, config, in_shape, r.value, r.lower,
                                  r.upper, r.method, reshaped, seconds, r.converged))  # fmt: skip
-    return LipschitzReport(tuple(records), shape)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        upper, graph, factors, reasons = _graph_bound(model, shape, records, tol, method)
+        lower, x, v, note = _empirical_lower(model, shape, probes, iterations, seed)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return LipschitzReport(tuple(records), shape, upper, lower, graph, factors, reasons, note,
+                           x, v)  # fmt: skip
+
+
+# -- the whole model: a Lipschitz bound along the traced graph --------------------------------
+
+
+@dataclass(frozen=True)
+class GraphFactor:
+    """One node of the traced graph in a :class:`LipschitzReport`, with its Lipschitz factor.
+
+    Attributes:
+        node: the node's name in the ``torch.fx`` graph.
+        target: the module path, or the function or method called.
+        kind: the module's class or the function's name.
+        input_shape: the shape of its first tensor input, without the batch (``()``: none).
+        factor: the op's own Lipschitz constant in the 2-norm (``inf``: none certified); for
+            an addition or a concatenation, how its inputs' constants combine.
+        rule: where the factor comes from.
+        lipschitz: the certified bound from the model's input to this node's output.
+        seconds: time spent on the factor.
+    """
+
+    node: str
+    target: str
+    kind: str
+    input_shape: tuple[int, ...]
+    factor: float
+    rule: str
+    lipschitz: float
+    seconds: float
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, keeping every conv and linear layer (subclasses included) as one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LAYERS) or super().is_leaf_module(m, qualname)
+
+
+#: Activations with a closed-form Lipschitz constant (the sup of |f'|), by class.
+_UNIT = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+         nn.CELU, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten,
+         nn.modules.dropout._DropoutNd, nn.AlphaDropout)  # fmt: skip
+#: Activations whose constant is the sup of |f'| found on a grid (see :func:`_derivative_sup`).
+_NUMERIC = (nn.GELU, nn.SiLU, nn.Mish)
+#: Shape and copy operations: a permutation or a projection of the entries (norm 1).
+_SHAPE_OPS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze",
+              "unsqueeze", "t", "clone", "float", "double", "to", "type_as", "movedim",
+              "swapaxes", "chunk", "split", "unbind", "tensor_split", "narrow", "detach_copy",
+              "clamp", "clip", "clamp_", "unflatten", "ravel", "view_as", "reshape_as"}  # fmt: skip
+_ADD = {"add", "add_", "iadd", "sub", "sub_", "isub"}
+_MUL = {"mul", "mul_", "imul"}
+_DIV = {"truediv", "div", "div_", "itruediv"}
+_CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"}
+#: Functional forms and methods that are a module: name -> (module class, argument names).
+_AS_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    **{f"avg_pool{d}d": (getattr(nn, f"AvgPool{d}d"), (
+        "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+        "divisor_override")[: 5 if d == 1 else 6]) for d in (1, 2, 3)},
+    **{f"max_pool{d}d": (getattr(nn, f"MaxPool{d}d"), (
+        "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"))
+       for d in (1, 2, 3)},
+    **{f"adaptive_avg_pool{d}d": (getattr(nn, f"AdaptiveAvgPool{d}d"), ("output_size",))
+       for d in (1, 2, 3)},
+    **{f"adaptive_max_pool{d}d": (getattr(nn, f"AdaptiveMaxPool{d}d"),
+                                  ("output_size", "return_indices")) for d in (1, 2, 3)},
+    "relu": (nn.ReLU, ("inplace",)), "relu_": (nn.ReLU, ()), "relu6": (nn.ReLU6, ("inplace",)),
+    "hardtanh": (nn.Hardtanh, ("min_val", "max_val", "inplace")),
+    "tanh": (nn.Tanh, ()), "sigmoid": (nn.Sigmoid, ()), "hardsigmoid": (nn.Hardsigmoid, ()),
+    "leaky_relu": (nn.LeakyReLU, ("negative_slope", "inplace")),
+    "elu": (nn.ELU, ("alpha", "inplace")), "celu": (nn.CELU, ("alpha", "inplace")),
+    "selu": (nn.SELU, ("inplace",)), "softplus": (nn.Softplus, ("beta", "threshold")),
+    "gelu": (nn.GELU, ("approximate",)), "silu": (nn.SiLU, ("inplace",)),
+    "mish": (nn.Mish, ("inplace",)), "hardswish": (nn.Hardswish, ("inplace",)),
+    "softsign": (nn.Softsign, ()), "logsigmoid": (nn.LogSigmoid, ()),
+}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _derivative_sup(kind: str, approximate: str = "none") -> float:
+    """An upper bound on ``sup |f'|`` for GELU, SiLU or Mish: the largest ``|f'|`` on a grid
+    of step ``h`` over ``[-40, 40]``, plus ``h max|f''|`` (twice what Taylor's theorem needs:
+    ``f'`` moves by at most ``max|f''| h / 2`` from the nearest grid point, with ``max|f''|``
+    itself read off the grid). Outside ``[-40, 40]`` these ``f'`` are within 1e-15 of 0 or 1,
+    below the sup inside. Values: GELU 1.12906, GELU(tanh) 1.12927, SiLU 1.09984,
+    Mish 1.08849 (each a few 1e-5 above the true sup)."""
+    h = 1e-4
+    t = torch.arange(-40.0, 40.0 + h, h, dtype=torch.float64, requires_grad=True)
+    f = {"GELU": lambda v: nn.functional.gelu(v, approximate=approximate),
+         "SiLU": nn.functional.silu, "Mish": nn.functional.mish}[kind]  # fmt: skip
+    (d1,) = torch.autograd.grad(f(t).sum(), t, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), t)
+    return float(d1.abs().max()) + h * float(d2.abs().max())
+
+
+def _activation(m: nn.Module) -> tuple[float, str] | None:
+    """The Lipschitz constant of an elementwise module and why, or None if not one."""
+    if isinstance(m, _UNIT):
+        return 1.0, "1-Lipschitz" if not isinstance(m, _DROPOUT) else "identity in eval mode"
+    if isinstance(m, nn.Sigmoid):
+        return 0.25, "sup sigmoid' = 1/4"
+    if isinstance(m, nn.Hardsigmoid):
+        return 1 / 6, "slope 1/6"
+    if isinstance(m, nn.Hardswish):
+        return 1.5, "sup |hardswish'| = 3/2 (at x = 3)"
+    if isinstance(m, nn.LeakyReLU):
+        return max(1.0, abs(m.negative_slope)), "max(1, |negative_slope|)"
+    if isinstance(m, nn.ELU):
+        return max(1.0, abs(m.alpha)), "max(1, |alpha|)"
+    if isinstance(m, nn.SELU):
+        return 1.0507009873554805 * 1.6732632423543772, "scale * alpha"
+    if isinstance(m, nn.PReLU):
+        return max(1.0, float(m.weight.detach().abs().max())), "max(1, max |weight|)"
+    if isinstance(m, _NUMERIC):
+        approx = getattr(m, "approximate", "none")
+        return _derivative_sup(type(m).__name__, approx), "sup |f'| on a grid, with a margin"
+    return None
+
+
+_DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout)
+
+
+def _overlap(in_size: int, out_size: int, kernel: int, stride: int, padding: int,
+             dilation: int) -> int:  # fmt: skip
+    """The most windows of a 1-D pooling that any input position belongs to."""
+    pos = (torch.arange(out_size)[:, None] * stride - padding
+           + dilation * torch.arange(kernel)[None, :]).flatten()  # fmt: skip
+    pos = pos[(pos >= 0) & (pos < in_size)]
+    return int(torch.bincount(pos, minlength=in_size).max()) if pos.numel() else 0
+
+
+def _adaptive_overlap(in_size: int, out_size: int) -> int:
+    """The most windows of a 1-D adaptive pooling that any input position belongs to."""
+    i = torch.arange(out_size)
+    start = (i * in_size) // out_size
+    end = -((-(i + 1) * in_size) // out_size)
+    cover = (torch.arange(in_size)[None, :] >= start[:, None]) & (
+        torch.arange(in_size)[None, :] < end[:, None]
+    )
+    return int(cover.sum(0).max())
+
+
+def _pool_matrix_norm(m: nn.Module, in_spatial: tuple[int, ...],
+                      out_spatial: tuple[int, ...]) -> float:  # fmt: skip
+    """The exact operator norm of an average pooling (plain or adaptive) of one channel.
+
+    Its matrix is the Kronecker product of one 1-D pooling matrix per dimension (the windows
+    are boxes and every divisor torch uses is a product over dimensions, ``divisor_override``
+    a constant), so its norm is the product of theirs: each 1-D matrix is made by torch's own
+    pooling of an identity, and its norm taken by dense SVD in float64."""
+    d = len(in_spatial)
+    adaptive = isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd)
+    fn = getattr(nn.functional, f"{'adaptive_' if adaptive else ''}avg_pool{d}d")
+    if not adaptive:
+        k, s, p = (nn.modules.utils._ntuple(d)(v) for v in (m.kernel_size, m.stride, m.padding))
+        override = getattr(m, "divisor_override", None)
+    total = 1.0
+    for i, n in enumerate(in_spatial):
+        one = [1] * d
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, *one[:i], n, *one[i + 1 :])
+        if adaptive:
+            out = fn(eye, [*one[:i], out_spatial[i], *one[i + 1 :]])
+        else:
+            kw: dict[str, Any] = {"ceil_mode": m.ceil_mode,
+                                  "count_include_pad": m.count_include_pad}  # fmt: skip
+            if override:
+                kw["divisor_override"] = 1
+            dims = [(k[i], s[i], p[i]) if j == i else (1, 1, 0) for j in range(d)]
+            out = fn(eye, *(list(v) for v in zip(*dims)), **kw)
+        total *= float(torch.linalg.matrix_norm(out.reshape(n, -1), ord=2))
+    return total / override if not adaptive and override else total
+
+
+def _pool(m: nn.Module, x: torch.Tensor, result: Any) -> tuple[float, str] | None:
+    """The Lipschitz constant of a pooling module at this input, and why (None: not one)."""
+    if isinstance(result, tuple):
+        return None  # return_indices: the indices are not a Lipschitz function
+    in_sp, out_sp = tuple(x.shape[2:]), tuple(result.shape[2:])
+    if isinstance(m, nn.modules.pooling._MaxPoolNd):
+        d = len(in_sp)
+        k, s, p, dl = (nn.modules.utils._ntuple(d)(v)
+                       for v in (m.kernel_size, m.stride, m.padding, m.dilation))  # fmt: skip
+        count = math.prod(_overlap(*a) for a in zip(in_sp, out_sp, k, s, p, dl))
+        return math.sqrt(count), f"max pooling: sqrt(most windows per input entry = {count})"
+    if isinstance(m, nn.modules.pooling._AdaptiveMaxPoolNd):
+        count = math.prod(_adaptive_overlap(a, b) for a, b in zip(in_sp, out_sp))
+        return math.sqrt(count), f"max pooling: sqrt(most windows per input entry = {count})"
+    if isinstance(m, nn.modules.pooling._AvgPoolNd | nn.modules.pooling._AdaptiveAvgPoolNd):
+        return _pool_matrix_norm(m, in_sp, out_sp), "exact norm of the pooling matrix"
+    return None
+
+
+def _bn_scale(m: nn.Module) -> torch.Tensor | None:
+    """``gamma / sqrt(running_var + eps)`` of a BatchNorm in eval mode (None: batch stats)."""
+    if m.training or m.running_var is None:
+        return None
+    scale = 1 / torch.sqrt(m.running_var.detach().double() + m.eps)
+    return scale * m.weight.detach().double() if m.weight is not None else scale
+
+
+def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...], tol: float,
+                 method: Method) -> float:  # fmt: skip
+    """The certified upper end of the norm of ``layer`` with its output channel ``c`` scaled
+    by ``scale[c]`` (a BatchNorm folded into it; the bias plays no part)."""
+    folded = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        w = folded.weight
+        if isinstance(layer, nn.Linear):
+            return _dense_upper(w * scale[:, None])
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            g = layer.groups
+            view = w.view(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+            view.mul_(scale.view(g, 1, -1, *[1] * (w.dim() - 2)))
+        else:
+            w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
+    return operator_norm(folded, in_shape[1:], tol=tol, method=method).upper
+
+
+def _dense_upper(w: torch.Tensor) -> float:
+    """A certified upper end of the spectral norm of a dense matrix (LAPACK's SVD)."""
+    value = float(torch.linalg.matrix_norm(w.double(), ord=2))
+    return value + _DENSE_SLACK * max(value, 1.0)
+
+
+def _name(target: Any) -> str:
+    """A function's or method's short name (``add`` for ``operator.add``)."""
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+class _Bound(torch.fx.Interpreter):
+    """Runs the traced model once and propagates, node by node, a certified Lipschitz
+    constant from the model's input (a dynamic program over the graph, in execution order)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, records: list[LayerNorm], tol: float,
+                 method: Method) -> None:  # fmt: skip
+        super().__init__(gm)
+        self.queue: dict[str, list[LayerNorm]] = {}
+        for r in records:
+            self.queue.setdefault(r.path.split(" ")[0], []).append(r)
+        self.tol, self.method = tol, method
+        self.lip: dict[torch.fx.Node, float] = {}
+        self.shapes: dict[torch.fx.Node, tuple[int, ...]] = {}
+        self.factors: list[GraphFactor] = []
+        self.reasons: list[str] = []
+        self.first = True
+
+    def L(self, a: Any) -> float:
+        return self.lip[a] if isinstance(a, torch.fx.Node) else 0.0
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        result = super().run_node(n)
+        start = time.perf_counter()
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if isinstance(args[0] if args else None, list | tuple):
+            tensor = next((a for a in args[0] if isinstance(a, torch.Tensor)), tensor)
+        self.shapes[n] = tuple(tensor.shape[1:]) if tensor is not None else ()
+        factor, rule, lip = self._rule(n, args, kwargs, result)
+        if math.isinf(lip) and not any(math.isinf(self.L(a)) for a in n.all_input_nodes):
+            self.reasons.append(f"{self._target(n)} ({self._kind(n)}): {rule}")
+        self.lip[n] = lip
+        if n.op in ("call_module", "call_function", "call_method"):
+            self.factors.append(GraphFactor(n.name, self._target(n), self._kind(n),
+                                            self.shapes[n], factor, rule, lip,
+                                            time.perf_counter() - start))  # fmt: skip
+        return result
+
+    def _target(self, n: torch.fx.Node) -> str:
+        return n.target if n.op == "call_module" else _name(n.target)
+
+    def _kind(self, n: torch.fx.Node) -> str:
+        if n.op == "call_module":
+            return type(self.module.get_submodule(n.target)).__name__
+        return f"{'method' if n.op == 'call_method' else 'function'} {_name(n.target)}"
+
+    def _rule(self, n: torch.fx.Node, args: tuple, kwargs: dict,
+              result: Any) -> tuple[float, str, float]:  # fmt: skip
+        """``(factor, rule, Lipschitz bound of n's output)``."""
+        ins = n.all_input_nodes
+        if n.op == "placeholder":
+            first, self.first = self.first, False
+            return (1.0, "the input", 1.0) if first else (0.0, "a fixed argument", 0.0)
+        if n.op == "get_attr":
+            return 0.0, "a constant", 0.0
+        if n.op == "output":
+            return 1.0, "outputs combined in quadrature", math.sqrt(
+                sum(self.L(a) ** 2 for a in ins))
+        if all(self.L(a) == 0 for a in ins):
+            return 0.0, "does not depend on the input", 0.0
+        if not isinstance(result, torch.Tensor | tuple | list):
+            if n.op == "call_method" and n.target in ("size", "dim", "numel"):
+                return 0.0, "a size", 0.0
+            if n.op == "call_function" and _name(n.target) == "getattr":
+                return 0.0, "an attribute", 0.0
+            return math.inf, "a value that is not a tensor, computed from the input", math.inf
+        if n.op == "call_module":
+            return self._module(n, args, result)
+        return self._function(n, args, kwargs, result)
+
+    def _unary(self, n: torch.fx.Node, factor: float, rule: str) -> tuple[float, str, float]:
+        src = n.args[0] if n.args else next(iter(n.kwargs.values()))
+        return factor, rule, factor * self.L(src) if factor else 0.0
+
+    def _module(self, n: torch.fx.Node, args: tuple, result: Any) -> tuple[float, str, float]:
+        m = self.module.get_submodule(n.target)
+        if isinstance(m, _LAYERS):
+            queue = self.queue.get(n.target)
+            if not queue:
+                return math.inf, "no record of this layer's call", math.inf
+            r = queue.pop(0)
+            if not r.certified:
+                return math.inf, f"no certified upper end ({r.method})", math.inf
+            return self._unary(n, r.upper, f"certified upper end ({r.method})")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return self._batchnorm(n, m)
+        found = _activation(m) or _pool(m, args[0], result)
+        if found is not None:
+            return self._unary(n, *found)
+        return math.inf, "no Lipschitz rule for this module", math.inf
+
+    def _batchnorm(self, n: torch.fx.Node, m: nn.Module) -> tuple[float, str, float]:
+        scale = _bn_scale(m)
+        if scale is None:
+            return math.inf, "uses batch statistics (no running statistics)", math.inf
+        src = n.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and isinstance(layer := self.module.get_submodule(src.target), _LAYERS)
+                and not _own_forward_problem(layer)
+                and (not isinstance(layer, nn.Linear) or len(self.shapes[src]) == 1)):
+            upper = _folded_norm(layer, scale, self.shapes[src], self.tol, self.method)
+            rule = f"folded into {src.target}: certified upper end of the folded layer"
+            return upper, rule, upper * self.L(src.args[0])  # fmt: skip
+        return self._unary(n, float(scale.abs().max()), "max |gamma / sqrt(var + eps)|")
+
+    def _function(self, n: torch.fx.Node, args: tuple, kwargs: dict,
+                  result: Any) -> tuple[float, str, float]:  # fmt: skip
+        name = _name(n.target)
+        x = args[0] if args else None
+        if name in _ADD:
+            a, b = (*n.args, n.kwargs.get("other"))[:2]
+            alpha = abs(float(kwargs.get("alpha", 1)))
+            return 1.0, "sum: L(a) + L(b)", self.L(a) + alpha * self.L(b)
+        if name in ("neg", "neg_"):
+            return self._unary(n, 1.0, "negation")
+        if name in _MUL | _DIV:
+            a, b = n.args[:2]
+            if self.L(a) and self.L(b):
+                return math.inf, "product of two tensors that depend on the input", math.inf
+            const = args[1] if self.L(a) else args[0]
+            if name in _DIV and not self.L(a):
+                return math.inf, "division by a tensor that depends on the input", math.inf
+            c = float(torch.as_tensor(const).double().abs().max())
+            c = 1 / float(torch.as_tensor(const).double().abs().min()) if name in _DIV else c
+            return c, "times a constant: max |c|", c * max(self.L(a), self.L(b))
+        if name in _CAT:
+            parts = n.args[0] if n.args else n.kwargs["tensors"]
+            return 1.0, "concatenation: sqrt(sum of squares)", math.sqrt(
+                sum(self.L(p) ** 2 for p in parts))
+        if name in ("mean", "sum", "avg"):
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            if dims is None:
+                count = x.numel()
+            else:
+                dims = (dims,) if isinstance(dims, int) else dims
+                count = math.prod(x.shape[d] for d in dims)
+            factor = 1 / math.sqrt(count) if name == "mean" else math.sqrt(count)
+            return self._unary(n, factor, f"{name} over {count} entries")
+        if name in _SHAPE_OPS or (name == "flatten" and n.op == "call_function"):
+            return self._unary(n, 1.0, "moves or selects entries")
+        if name == "getitem":
+            index = n.args[1]
+            if isinstance(x, tuple | list) or _basic_index(index):
+                return self._unary(n, 1.0, "selects entries")
+            return math.inf, f"indexing with {index!r} may repeat entries", math.inf
+        if name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
+            if kwargs.get("training", args[2] if len(args) > 2 else True):
+                return math.inf, "dropout in training mode is random", math.inf
+            return self._unary(n, 1.0, "identity in eval mode")
+        if name in _AS_MODULE:
+            cls, names = _AS_MODULE[name]
+            try:
+                m = cls(**dict(zip(names, args[1:])), **kwargs)
+            except TypeError as err:
+                return math.inf, f"could not read its arguments: {err}", math.inf
+            found = _activation(m) or _pool(m, x, result)
+            if found is not None:
+                return self._unary(n, *found)
+        return math.inf, "no Lipschitz rule for this operation", math.inf
+
+
+def _basic_index(index: Any) -> bool:
+    """Whether indexing a tensor with ``index`` selects each entry at most once."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, int | slice) for p in parts)
+
+
+def _graph_bound(
+    model: nn.Module, shape: tuple[int, ...], records: list[LayerNorm], tol: float,
+    method: Method,
+) -> tuple[float, str, tuple[GraphFactor, ...], tuple[str, ...]]:  # fmt: skip
+    """``(bound, how, factors, reasons)``: the certified Lipschitz bound of the model in eval
+    mode, along its ``torch.fx`` graph; ``inf`` with the reasons where none is certified."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # fx raises many kinds on code it cannot follow
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = (f"torch.fx could not trace the model ({type(err).__name__}: {first}); only the "
+               f"per-layer norms are given, no whole-model bound")  # fmt: skip
+        return math.inf, "not traced", (), (why,)
+    gm = torch.fx.GraphModule(model, graph)
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    run = _Bound(gm, records, tol, method)
+    with torch.no_grad():
+        run.run(torch.zeros(1, *shape, dtype=dtype, device=device))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    how = f"torch.fx graph of {len(gm.graph.nodes)} nodes"
+    return run.lip[out], how, tuple(run.factors), tuple(run.reasons)
+
+
+def _outputs(y: Any) -> torch.Tensor:
+    """A model's output(s) flattened into one vector per sample."""
+    leaves = [y] if isinstance(y, torch.Tensor) else torch.utils._pytree.tree_leaves(y)
+    return torch.cat([t.reshape(t.shape[0], -1) for t in leaves
+                      if isinstance(t, torch.Tensor)], dim=1)  # fmt: skip
+
+
+def _empirical_lower(
+    model: nn.Module, shape: tuple[int, ...], probes: int, iterations: int, seed: int
+) -> tuple[float, torch.Tensor | None, torch.Tensor | None, str]:
+    """The largest ``||J v|| / ||v||`` of the model's Jacobian found by power iteration on
+    ``J^T J`` (``torch.func`` jvp and vjp, float64) at ``probes`` random inputs, with the input
+    and direction reaching it, or 0 and why it could not be measured."""
+    if probes == 0:
+        return 0.0, None, None, "not measured (probes=0)"
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        f = copy.deepcopy(model).to(torch.float64).eval()
+    except Exception as err:  # any failure to copy means: it cannot be measured
+        return 0.0, None, None, f"not measured: the model could not be copied ({err})"
+
+    def g(v: torch.Tensor) -> torch.Tensor:
+        return _outputs(f(v))
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    best: tuple[float, torch.Tensor | None, torch.Tensor | None] = (0.0, None, None)
+    with torch.no_grad():
+        for _ in range(probes):
+            x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
+            v = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
+            _, pull = torch.func.vjp(g, x)
+            for _ in range(iterations):
+                v = v / v.norm()
+                w = pull(torch.func.jvp(g, (x,), (v,))[1])[0]
+                if not float(w.norm()) > 0:
+                    break
+                v = w
+            v = v / v.norm()
+            value = float(torch.func.jvp(g, (x,), (v,))[1].norm())
+            if value > best[0]:
+                best = (value, x[0], v[0])
+    note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after "
+            f"{iterations} power steps: a local value, below the Lipschitz constant")  # fmt: skip
+    return (*best, note)
