@@ -6,9 +6,11 @@ little under ``theta (1 + eps)``, either succeeds, which proves ``sigma_max(W)^2
 theta (1 + eps)`` once every rounding error is accounted for (the argument is in
 :func:`certify_upper`), or meets a non-positive pivot and proves nothing.
 
-The factorisation is CHOLMOD's supernodal Cholesky, through ``cvxopt`` (an optional dependency:
-``pip install "convmat[certify]"``), in a nested-dissection ordering of the spatial grid with
-each position's channels kept together, so the factor's dense blocks are ``C x C`` or larger.
+The factorisation is CHOLMOD's supernodal Cholesky, the library the ``cvxopt`` wheel ships (an
+optional dependency: ``pip install "convmat[certify]"``), called directly (cvxopt's own interface
+is the fallback), in a nested-dissection ordering of the spatial grid with each position's
+channels kept together, so the factor's dense blocks are ``C x C`` or larger. The Gram of a
+zero-padded layer is built block by block from products of kernel taps, without W.
 """
 
 from __future__ import annotations
@@ -323,8 +325,9 @@ def certify_upper(
        and add no rounding) gives ``L L^T = P M_hat P^T + E``, ``|E| <= gamma_{k+1} |L||L^T|``,
        hence ``||E||_2 <= gamma_{k+1} ||L||_F^2 <= gamma_{k+1} / (1 - gamma_{k+1})
        trace(M_hat) =: dE`` (Rump, *Verification of positive definiteness*, BIT 2006), plus
-       ``n (k + 2) eta`` for underflow (``eta = 2^-1074``). ``k`` is bounded from the factor of
-       the position-level pattern (``C`` times its longest row).
+       ``n (k + 2) eta`` for underflow (``eta = 2^-1074``). ``k`` is bounded by ``C`` times the
+       longest row of the factor of the position-level pattern, or by the longest row CHOLMOD
+       stored (relaxed supernodes store exact zeros), whichever is smaller.
     5. ``L L^T`` is positive semidefinite, so ``s I - A_hat + D + E >= 0``, ``lambda_max(A_hat) <=
        s + dD + dE``, ``sigma_max(W_hat)^2 <= s + dD + dE + dA``, and
        ``sigma_max(W) <= sqrt(s + dD + dE + dA) + dW =: upper``.
