@@ -153,8 +153,9 @@ def _gram_side(conv: Geometry) -> tuple[str, tuple[int, ...], int, tuple[int, ..
 
 def _axis_masks(conv: Geometry, side: str, d: int, reach: int) -> tuple[np.ndarray, np.ndarray]:
     """Along dimension ``d``: ``pos[x, delta, a]``, whether the Gram entry between positions
-    ``x`` and ``x + delta`` (delta in ``-reach..0``... ``reach``) takes tap ``a`` at a valid
-    place, and ``partner[delta, a]``, the tap ``b`` it pairs with (-1 where none)."""
+    ``x`` and ``x + delta`` (``delta`` in ``-reach..reach``, stored at ``delta + reach``) takes
+    tap ``a`` at a valid place, and ``partner[delta, a]``, the tap ``b`` it pairs with (-1
+    where none)."""
     k, s, dil = conv.kernel_size[d], conv.stride[d], conv.dilation[d]
     before = conv.padding[d][0]
     n_in, n_out = conv.input_size[d], conv.output_size[d]
@@ -237,18 +238,16 @@ def _gram_lower(
     )  # (D, P, C*C)
     del gathered, coef_t
     positions = math.prod(size)
-    flat_delta = np.ravel_multi_index(tuple((deltas + reach).T), [2 * r + 1 for r in reach])
     strides = np.array([math.prod(size[d + 1 :]) for d in range(ndim)])
     offset = (deltas * strides).sum(-1)  # flat position offset (<= 0)
-    del flat_delta
     values = blocks.reshape(len(deltas), positions, channels, channels).numpy()
     row_pos = np.arange(positions)[None, :, None, None]
     col_pos = row_pos + offset[:, None, None, None]
     ch = np.arange(channels)
     row = row_pos * channels + ch[None, None, :, None]
     col = col_pos * channels + ch[None, None, None, :]
-    # Ordered by row, then column: read as the upper triangle (row and column swapped), that
-    # is the column-major order a sparse matrix is built fastest from.
+    # Ordered by row, then column (flat offsets grow with delta in lexicographic order): read
+    # with rows and columns swapped, the upper triangle in compressed-column form.
     shape = values.shape
     order = (1, 2, 0, 3)
     values = values.transpose(order)
