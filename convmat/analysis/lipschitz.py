@@ -565,12 +565,13 @@ def _derivative_sup(kind: str, approximate: str = "none") -> float:
     below the sup inside. Values: GELU 1.12906, GELU(tanh) 1.12927, SiLU 1.09984,
     Mish 1.08849 (each a few 1e-5 above the true sup)."""
     h = 1e-4
-    t = torch.arange(-40.0, 40.0 + h, h, dtype=torch.float64, requires_grad=True)
     f = {"GELU": lambda v: nn.functional.gelu(v, approximate=approximate),
          "SiLU": nn.functional.silu, "Mish": nn.functional.mish}[kind]  # fmt: skip
-    (d1,) = torch.autograd.grad(f(t).sum(), t, create_graph=True)
-    (d2,) = torch.autograd.grad(d1.sum(), t)
-    return float(d1.abs().max()) + h * float(d2.abs().max())
+    with torch.enable_grad():
+        t = torch.arange(-40.0, 40.0 + h, h, dtype=torch.float64, requires_grad=True)
+        (d1,) = torch.autograd.grad(f(t).sum(), t, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), t)
+    return float(d1.detach().abs().max()) + h * float(d2.abs().max())
 
 
 def _activation(m: nn.Module) -> tuple[float, str] | None:
@@ -627,7 +628,8 @@ def _pool_matrix_norm(m: nn.Module, in_spatial: tuple[int, ...],
     Its matrix is the Kronecker product of one 1-D pooling matrix per dimension (the windows
     are boxes and every divisor torch uses is a product over dimensions, ``divisor_override``
     a constant), so its norm is the product of theirs: each 1-D matrix is made by torch's own
-    pooling of an identity, and its norm taken by dense SVD in float64."""
+    pooling of an identity, and its norm taken by dense SVD in float64 (with the SVD's rounding
+    margin added: an upper end)."""
     d = len(in_spatial)
     adaptive = isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd)
     fn = getattr(nn.functional, f"{'adaptive_' if adaptive else ''}avg_pool{d}d")
@@ -647,7 +649,7 @@ def _pool_matrix_norm(m: nn.Module, in_spatial: tuple[int, ...],
                 kw["divisor_override"] = 1
             dims = [(k[i], s[i], p[i]) if j == i else (1, 1, 0) for j in range(d)]
             out = fn(eye, *(list(v) for v in zip(*dims)), **kw)
-        total *= float(torch.linalg.matrix_norm(out.reshape(n, -1), ord=2))
+        total *= _dense_upper(out.reshape(n, -1))
     return total / override if not adaptive and override else total
 
 
@@ -702,6 +704,11 @@ def _dense_upper(w: torch.Tensor) -> float:
     return value + _DENSE_SLACK * max(value, 1.0)
 
 
+#: Each node's bound is raised by this factor: it covers the rounding of the float64 products,
+#: sums and square roots on the way (each a few units of 1.1e-16 relative).
+_ROUNDING = 1 + 1e-14
+
+
 def _name(target: Any) -> str:
     """A function's or method's short name (``add`` for ``operator.add``)."""
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
@@ -738,7 +745,7 @@ class _Bound(torch.fx.Interpreter):
         factor, rule, lip = self._rule(n, args, kwargs, result)
         if math.isinf(lip) and not any(math.isinf(self.L(a)) for a in n.all_input_nodes):
             self.reasons.append(f"{self._target(n)} ({self._kind(n)}): {rule}")
-        self.lip[n] = lip
+        self.lip[n] = lip * _ROUNDING if lip else lip
         if n.op in ("call_module", "call_function", "call_method"):
             self.factors.append(GraphFactor(n.name, self._target(n), self._kind(n),
                                             self.shapes[n], factor, rule, lip,
@@ -818,8 +825,10 @@ class _Bound(torch.fx.Interpreter):
         x = args[0] if args else None
         if name in _ADD:
             a, b = (*n.args, n.kwargs.get("other"))[:2]
+            va, vb = (*args, kwargs.get("other"))[:2]
             alpha = abs(float(kwargs.get("alpha", 1)))
-            return 1.0, "sum: L(a) + L(b)", self.L(a) + alpha * self.L(b)
+            lip = self.L(a) * _spread(va, result) + alpha * self.L(b) * _spread(vb, result)
+            return 1.0, "sum: L(a) + L(b) (each times sqrt(copies) if broadcast)", lip
         if name in ("neg", "neg_"):
             return self._unary(n, 1.0, "negation")
         if name in _MUL | _DIV:
@@ -831,7 +840,8 @@ class _Bound(torch.fx.Interpreter):
                 return math.inf, "division by a tensor that depends on the input", math.inf
             c = float(torch.as_tensor(const).double().abs().max())
             c = 1 / float(torch.as_tensor(const).double().abs().min()) if name in _DIV else c
-            return c, "times a constant: max |c|", c * max(self.L(a), self.L(b))
+            spread = _spread(args[0] if self.L(a) else args[1], result)
+            return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
         if name in _CAT:
             parts = n.args[0] if n.args else n.kwargs["tensors"]
             return 1.0, "concatenation: sqrt(sum of squares)", math.sqrt(
@@ -847,6 +857,8 @@ class _Bound(torch.fx.Interpreter):
             return self._unary(n, factor, f"{name} over {count} entries")
         if name in _SHAPE_OPS or (name == "flatten" and n.op == "call_function"):
             return self._unary(n, 1.0, "moves or selects entries")
+        if name in ("expand", "expand_as", "repeat", "broadcast_to", "tile"):
+            return self._unary(n, _spread(x, result), "each entry copied: sqrt(copies)")
         if name == "getitem":
             index = n.args[1]
             if isinstance(x, tuple | list) or _basic_index(index):
@@ -866,6 +878,14 @@ class _Bound(torch.fx.Interpreter):
             if found is not None:
                 return self._unary(n, *found)
         return math.inf, "no Lipschitz rule for this operation", math.inf
+
+
+def _spread(value: Any, result: torch.Tensor) -> float:
+    """``sqrt(copies)``: broadcasting ``value`` to the result's shape repeats each entry
+    ``result.numel() / value.numel()`` times, multiplying norms by the square root of that."""
+    if not isinstance(value, torch.Tensor) or not value.numel():
+        return 1.0
+    return math.sqrt(result.numel() / value.numel())
 
 
 def _basic_index(index: Any) -> bool:

@@ -498,13 +498,14 @@ def _cmd_norm(args: argparse.Namespace) -> None:
     from ..analysis.lipschitz import lipschitz_report
 
     model = _load_model(args.model, args.weights, args.trust_pickle)
-    report = lipschitz_report(model, args.input, tol=args.tol)
+    report = lipschitz_report(model, args.input, tol=args.tol, probes=args.probes)
     if args.json:
         data = {
             "input_shape": list(args.input),
             "layers": report.to_dicts(),
             "product": report.product,
             "certified_bound": report.certified_bound,
+            "model": report.model_dict(),
         }
         # Strict JSON has no infinity: an upper end that nothing certifies is null.
         print(json.dumps(_finite_or_null(data), indent=2, allow_nan=False))
@@ -606,6 +607,9 @@ def _parser() -> argparse.ArgumentParser:
                       "the model")  # fmt: skip
     norm.add_argument("--tol", type=_tol, default=1e-7, metavar="TOL",
                       help="relative accuracy, a number > 0 (default 1e-7)")  # fmt: skip
+    norm.add_argument("--probes", type=int, default=3, metavar="N",
+                      help="random inputs at which the model's lower end is sought, 0 for "
+                      "none (default 3)")  # fmt: skip
     norm.add_argument("--json", action="store_true", help="print the records as JSON")
     norm.add_argument("--trust-pickle", action="store_true",
                       help="load a saved model that needs classes outside torch.nn (runs code "
