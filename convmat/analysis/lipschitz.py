@@ -391,7 +391,8 @@ def lipschitz_report(
     channels scaled by ``gamma / sqrt(var + eps)``), alone it is ``max |gamma / sqrt(var +
     eps)|``; average pooling (plain or adaptive, any padding, ``ceil_mode``,
     ``count_include_pad``, ``divisor_override``) the exact norm of its matrix, a Kronecker
-    product of 1-D pooling matrices; max pooling ``sqrt(k)``, ``k`` the most windows any input
+    product of 1-D pooling matrices; upsampling and ``F.interpolate`` (every mode) likewise; max
+    pooling ``sqrt(k)``, ``k`` the most windows any input
     entry belongs to; ``mean`` over ``n`` entries ``1/sqrt(n)``, ``sum`` ``sqrt(n)``; ReLU,
     ReLU6, Tanh, Hardtanh, Softplus, CELU, Dropout (eval), Identity, Flatten, reshapes and
     slices 1; LeakyReLU ``max(1, |slope|)``; ELU ``max(1, |alpha|)``; Sigmoid 1/4; Hardswish
@@ -672,6 +673,36 @@ def _pool(m: nn.Module, x: torch.Tensor, result: Any) -> tuple[float, str] | Non
     return None
 
 
+_INTERPOLATE = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                "antialias")  # fmt: skip
+
+
+def _interpolate_norm(x: torch.Tensor, options: dict[str, Any]) -> float:
+    """The exact operator norm of ``F.interpolate(x, **options)`` on one channel.
+
+    Every mode (nearest, nearest-exact, (bi/tri)linear, bicubic, area; not antialiased, which
+    is refused before) resamples each dimension on its own, so its matrix is a Kronecker product of 1-D matrices
+    and its norm the product of theirs: each made by torch's own ``interpolate`` of an
+    identity, with the same options (the other dimensions of size 1, kept), its norm by dense
+    SVD with the SVD's rounding margin."""
+    spatial = tuple(x.shape[2:])
+    d = len(spatial)
+    size, scale = options.get("size"), options.get("scale_factor")
+    total = 1.0
+    for i, n in enumerate(spatial):
+        one = [1] * d
+        eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, *one[:i], n, *one[i + 1 :])
+        kw = dict(options)
+        if size is not None:
+            kw["size"] = [*one[:i], nn.modules.utils._ntuple(d)(size)[i], *one[i + 1 :]]
+        if scale is not None:
+            sf = nn.modules.utils._ntuple(d)(scale)
+            kw["scale_factor"] = [1.0 * (j != i) or float(sf[i]) for j in range(d)]
+        out = nn.functional.interpolate(eye, **kw)
+        total *= _dense_upper(out.reshape(n, -1))
+    return total
+
+
 def _bn_scale(m: nn.Module) -> torch.Tensor | None:
     """``gamma / sqrt(running_var + eps)`` of a BatchNorm in eval mode (None: batch stats)."""
     if m.training or m.running_var is None:
@@ -801,6 +832,9 @@ class _Bound(torch.fx.Interpreter):
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return self._batchnorm(n, m)
         found = _activation(m) or _pool(m, args[0], result)
+        if isinstance(m, nn.Upsample):
+            options = {k: getattr(m, k) for k in _INTERPOLATE if hasattr(m, k)}
+            found = _interpolate_norm(args[0], options), "exact norm of the resampling matrix"
         if found is not None:
             return self._unary(n, *found)
         return math.inf, "no Lipschitz rule for this module", math.inf
@@ -868,6 +902,12 @@ class _Bound(torch.fx.Interpreter):
             if kwargs.get("training", args[2] if len(args) > 2 else True):
                 return math.inf, "dropout in training mode is random", math.inf
             return self._unary(n, 1.0, "identity in eval mode")
+        if name in ("interpolate", "upsample"):
+            options = {**dict(zip(_INTERPOLATE, args[1:])), **kwargs}
+            if options.get("antialias"):
+                return math.inf, "antialiased resampling has no rule here", math.inf
+            rule = "exact norm of the resampling matrix"
+            return self._unary(n, _interpolate_norm(x, options), rule)
         if name in _AS_MODULE:
             cls, names = _AS_MODULE[name]
             try:
