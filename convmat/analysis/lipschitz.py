@@ -681,10 +681,10 @@ def _interpolate_norm(x: torch.Tensor, options: dict[str, Any]) -> float:
     """The exact operator norm of ``F.interpolate(x, **options)`` on one channel.
 
     Every mode (nearest, nearest-exact, (bi/tri)linear, bicubic, area; not antialiased, which
-    is refused before) resamples each dimension on its own, so its matrix is a Kronecker product of 1-D matrices
-    and its norm the product of theirs: each made by torch's own ``interpolate`` of an
-    identity, with the same options (the other dimensions of size 1, kept), its norm by dense
-    SVD with the SVD's rounding margin."""
+    is refused before) resamples each dimension on its own, so its matrix is a Kronecker
+    product of 1-D matrices and its norm the product of theirs: each made by torch's own
+    ``interpolate`` of an identity, with the same options (the other dimensions of size 1,
+    kept), its norm by dense SVD with the SVD's rounding margin."""
     spatial = tuple(x.shape[2:])
     d = len(spatial)
     size, scale = options.get("size"), options.get("scale_factor")
