@@ -416,3 +416,14 @@ def test_norm_command_carries_the_model_bound():
     assert text.returncode == 0, text.stderr
     assert "model Lipschitz constant (2-norm, eval mode): [" in text.stdout
     assert "folded into layer1.conv1" in text.stdout
+
+
+def test_in_place_writes_and_repeated_outputs_are_counted():
+    class InPlace(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = x + 0
+            y.mul_(3)  # y is now 3 (x + 0): its later readers see it
+            return y + 0, y
+
+    r = report(InPlace(), (2, 3))
+    assert r.upper == pytest.approx(3 * math.sqrt(2), rel=1e-12)

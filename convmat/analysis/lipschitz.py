@@ -777,11 +777,23 @@ class _Bound(torch.fx.Interpreter):
         if math.isinf(lip) and not any(math.isinf(self.L(a)) for a in n.all_input_nodes):
             self.reasons.append(f"{self._target(n)} ({self._kind(n)}): {rule}")
         self.lip[n] = lip * _ROUNDING if lip else lip
+        first = n.args[0] if n.args else None
+        if isinstance(first, torch.fx.Node) and self._in_place(n):
+            # Later readers of the input see the result: give them its bound if larger.
+            self.lip[first] = max(self.lip[first], self.lip[n])
         if n.op in ("call_module", "call_function", "call_method"):
             self.factors.append(GraphFactor(n.name, self._target(n), self._kind(n),
                                             self.shapes[n], factor, rule, lip,
                                             time.perf_counter() - start))  # fmt: skip
         return result
+
+    def _in_place(self, n: torch.fx.Node) -> bool:
+        """Whether ``n`` writes its result into its first input."""
+        if n.op == "call_module":
+            return bool(getattr(self.module.get_submodule(n.target), "inplace", False))
+        name = _name(n.target)
+        return (n.op == "call_method" and name.endswith("_")) or bool(n.kwargs.get("inplace")) \
+            or name in ("iadd", "isub", "imul", "itruediv")
 
     def _target(self, n: torch.fx.Node) -> str:
         return n.target if n.op == "call_module" else _name(n.target)
@@ -801,8 +813,10 @@ class _Bound(torch.fx.Interpreter):
         if n.op == "get_attr":
             return 0.0, "a constant", 0.0
         if n.op == "output":
+            leaves: list[torch.fx.Node] = []  # each time it is returned
+            torch.fx.node.map_arg(n.args, leaves.append)
             return 1.0, "outputs combined in quadrature", math.sqrt(
-                sum(self.L(a) ** 2 for a in ins))
+                sum(self.L(a) ** 2 for a in leaves))
         if all(self.L(a) == 0 for a in ins):
             return 0.0, "does not depend on the input", 0.0
         if not isinstance(result, torch.Tensor | tuple | list):
