@@ -9,6 +9,14 @@ on Jacobian-vector products (``torch.func.jvp`` / ``vjp``), a value and a lower 
 certified upper end; any other is refused, naming its path and class. Beside each norm stands
 the norm of the reshaped kernel ``weight.reshape(C_out, -1)`` that
 ``torch.nn.utils.spectral_norm`` normalises, which is not the layer's norm.
+
+The whole model: traced with ``torch.fx``, its graph carries a certified Lipschitz bound from
+the input to every node (a dynamic program in execution order: composition multiplies, sums
+add, concatenations add in quadrature, BatchNorm folded into the layer before it, pooling,
+resampling and activations with their own constants), and an empirical lower end comes from
+power iteration on the model's Jacobian at random inputs (see :func:`lipschitz_report`).
+Limits: the bound is for the model in eval mode; a write in place into a view of another
+tensor is not followed back to that tensor.
 """
 
 from __future__ import annotations
