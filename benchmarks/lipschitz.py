@@ -60,9 +60,12 @@ def main() -> None:
         print(json.dumps(one(args.one, args.size, args.width, args.probes, args.method)))
         return
     head = (f"{'model':<13} {'input':>9} {'layers':>6} {'lower':>11} {'upper':>11} "
-            f"{'upper/lower':>11} {'time':>8} {'prod norms':>11} {'prod spectral_norm':>18}")
+            f"{'upper/lower':>11} {'time':>8} {'(layers':>8} {'graph)':>7} {'prod norms':>11} "
+            f"{'prod spectral_norm':>18}")
     print(head)
     print("-" * len(head))
+    print("time: the whole report; (layers: the per-layer norms, graph: the graph's factors, "
+          "folded BatchNorm layers included; the rest is tracing and the lower end)")
     for name in args.models:
         cmd = [sys.executable, __file__, "--one", name, "--size", str(args.size), "--width",
                str(args.width), "--probes", str(args.probes), "--method", args.method]
@@ -79,6 +82,7 @@ def main() -> None:
         ratio = d["upper"] / d["lower"] if d["lower"] else math.inf
         print(f"{name:<13} {f'3x{args.size}x{args.size}':>9} {d['layers']:>6} "
               f"{d['lower']:>11.4g} {d['upper']:>11.4g} {ratio:>11.3g} {d['seconds']:>7.1f}s "
+              f"{d['layer_seconds']:>7.1f}s {d['factor_seconds']:>6.1f}s "
               f"{d['product']:>11.4g} {d['spectral_norm_product']:>18.4g}", flush=True)
         if d["not_certified"]:
             print(f"    not certified: {'; '.join(d['not_certified'])}")
