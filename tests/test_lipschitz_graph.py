@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -58,7 +58,7 @@ def random_bn(n: int, seed: int, cls: type = nn.BatchNorm2d) -> nn.Module:
     return bn
 
 
-def check_affine(model: nn.Module, shape: tuple[int, ...], exact: bool = False) -> None:
+def check_affine(model: nn.Module, shape: tuple[int, ...], exact: bool = False):
     """lower <= ||J|| <= upper (equal where ``exact``), and the witness reaches lower."""
     model = model.double().eval()
     r = report(model, shape)
@@ -68,6 +68,7 @@ def check_affine(model: nn.Module, shape: tuple[int, ...], exact: bool = False) 
     if exact:
         assert r.upper == pytest.approx(true, rel=1e-7)
     check_witness(model, r)
+    return r
 
 
 def check_witness(model: nn.Module, r) -> None:
@@ -81,6 +82,7 @@ def check_witness(model: nn.Module, r) -> None:
 # -- affine models: the bound against the Jacobian's norm --------------------------------------
 
 
+@settings(max_examples=30)
 @given(
     cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 2),
     transposed=st.booleans(), seed=st.integers(0, 100),
@@ -89,10 +91,8 @@ def test_conv_with_batchnorm_folded_is_exact(cin, cout, k, stride, transposed, s
     torch.manual_seed(seed)
     conv = (nn.ConvTranspose2d(cin, cout, k, stride) if transposed
             else nn.Conv2d(cin, cout, k, stride, padding=k // 2))  # fmt: skip
-    model = nn.Sequential(conv, random_bn(cout, seed))
-    r = report(model.double(), (cin, 4, 5))
+    r = check_affine(nn.Sequential(conv, random_bn(cout, seed)), (cin, 4, 5), exact=True)
     assert any(f.rule.startswith("folded into 0") for f in r.factors)
-    check_affine(model, (cin, 4, 5), exact=True)
 
 
 def test_linear_with_batchnorm1d_folded_and_standalone_batchnorm_are_exact():
@@ -128,9 +128,8 @@ def test_average_pooling_of_every_kind_is_exact(dims, k, stride, pad, ceil, incl
     kw = {} if dims == 1 else {"divisor_override": override}
     pool = cls(k, stride, pad, ceil_mode=ceil, count_include_pad=include, **kw)
     shape = (2, *[size + i for i in range(dims)])
-    r = report(nn.Sequential(pool), shape)
+    r = check_affine(nn.Sequential(pool), shape, exact=True)
     assert r.factors[0].rule == "exact norm of the pooling matrix"
-    check_affine(nn.Sequential(pool), shape, exact=True)
 
 
 @given(dims=st.integers(1, 3), size=st.integers(1, 7), out=st.integers(1, 5))
@@ -139,6 +138,7 @@ def test_adaptive_average_pooling_is_exact(dims, size, out):
     check_affine(nn.Sequential(pool), (1, *[size] * dims), exact=True)
 
 
+@settings(max_examples=30)
 @given(
     dims=st.integers(1, 3), mode=st.sampled_from(["nearest", "nearest-exact", "linear", "cubic",
                                                    "area"]),
@@ -319,6 +319,7 @@ STEPS = st.one_of(
 )  # fmt: skip
 
 
+@settings(max_examples=30)  # each draws a whole network and its dense Jacobians
 @given(steps=st.lists(STEPS, min_size=1, max_size=5), cin=st.integers(1, 2),
        size=st.integers(3, 5), seed=st.integers(0, 1000))  # fmt: skip
 def test_random_architectures_bound_the_jacobian(steps, cin, size, seed):
