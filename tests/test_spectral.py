@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.sparse.linalg import svds
+from torch import nn
 
-from convmat import ConvMatError, ConvOperator, conv_matrix
+from convmat import ConvMatError, ConvOperator, conv_matrix, to_matrix
 from convmat.analysis import spectral
 from convmat.analysis.spectral import NormResult, operator_norm, singular_values
 
@@ -219,3 +220,29 @@ def test_errors():
         operator_norm(torch.randn(64, 64, 3, 3), (4000, 4000), padding=1, method="dense")
     with pytest.raises(ConvMatError, match=r"too large for all its singular values"):
         singular_values(w, 4000, padding=1)
+
+
+@pytest.mark.parametrize(
+    "make, size",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), (12, 12)),
+        (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"), (13, 11)),
+        (lambda: nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1), (6, 7)),
+        (lambda: nn.Conv1d(4, 4, 5, padding=2, padding_mode="replicate", groups=2), (30,)),
+    ],
+)
+def test_tight_certificate_against_dense_svd(make, size):
+    """certificate="tight": the upper end within 1e-6 of the value, and above the true norm."""
+    pytest.importorskip("cvxopt")
+    torch.manual_seed(0)
+    conv = make().double()
+    top = torch.linalg.svdvals(to_matrix(conv, size).detach())[0].item()
+    loose = operator_norm(conv, size, method="lanczos")
+    r = operator_norm(conv, size, method="lanczos", certificate="tight")
+    assert r.lower <= top * (1 + 1e-12) and top <= r.upper
+    assert (r.upper - r.value) / r.value <= 1e-6 < (loose.upper - loose.value) / loose.value
+
+
+def test_certificate_must_be_known():
+    with pytest.raises(ConvMatError, match=r"certificate must be one of .* got 'exact'"):
+        operator_norm(torch.randn(2, 2, 3, dtype=torch.float64), 8, certificate="exact")
