@@ -351,3 +351,11 @@ def test_norm_command_errors(args, message):
     r = norm(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 6.5, 6), (1, 6, 6.0), (1, True, 6), (1, "6", 6), 6])
+def test_input_shape_must_be_ints(shape):
+    """Float or bool sizes are refused, never truncated."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).eval()
+    with pytest.raises(ConvMatError, match=r"input_shape must be a tuple of ints"):
+        lipschitz_report(model, shape, progress=False)

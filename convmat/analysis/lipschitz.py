@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import math
+import operator
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -447,8 +448,11 @@ def lipschitz_report(
     if not isinstance(model, nn.Module):
         raise ConvMatError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
-        shape = tuple(int(v) for v in input_shape)
-    except (TypeError, ValueError):
+        # operator.index: a float or a bool size is a mistake, not something to truncate.
+        if any(isinstance(v, bool) for v in input_shape):
+            raise TypeError
+        shape = tuple(operator.index(v) for v in input_shape)
+    except TypeError:
         raise ConvMatError(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
     if not shape or any(v < 1 for v in shape):
         raise ConvMatError(f"input_shape must be positive sizes, got {input_shape!r}")
