@@ -593,9 +593,12 @@ def _parser() -> argparse.ArgumentParser:
     anim.add_argument("--max-frames", type=_positive, default=48, metavar="N",
                       help="at most this many frames (default 48)")  # fmt: skip
     anim.set_defaults(run=_cmd_animate)
-    norm = sub.add_parser("norm", help="the exact operator norm of every conv and linear layer",
-                          description="The exact operator norm of every conv and linear layer "
-                          "of a model, on inputs of one shape.")  # fmt: skip
+    norm = sub.add_parser("norm", help="a model's certified Lipschitz bound and its layers' norms",
+                          description="A model's Lipschitz constant as [lower, upper]: the upper "
+                          "end certified along its graph (sums add, concatenations in "
+                          "quadrature, BatchNorm folded), the lower end a local value with its "
+                          "witness; and the exact operator norm of every conv and linear layer "
+                          "at the input size it sees.")  # fmt: skip
     norm.add_argument("--model", required=True, metavar="SPEC",
                       help="MODULE:FACTORY (an importable callable returning an nn.Module, or a "
                       "module instance; MODULE may be a .py path) or a file saved with "
