@@ -360,3 +360,35 @@ def test_layer_on_fifty_input_sizes_stays_within_the_budget():
     unbounded = sum(16 * 16 * 9 * side**2 * 4 for side in range(16, 66))
     assert unbounded > 12 * budget
     assert got["growth"] < 4 * budget, got
+
+
+DOUBLE_SNIPPET = """
+import gc, os
+from convmat.engine import cache_info, cached_bytes
+from convmat.nn import MatrixConv2d
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+layer = MatrixConv2d(32, 32, 3, padding=1)
+x = torch.randn(1, 32, 64, 64)
+with torch.no_grad():
+    layer(x)
+owner = sorted(set(cache_info()) - {"pattern", "block pattern", "tap table", "flipped kernel"})
+held32 = cache_info()[owner[0]]["bytes"]
+before = resident()
+layer.double()
+gc.collect()
+after = resident()
+answer(held32=held32, freed=before - after, owners_after=sorted(set(cache_info()) & set(owner)))
+"""
+
+
+def test_double_frees_the_float32_matrices():
+    """``.double()`` (through ``_apply``) drops the layer's float32 W, and the process's
+    resident memory falls by about its size."""
+    got = run_snippet(DOUBLE_SNIPPET, env={"CONVMAT_CACHE_BYTES": "2GiB"})
+    assert got["held32"] > 100 * MiB  # 32 * 32 * 9 * 64^2 float32 values, and W^T ahead
+    assert got["owners_after"] == []
+    assert got["freed"] > 0.4 * got["held32"], got
