@@ -37,6 +37,7 @@ from typing import Any
 
 from .._errors import ConvMatError
 from ..engine import (
+    PADDING_MODES,
     Geometry,
     conv_geometry,
     conv_output_size,
@@ -555,7 +556,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="an int, ints per dim, before:after pairs (1:2,0), 'same' or "
                         "'valid' (default 0)")  # fmt: skip
     config.add_argument("--padding-mode", default="zeros",
-                        choices=["zeros", "reflect", "replicate", "circular"],
+                        choices=list(PADDING_MODES),
                         help="how the border is filled (default zeros)")  # fmt: skip
     config.add_argument("--in-channels", type=_positive, default=1, metavar="C",
                         help="input channels (default 1)")  # fmt: skip
