@@ -18,53 +18,21 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        skip = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + skip)
-
-
-class ResNet18(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
-        self.layers = nn.Sequential(
-            *[nn.Sequential(BasicBlock(i, o, s), BasicBlock(o, o, 1)) for i, o, s in widths]
-        )
-        self.fc = nn.Linear(512, 1000)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-        x = self.layers(x).mean((2, 3))
-        return self.fc(x)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def convolutions(size: int) -> list[tuple[str, nn.Conv2d, tuple[int, int]]]:
-    """Every convolution of a seeded ResNet-18 with the spatial size of its input."""
-    torch.manual_seed(0)
-    model = ResNet18().eval()
+    """Every convolution of a seeded ResNet-18 (``tests/models.py``) with the spatial size of
+    its input."""
+    sys.path.insert(0, str(ROOT))
+    from tests.models import resnet18
+
+    model = resnet18(seed=0).eval()
     found: list[tuple[str, nn.Conv2d, tuple[int, int]]] = []
     hooks = [
         m.register_forward_hook(
