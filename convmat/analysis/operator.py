@@ -6,6 +6,10 @@ size), preceded for reflect/replicate/circular padding by the adjoint of the pad
 the gradient of every padded copy back onto the input it copies (exactly the folding that W does).
 A transposed convolution is the adjoint of its matching convolution (``Geometry.matching_conv``),
 so one pair of routines serves both.
+
+``flip=True`` gives the true convolution of signal processing (the kernel flipped in its spatial
+dims): the operator flips the kernel once, when it is made, and is from then on the
+cross-correlation with the flipped kernel, which is what :attr:`ConvOperator.weight` returns.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ..engine import (
     weight_view,
 )
 
-__all__ = ["ConvOperator", "dottest"]
+__all__ = ["ConvOperator", "check_flip", "dottest"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -57,6 +61,25 @@ class _Token:
     def __init__(self) -> None:
         self.owner = f"{FLIPPED_OWNER}#{next(_COUNTER)}"
         weakref.finalize(self, discard, self.owner)
+
+
+def check_flip(flip: object) -> bool:
+    """``flip`` if it is a bool (the one check of every ``flip=`` above the matrix functions).
+
+    Raises:
+        ConvMatError: for anything but ``True`` or ``False``.
+
+    >>> check_flip(True)
+    True
+    """
+    if not isinstance(flip, bool):
+        raise ConvMatError(f"flip must be True or False, got {flip!r}")
+    return flip
+
+
+def _oriented(weight: torch.Tensor, flip: bool) -> torch.Tensor:
+    """``weight`` flipped in its spatial dims for ``flip=True`` (differentiable), else itself."""
+    return weight.flip(tuple(range(2, weight.dim()))) if flip else weight
 
 
 def _conv_forward(geo: Geometry, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +132,15 @@ class ConvOperator:
             ``transposed=True``).
         input_size: spatial size of one input.
         transposed: a transposed convolution.
+        flip: ``True`` for the true convolution (the kernel flipped in its spatial dims), as
+            ``conv_matrix(weight, ..., flip=True)``: the operator is then the cross-correlation
+            (or transposed convolution) with ``weight.flip(spatial dims)``.
         **config: stride, padding, dilation, groups, padding_mode / output_padding.
 
     Attributes:
-        weight: the kernel (read-only: use :meth:`with_weight` for another one).
+        weight: the kernel the operator correlates with, as given, or flipped in its spatial
+            dims where it was made with ``flip=True`` (read-only: use :meth:`with_weight` for
+            another one).
         geometry: the validated configuration (:class:`convmat.engine.Geometry`).
         shape: ``(rows, cols)`` of W (of W^T for the adjoint).
         in_shape, out_shape: ``(C, *spatial)`` of one input and one output.
@@ -130,14 +158,29 @@ class ConvOperator:
     ((16, 8), (1, 8), (2, 8), (8, 16))
     >>> dottest(op)
     True
+    >>> conv = ConvOperator(torch.tensor([[[1.0, 2.0, 3.0]]]), 5, flip=True)
+    >>> conv.to_dense()
+    tensor([[3., 2., 1., 0., 0.],
+            [0., 3., 2., 1., 0.],
+            [0., 0., 3., 2., 1.]])
+    >>> conv.weight
+    tensor([[[3., 2., 1.]]])
     """
 
     def __init__(
-        self, weight: torch.Tensor, input_size: Any, *, transposed: bool = False, **config: Any
+        self,
+        weight: torch.Tensor,
+        input_size: Any,
+        *,
+        transposed: bool = False,
+        flip: bool = False,
+        **config: Any,
     ) -> None:
         weight = check_weight(weight)
+        check_flip(flip)
         make = conv_transpose_geometry if transposed else conv_geometry
-        self._init(weight, make(weight.shape, input_size, **config), False, _Token())
+        geo = make(weight.shape, input_size, **config)
+        self._init(_oriented(weight, flip), geo, False, _Token())
 
     def _init(self, weight: torch.Tensor, geo: Geometry, adjoint: bool, token: _Token) -> None:
         self._weight = weight
@@ -146,8 +189,11 @@ class ConvOperator:
         self._token = token  # shared by an operator and its adjoints (same weight)
 
     @classmethod
-    def from_geometry(cls, weight: torch.Tensor, geometry: Geometry) -> ConvOperator:
-        """The operator of ``weight`` on a validated :class:`~convmat.engine.Geometry`.
+    def from_geometry(
+        cls, weight: torch.Tensor, geometry: Geometry, *, flip: bool = False
+    ) -> ConvOperator:
+        """The operator of ``weight`` on a validated :class:`~convmat.engine.Geometry`
+        (``flip=True``: of the true convolution, as in the constructor).
 
         >>> geo = ConvOperator(torch.zeros(2, 1, 3), 8).geometry
         >>> ConvOperator.from_geometry(torch.ones(2, 1, 3), geo).shape
@@ -155,8 +201,10 @@ class ConvOperator:
         """
         if not isinstance(geometry, Geometry):
             raise ConvMatError(f"geometry must be a Geometry, got {type(geometry).__name__}")
+        check_flip(flip)
+        weight = cls._matching(check_weight(weight), geometry)
         op = object.__new__(cls)
-        op._init(cls._matching(check_weight(weight), geometry), geometry, False, _Token())
+        op._init(_oriented(weight, flip), geometry, False, _Token())
         return op
 
     @staticmethod
@@ -184,22 +232,29 @@ class ConvOperator:
         geo = Geometry.from_module(module, input_size)
         return cls.from_geometry(module.weight.detach(), geo)  # type: ignore[arg-type]
 
-    def with_weight(self, weight: torch.Tensor) -> ConvOperator:
+    def with_weight(self, weight: torch.Tensor, *, flip: bool = False) -> ConvOperator:
         """The same operator (geometry, adjointness) with another kernel of the same shape.
+
+        ``weight`` is taken as :attr:`weight` gives it, the kernel the operator correlates
+        with, whether or not this operator was made with ``flip=True`` (so
+        ``op.with_weight(op.weight)`` is ``op`` again); ``flip=True`` flips it first.
 
         >>> op = ConvOperator(torch.ones(1, 1, 2), 3)
         >>> op.with_weight(2 * op.weight) @ torch.ones(3)
         tensor([4., 4.])
         """
-        op = object.__new__(type(self))
+        check_flip(flip)
         weight = self._matching(check_weight(weight), self._geometry)
-        op._init(weight, self._geometry, self._is_adjoint, _Token())
+        op = object.__new__(type(self))
+        op._init(_oriented(weight, flip), self._geometry, self._is_adjoint, _Token())
         return op
 
     # -- read-only state -------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
-        """The kernel."""
+        """The kernel the operator correlates with: the weight given, or, for an operator made
+        with ``flip=True``, that weight flipped in its spatial dims: the operator is the
+        cross-correlation (or transposed convolution) with ``op.weight`` and ``flip=False``."""
         return self._weight
 
     @property

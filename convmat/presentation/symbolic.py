@@ -13,6 +13,9 @@ anything outside ``-n .. n - 1`` raises :class:`IndexError`.
 >>> print(symbolic(6, 3, stride=2))
 [[w1, w2, w3,  0,  0,  0],
  [ 0,  0, w1, w2, w3,  0]]
+
+``flip=True`` labels the true convolution's W: every entry names the tap of the flipped kernel,
+so putting the weight's values in gives ``conv_matrix(w, ..., flip=True)``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from .._errors import ConvMatError
 from .._typing import IntOrTuple, PaddingArg, PaddingMode
+from ..analysis.operator import check_flip
 from ..engine import (
     Geometry,
     check_allocation,
@@ -118,16 +122,21 @@ def _reads(geo: Geometry, dim: int, positions: torch.Tensor) -> tuple[torch.Tens
     return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
 
 
-def _axis_taps(geo: Geometry, dim: int, positions: set[int]) -> dict[tuple[int, int], list[int]]:
+def _axis_taps(
+    geo: Geometry, dim: int, positions: set[int], flip: bool = False
+) -> dict[tuple[int, int], list[int]]:
     """``{(output position, input position): taps}`` along axis ``dim`` for the given output
-    positions; taps in ascending order (two or more where padding folds them together)."""
+    positions; taps in ascending order (two or more where padding folds them together). With
+    ``flip``, the taps of the flipped kernel: the window's tap ``m`` is its tap ``k - 1 - m``."""
     pos = torch.tensor(sorted(positions), dtype=torch.int64)
     cols, valid = _reads(geo, dim, pos)
+    k = geo.kernel_size[dim]
+    order = range(k - 1, -1, -1) if flip else range(k)  # so that the taps named ascend
     table: dict[tuple[int, int], list[int]] = {}
     for r, row_cols, row_valid in zip(pos.tolist(), cols.tolist(), valid.tolist()):
-        for m, (c, ok) in enumerate(zip(row_cols, row_valid)):
-            if ok:
-                table.setdefault((r, c), []).append(m)
+        for m in order:
+            if row_valid[m]:
+                table.setdefault((r, row_cols[m]), []).append(k - 1 - m if flip else m)
     return table
 
 
@@ -136,8 +145,9 @@ class SymbolicMatrix:
 
     Labels are computed on demand for the rows and columns asked for (:meth:`labels`,
     :meth:`depends_on`, printing); :attr:`rows` / :attr:`cols` / :attr:`taps` list every
-    structural non-zero at once (``taps`` holds flat indices into the weight, ``-1`` past an
-    entry's last tap) and are guarded by the memory check.
+    structural non-zero at once (``taps`` holds flat indices into the weight, ascending, ``-1``
+    past an entry's last tap) and are guarded by the memory check. With ``flip`` (the true
+    convolution) every entry names the taps of the flipped kernel.
 
     Shape:
         :attr:`shape` is ``(out_channels * prod(output_size), in_channels * prod(input_size))``.
@@ -149,11 +159,13 @@ class SymbolicMatrix:
         weight_shape: tuple[int, ...],
         max_rows: int = 16,
         max_cols: int = 16,
+        flip: bool = False,
     ) -> None:
         self.geometry = geometry
         self.weight_shape = weight_shape
         self.max_rows = max_rows
         self.max_cols = max_cols
+        self.flip = check_flip(flip)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -211,7 +223,8 @@ class SymbolicMatrix:
         g = self.geometry
         row_index = [_unravel(r, (g.out_channels, *g.output_size)) for r in rows]
         col_index = [_unravel(c, (g.in_channels, *g.input_size)) for c in cols]
-        tables = [_axis_taps(g, d, {ri[1 + d] for ri in row_index}) for d in range(g.ndim)]
+        tables = [_axis_taps(g, d, {ri[1 + d] for ri in row_index}, self.flip)
+                  for d in range(g.ndim)]  # fmt: skip
         return [[self._cell(tables, ri, ci) for ci in col_index] for ri in row_index]
 
     def _cell(
@@ -284,7 +297,10 @@ class SymbolicMatrix:
             "no table",
         )  # fmt: skip
         shape = self.weight_shape
-        view = weight_view(torch.arange(math.prod(shape)).reshape(shape), g)
+        index = torch.arange(math.prod(shape)).reshape(shape)
+        if self.flip:  # W gathers the flipped kernel: each slot names the tap it holds
+            index = index.flip(tuple(range(2, len(shape))))
+        view = weight_view(index, g)
         pattern = get_pattern(g, _CPU)
         taps = view.index_select(1, pattern.gather)  # (C_rows, taps per channel)
         coo = pattern.coo_indices()
@@ -301,7 +317,12 @@ class SymbolicMatrix:
         )
         table = torch.full((g.out_channels, per, width), -1, dtype=torch.long)
         table[:, seg[order], slot] = taps[:, order]
-        return coo[0].clone(), coo[1].clone(), table.reshape(-1, width)
+        table = table.reshape(-1, width)
+        if self.flip:  # ascending within each entry, -1 still last
+            last = torch.iinfo(torch.long).max
+            table = torch.where(table < 0, last, table).sort(1).values
+            table[table == last] = -1
+        return coo[0].clone(), coo[1].clone(), table
 
     @property
     def rows(self) -> torch.Tensor:
@@ -381,6 +402,7 @@ def symbolic(
     padding_mode: PaddingMode = "zeros",
     transposed: bool = False,
     output_padding: IntOrTuple = 0,
+    flip: bool = False,
 ) -> SymbolicMatrix:
     """W of a configuration with labels: ``w1, w2, ...`` for one channel in 1-D,
     ``w[o,i,k...]`` (indices of the weight tensor) otherwise, ``0`` for structural zeros and
@@ -398,6 +420,10 @@ def symbolic(
         out_channels: output channels (an int >= 1, divisible by ``groups``).
         transposed: ``True`` for a transposed convolution (``nn.ConvTranspose{N}d``).
         output_padding: of a transposed convolution.
+        flip: ``True`` for the true convolution (the kernel flipped in its spatial dims), as
+            :func:`convmat.conv_matrix`: each entry is named by the tap of the flipped kernel,
+            so the labels evaluated at ``w`` give ``conv_matrix(w, ..., flip=True)`` (and, with
+            ``transposed=True``, ``conv_transpose_matrix(w.flip(spatial dims), ...)``).
 
     Returns:
         A :class:`SymbolicMatrix`.
@@ -416,9 +442,14 @@ def symbolic(
      [    0,     0, w1+w3,    w2]]
     >>> s.describe(0)
     'y1 depends on x1, x2'
+    >>> print(symbolic(5, 3, flip=True))
+    [[w3, w2, w1,  0,  0],
+     [ 0, w3, w2, w1,  0],
+     [ 0,  0, w3, w2, w1]]
     """
     if not isinstance(transposed, bool):
         raise ConvMatError(f"transposed must be True or False, got {transposed!r}")
+    check_flip(flip)
     in_channels = _count(in_channels, "in_channels")
     out_channels = _count(out_channels, "out_channels")
     groups = _count(groups, "groups")
@@ -448,4 +479,4 @@ def symbolic(
             f"W of shape {geo.matrix_shape} is too large to label: its indices must stay below "
             f"2**62 (convmat.conv_output_size gives its sizes)"
         )
-    return SymbolicMatrix(geo, shape)
+    return SymbolicMatrix(geo, shape, flip=flip)
