@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import convmat
+from convmat import symbolic
 from convmat.presentation import cli
 from convmat.presentation.tour import steps
 
+from .reference import conv_configs, conv_transpose_configs
 from .test_symbolic import STRIDE_2
 
 
@@ -226,3 +233,73 @@ def test_transposed_shape(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("= (4 - 1)*2 - 1 - 1 + 1*(3 - 1) + 1 + 1 = 8")
     assert lines[1] == "W: 8 x 4 = (1 channels x 8) x (1 channels x 4)"
+
+
+# -- --flip: the true convolution --------------------------------------------------------------
+
+
+def _cli_args(cfg) -> list[str]:
+    """The command's options for a drawn configuration."""
+    ints = lambda v: ",".join(map(str, v))  # noqa: E731
+    if isinstance(cfg.padding, str | int):
+        padding = str(cfg.padding)
+    elif isinstance(cfg.padding[0], tuple):
+        padding = ",".join(f"{b}:{a}" for b, a in cfg.padding)
+    else:
+        padding = ints(cfg.padding)
+    args = ["--input", ints(cfg.input_size), "--kernel", ints(cfg.kernel_size), "--stride",
+            ints(cfg.stride), "--dilation", ints(cfg.dilation), "--padding", padding,
+            "--in-channels", str(cfg.in_channels), "--out-channels", str(cfg.out_channels),
+            "--groups", str(cfg.groups)]  # fmt: skip
+    if cfg.transposed:
+        return [*args, "--transposed", "--output-padding", ints(cfg.output_padding)]
+    return [*args, "--padding-mode", cfg.padding_mode]
+
+
+@settings(max_examples=30)
+@given(cfg=st.one_of(conv_configs(), conv_transpose_configs()))
+def test_show_flip_prints_symbolic_flip(cfg):
+    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+              transposed=cfg.transposed, **cfg.matrix_kwargs())  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["show", *_cli_args(cfg), "--flip"]) == 0
+    text = str(symbolic(cfg.input_size, cfg.kernel_size, flip=True, **kw))
+    assert out.getvalue().endswith(f"\n\n{text}\n")
+    plain = io.StringIO()
+    with contextlib.redirect_stdout(plain):
+        assert cli.main(["show", *_cli_args(cfg)]) == 0
+    # The sizes are those of the cross-correlation; only the labels change.
+    assert plain.getvalue().split("\n\n")[0] == out.getvalue().split("\n\n")[0]
+    assert plain.getvalue().endswith(f"\n\n{symbolic(cfg.input_size, cfg.kernel_size, **kw)}\n")
+
+
+def test_flip_in_every_configuration_command(capsys, tmp_path):
+    commands = _subparsers(cli._parser())
+    for name in ("show", "shape", "plot", "animate"):
+        assert "--flip" in commands[name].format_help(), name
+    assert cli.main(["show", "--input", "5", "--kernel", "3", "--flip"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "[[w3, w2, w1,  0,  0],\n [ 0, w3, w2, w1,  0],\n [ 0,  0, w3, w2, w1]]\n"
+    )
+    shape = ["shape", "--input", "7,6", "--kernel", "3,2", "--stride", "2", "--padding", "2:0,1"]
+    assert cli.main(shape) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*shape, "--flip"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_plot_and_animate_with_flip(capsys, tmp_path):
+    config = ["--input", "6", "--kernel", "3", "--stride", "2"]
+    images = {}
+    for flip in ([], ["--flip"]):
+        png, gif = tmp_path / f"W{len(flip)}.png", tmp_path / f"a{len(flip)}.gif"
+        assert cli.main(["plot", *config, *flip, "-o", str(png)]) == 0
+        assert cli.main(["animate", *config, *flip, "-o", str(gif)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"wrote {gif} (2 frames)"
+        with Image.open(png) as im, Image.open(gif) as an:
+            assert an.n_frames == 2
+            images[bool(flip)] = (np.asarray(im.convert("RGB")), np.asarray(an.convert("RGB")))
+    # The same picture size, other colours: W's taps come in the other order.
+    for plain, flipped in zip(images[False], images[True]):
+        assert plain.shape == flipped.shape and not np.array_equal(plain, flipped)

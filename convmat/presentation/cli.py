@@ -1,6 +1,7 @@
 """The ``convmat`` command: a thin layer over the public API.
 
 convmat show --input 10 --kernel 3 --stride 2
+convmat show --input 6 --kernel 3 --flip
 convmat shape --input 32,32 --kernel 3 --stride 2 --same
 convmat plot --input 4,5 --kernel 3 -o W.png
 convmat animate --input 8 --kernel 3 -o conv.gif
@@ -194,6 +195,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         input_size=args.input, kernel_size=each(args.kernel), stride=each(args.stride),
         padding=padding, dilation=each(args.dilation), in_channels=args.in_channels,
         out_channels=args.out_channels, groups=args.groups, transposed=args.transposed,
+        flip=args.flip,
     )  # fmt: skip
     if args.transposed:
         config["output_padding"] = each(args.output_padding or (0,))
@@ -570,6 +572,10 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="P[,P...]",
                         help="extra output size of a transposed convolution (needs "
                         "--transposed; default 0)")  # fmt: skip
+    config.add_argument("--flip", action="store_true",
+                        help="the true convolution of signal processing (the kernel flipped in "
+                        "every spatial dim, as scipy.signal.convolve); default: the "
+                        "cross-correlation torch computes. Sizes are the same")  # fmt: skip
 
     show = sub.add_parser("show", parents=[config], help="output size and the symbolic W",
                           description="The output size and W with kernel entries as labels "
