@@ -240,7 +240,9 @@ symbolic(4, 3, stride=2, transposed=True)""",
         "deep learning's\nlayers compute the cross-correlation, without the flip. One line "
         "relates the two matrices:\n`W_conv(w) = W_corr(flip(w))`, that is "
         "`conv_matrix(w, n, flip=True) == conv_matrix(w.flip(-1), n)`.\nWith k - 1 zeros on both "
-        "sides the true convolution is numpy's `'full'` convolution; with none, `'valid'`.",
+        "sides the true convolution is numpy's `'full'` convolution; with none, `'valid'`.\n"
+        "`symbolic(6, 3, flip=True)` names the taps: each row of the true convolution reads "
+        "`w3, w2, w1`\nwhere the cross-correlation's reads `w1, w2, w3`.",
         """\
 x = torch.arange(1.0, 7.0, dtype=torch.float64)
 W_corr = conv_matrix(w, 6)
@@ -251,10 +253,14 @@ assert np.allclose(W_corr @ x, np.correlate(x_np, w_np, "valid"))
 assert np.allclose(W_conv @ x, np.convolve(x_np, w_np, "valid"))
 full = conv_matrix(w, 6, padding=2, flip=True)  # k - 1 = 2 zeros on both sides
 assert np.allclose(full @ x, np.convolve(x_np, w_np, "full"))
+S_corr, S_conv = symbolic(6, 3), symbolic(6, 3, flip=True)
+assert S_corr.labels([0], [0, 1, 2]) == [["w1", "w2", "w3"]]
+assert S_conv.labels([0], [0, 1, 2]) == [["w3", "w2", "w1"]]
 print("checked: W_corr @ x equals np.correlate(x, w), W_conv @ x equals np.convolve(x, w) "
       "('valid', and 'full' with padding 2)")
-display(W_corr)
-W_conv""",
+display(W_corr, W_conv)
+display(S_corr)
+S_conv""",
         """\
 for name, flip in [("cross-correlation (torch)", False), ("true convolution", True)]:
     fig = plot_matrix(conv_matrix(w, 6, flip=flip))
