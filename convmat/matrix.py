@@ -12,7 +12,14 @@ from torch import nn
 
 from ._errors import ConvMatError
 from ._typing import IntOrTuple, PaddingArg, PaddingMode
-from .engine import Geometry, assemble, check_weight, conv_geometry, conv_transpose_geometry
+from .engine import (
+    Geometry,
+    assemble,
+    check_flip,
+    check_weight,
+    conv_geometry,
+    conv_transpose_geometry,
+)
 from .engine import weight_view as _weight_view
 
 __all__ = ["conv2d_as_conv1d", "conv_matrix", "conv_transpose_matrix", "to_matrix"]
@@ -84,8 +91,7 @@ def conv_matrix(
             [0., 0., 3., 2., 1.]])
     """
     weight = check_weight(weight)
-    if not isinstance(flip, bool):
-        raise ConvMatError(f"flip must be True or False, got {flip!r}")
+    check_flip(flip)
     geo = conv_geometry(
         weight.shape,
         input_size,

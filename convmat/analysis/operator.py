@@ -28,6 +28,7 @@ from .._errors import ConvMatError
 from ..engine import (
     Geometry,
     assemble,
+    check_flip,
     check_weight,
     conv_geometry,
     conv_transpose_geometry,
@@ -39,7 +40,7 @@ from ..engine import (
     weight_view,
 )
 
-__all__ = ["ConvOperator", "check_flip", "dottest"]
+__all__ = ["ConvOperator", "dottest"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -61,20 +62,6 @@ class _Token:
     def __init__(self) -> None:
         self.owner = f"{FLIPPED_OWNER}#{next(_COUNTER)}"
         weakref.finalize(self, discard, self.owner)
-
-
-def check_flip(flip: object) -> bool:
-    """``flip`` if it is a bool (the one check of every ``flip=`` above the matrix functions).
-
-    Raises:
-        ConvMatError: for anything but ``True`` or ``False``.
-
-    >>> check_flip(True)
-    True
-    """
-    if not isinstance(flip, bool):
-        raise ConvMatError(f"flip must be True or False, got {flip!r}")
-    return flip
 
 
 def _oriented(weight: torch.Tensor, flip: bool) -> torch.Tensor:

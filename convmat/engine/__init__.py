@@ -29,6 +29,7 @@ _WHERE = {
     "cached_bytes": ".cache",
     "cached_pattern": ".pattern",
     "check_allocation": ".memory",
+    "check_flip": ".shapes",
     "check_layout": ".assembly",
     "check_matrix_memory": ".assembly",
     "check_weight": ".assembly",
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
     from .pattern import INDEX, Pattern, cached_pattern, get_pattern, pattern_nnz, plan_pattern
     from .shapes import (
         Geometry,
+        check_flip,
         conv_geometry,
         conv_output_size,
         conv_transpose_geometry,
@@ -132,6 +134,7 @@ __all__ = [
     "cached_bytes",
     "cached_pattern",
     "check_allocation",
+    "check_flip",
     "check_layout",
     "check_matrix_memory",
     "check_weight",

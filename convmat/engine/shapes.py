@@ -181,6 +181,23 @@ def plain_conv_problem(module: object) -> str:
 _INT64_MAX = 2**63 - 1
 
 
+def check_flip(flip: object) -> bool:
+    """``flip`` if it is a bool: the one check of every ``flip=`` (true convolution).
+
+    Raises:
+        ConvMatError: for anything but ``True`` or ``False``.
+
+    Shape:
+        not applicable (a flag).
+
+    >>> check_flip(True)
+    True
+    """
+    if not isinstance(flip, bool):
+        raise ConvMatError(f"flip must be True or False, got {flip!r}")
+    return flip
+
+
 def _as_int(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise ConvMatError(f"{name} must be an int, got {value!r}")

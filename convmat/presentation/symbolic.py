@@ -31,10 +31,10 @@ import torch
 
 from .._errors import ConvMatError
 from .._typing import IntOrTuple, PaddingArg, PaddingMode
-from ..analysis.operator import check_flip
 from ..engine import (
     Geometry,
     check_allocation,
+    check_flip,
     conv_geometry,
     conv_transpose_geometry,
     get_pattern,
