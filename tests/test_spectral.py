@@ -167,7 +167,12 @@ def test_auto_picks_by_geometry_and_size():
     assert operator_norm(w, 8, padding=1).method == "dense"
     big = torch.randn(2, 2, 3, dtype=torch.float64)
     assert operator_norm(big, 3000, padding=1).method == "lanczos"  # W 6000 x 6000
-    assert spectral.AUTO_DENSE_ENTRIES == 4096 * 4096
+    assert spectral.AUTO_DENSE_ENTRIES == 4096 * 4096 and spectral.AUTO_DENSE_WORK == 1024**3
+    # a 2048 x 2048 W: dense for all its singular values, lanczos (cheaper) for its norm alone
+    mid = ConvOperator(torch.randn(2, 2, 3, dtype=torch.float64), 1024, padding=1)
+    assert spectral._resolve("auto", mid) == "dense"
+    assert spectral._resolve("auto", mid, norm_only=True) == "lanczos"
+    assert operator_norm(mid).method == "lanczos"
     assert set(spectral.METHODS) == {"fft", "dense", "lanczos"}
 
 

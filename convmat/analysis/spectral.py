@@ -8,8 +8,9 @@ The methods, chosen by name (``method=``) or by ``"auto"``:
   a stride-1 circular convolution with ``C_in * prod(stride)`` input channels on the smaller
   torus, whose singular values are those of one ``C_out x C_in * prod(stride)`` matrix per
   frequency.
-- ``"dense"``: the dense SVD of W (``"auto"`` takes it while W has at most
-  :data:`AUTO_DENSE_ENTRIES` entries).
+- ``"dense"``: the dense SVD of W (``"auto"`` takes it for all singular values while W has at
+  most :data:`AUTO_DENSE_ENTRIES` entries, and for the norm while the SVD costs at most
+  :data:`AUTO_DENSE_WORK`).
 - ``"lanczos"``: for the top ``k`` singular values, ARPACK (``scipy.sparse.linalg.svds``) on the
   matrix-free operator; for the norm, a Lanczos iteration of our own on the smaller Gram side
   (:func:`_norm_lanczos`).
@@ -55,8 +56,13 @@ _CERTIFICATES = ("circular", "tight")
 #: The tight certificate proves ``sigma^2 <= value^2 (1 + eps)``: a relative width of ~eps / 2,
 #: inside the 1e-6 asked of it, and far above the Lanczos value's error (~1e-8).
 _TIGHT_EPS = 1e-6
-#: "auto" forms W densely up to this many entries (128 MiB in float64; its SVD takes seconds).
+#: "auto" forms W densely for all its singular values up to this many entries (128 MiB in
+#: float64; its SVD takes tens of seconds on two cores, and nothing else gives them all).
 AUTO_DENSE_ENTRIES = 4096 * 4096
+#: "auto" takes the dense SVD for the norm while ``rows * cols * min(rows, cols)`` (the SVD's
+#: work) is at most this: ~0.2 s on one core (1024 x 1024), where Lanczos takes ~0.05-0.2 s on
+#: any size; a 4096 x 4096 SVD takes 25 s.
+AUTO_DENSE_WORK = 1024**3
 #: Power steps that rank the frequencies before any is decomposed (only an ordering is needed).
 _TORUS_POWER_STEPS = 8
 #: Frequencies decomposed exactly per round of :func:`_torus_top` (batched ``eigvalsh``).
@@ -164,6 +170,11 @@ def _operator(source: Any, input_size: Any, config: dict[str, Any]) -> ConvOpera
             raise ConvMatError("a ConvOperator carries its own input_size and configuration")
         op = source
     elif isinstance(source, nn.Module):
+        if config:
+            raise ConvMatError(
+                f"a module carries its own configuration; got {sorted(config)!r} as well (build "
+                f"the module with them, or pass its weight with them)"
+            )
         op = ConvOperator.from_module(source, input_size)
     elif isinstance(source, torch.Tensor):
         op = ConvOperator(source, input_size, **config)
@@ -209,14 +220,17 @@ def _dense_problem(op: ConvOperator) -> str:
     return ""
 
 
-def _resolve(method: str, op: ConvOperator) -> str:
+def _resolve(method: str, op: ConvOperator, norm_only: bool = False) -> str:
     """The method to run: ``method`` if it applies (ConvMatError saying why not), or the one
-    ``"auto"`` picks: fft where exact, dense while W is small, lanczos otherwise."""
+    ``"auto"`` picks: fft where exact, dense while W is small (:data:`AUTO_DENSE_ENTRIES`; for
+    the norm alone, :data:`AUTO_DENSE_WORK`), lanczos otherwise."""
     if method == "auto":
         if not _fft_problem(op):
             return "fft"
         rows, cols = op.shape
-        if rows * cols <= AUTO_DENSE_ENTRIES or min(op.shape) < 3:
+        small = rows * cols * min(rows, cols) <= AUTO_DENSE_WORK if norm_only else (
+            rows * cols <= AUTO_DENSE_ENTRIES)  # fmt: skip
+        if small or min(op.shape) < 3:
             return "dense"
         return "lanczos"
     problem = {"fft": _fft_problem, "dense": _dense_problem}.get(method, lambda _: "")(op)
@@ -427,41 +441,57 @@ def _block_refine(
     (``apply`` maps a ``(b, n)`` block), restarted from the top ``b`` Ritz vectors (whose
     images are kept, not recomputed) when the basis is full.
 
+    The basis ``V``, its image ``AV`` and ``H = V^T A V`` live in buffers of ``basis`` rows
+    allocated once; ``size`` rows are in use.
+
     Returns the top Ritz vector, whether its error estimate reached ``tol`` (relative), and the
     estimate.
     """
-    b = start.shape[0]
-    V = _orthonormal(start, None)
-    AV = apply(V)
-    H = V @ AV.T  # V^T A V, grown by the new columns at each step
-    last, steps = V.shape[0], V.shape[0]
+    b, n = start.shape
+    V, AV = start.new_empty(basis, n), start.new_empty(basis, n)
+    H = start.new_zeros(basis, basis)
+
+    def extend(block: torch.Tensor, size: int) -> int:
+        """Appends ``block`` (orthonormal, orthogonal to the basis) and its image; the new
+        size."""
+        end = size + block.shape[0]
+        V[size:end] = block
+        AV[size:end] = apply(block)
+        column = V[:end] @ AV[size:end].T
+        H[:end, size:end] = column
+        H[size:end, :size] = column[:size].T
+        return end
+
+    size = extend(_orthonormal(start, None), 0)
+    last = steps = size
     error = math.inf
     while True:
-        full = V.shape[0] + b > basis
+        full = size + b > basis
         if steps >= _REFINE_MIN_STEPS or full:  # Ritz pairs: only when they may be used
-            theta, S = torch.linalg.eigh((H + H.T) / 2)
+            h = H[:size, :size]
+            theta, S = torch.linalg.eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
             count = min(2 * b + 2, theta.numel())  # the top few Ritz pairs and residuals
-            Y, AY = S[:, -count:].T @ V, S[:, -count:].T @ AV
+            Y, AY = S[:, -count:].T @ V[:size], S[:, -count:].T @ AV[:size]
             residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
             error = _error_estimate(theta[-count:], residuals) / top
             if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS:
                 return Y[-1], error <= tol, error
             if full:
-                V, AV, H = Y[-b:], AY[-b:], torch.diag(theta[-b:])
-                last = V.shape[0]
-        block = _orthonormal(AV[-last:], V)
+                last = size = min(b, count)
+                V[:size], AV[:size] = Y[-size:], AY[-size:]
+                H.zero_()
+                H.diagonal()[:size] = theta[-size:]
+        block = _orthonormal(AV[size - last : size], V[:size])
         if block.shape[0] == 0:  # the basis spans an invariant subspace (to _DEFLATION)
-            theta, S = torch.linalg.eigh((H + H.T) / 2)
+            h = H[:size, :size]
+            theta, S = torch.linalg.eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
-            y, ay = S[:, -1] @ V, S[:, -1] @ AV
+            y, ay = S[:, -1] @ V[:size], S[:, -1] @ AV[:size]
             error = float((ay - theta[-1] * y).norm()) / top
             return y, error <= tol, error
-        image = apply(block)
-        V, AV = torch.cat([V, block]), torch.cat([AV, image])
-        column = V @ image.T
-        H = torch.cat([torch.cat([H, column[: -block.shape[0]].T]), column], 1)
         last = block.shape[0]
+        size = extend(block, size)
         steps += last
 
 
@@ -686,7 +716,7 @@ def operator_norm(
             against dense SVD and ARPACK on random layers at the default); the result's
             ``converged`` and ``error`` say what it reached.
         method: ``"fft"``, ``"dense"``, ``"lanczos"`` or ``"auto"`` (fft where it applies, dense
-            while W is small, lanczos otherwise).
+            while its SVD is cheap (:data:`AUTO_DENSE_WORK`), lanczos otherwise).
         certificate: the upper end of a Lanczos value: ``"circular"`` (fast; the enclosing
             circular convolution's norm, up to a few percent above for zero padding) or
             ``"tight"`` (an inertia test by sparse Cholesky, :func:`convmat.analysis.certify.
@@ -715,7 +745,7 @@ def operator_norm(
             f"certificate must be one of {_CERTIFICATES!r}, got {certificate!r}"
         )
     op = _operator(source, input_size, config)
-    result = _NORM_METHODS[_resolve(method, op)](op, tol)
+    result = _NORM_METHODS[_resolve(method, op, norm_only=True)](op, tol)
     if certificate == "tight" and result.method == "lanczos":
         from .certify import certify_upper
 
