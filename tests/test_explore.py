@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from convmat import ConvMatError, conv_matrix, symbolic
+from convmat import ConvMatError, conv_matrix, conv_transpose_matrix, symbolic
 from convmat.presentation import explore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,21 +211,15 @@ def _kwargs(config):
         dilation=tup(config["dilation"]), in_channels=config["in_channels"],
         out_channels=config["out_channels"], groups=config["groups"],
         padding_mode=config["padding_mode"], transposed=config["transposed"],
-        output_padding=tup(config["output_padding"]),
+        output_padding=tup(config["output_padding"]), flip=config["flip"],
     )  # fmt: skip
 
 
-def _expected_entries(sym, flip):
-    """{(row, col): taps} of convmat.symbolic; with flip, the taps of the flipped kernel."""
-    shape = sym.weight_shape
-    index = torch.arange(torch.Size(shape).numel()).reshape(shape)
-    if flip:
-        index = index.flip(tuple(range(2, len(shape))))
-    index = index.flatten()
-    out = {}
-    for r, c, taps in zip(sym.rows.tolist(), sym.cols.tolist(), sym.taps.tolist()):
-        out[(r, c)] = tuple(sorted(int(index[t]) for t in taps if t >= 0))
-    return out
+def _expected_entries(sym):
+    """{(row, col): taps} of convmat.symbolic (flat weight indices, ascending; with
+    ``flip=True`` those of the flipped kernel)."""
+    rows, cols, taps = sym.rows.tolist(), sym.cols.tolist(), sym.taps.tolist()
+    return {(r, c): tuple(t for t in ts if t >= 0) for r, c, ts in zip(rows, cols, taps)}
 
 
 def _dense(res, weight):
@@ -252,12 +246,17 @@ def _check_torch_line(res, config):
     assert list(y.shape[2:]) == res["output_size"], line
     W = _dense(res, weight)
     torch.testing.assert_close(y.flatten(), W @ x.flatten(), rtol=0, atol=0, msg=line)
-    if not config["transposed"]:
-        kw = _kwargs(config)
-        ref = conv_matrix(weight, kw["input_size"], stride=kw["stride"], padding=kw["padding"],
-                          dilation=kw["dilation"], groups=kw["groups"],
-                          padding_mode=kw["padding_mode"], flip=config["flip"])  # fmt: skip
-        torch.testing.assert_close(W, ref, rtol=0, atol=0, msg=line)
+    kw = _kwargs(config)
+    common = dict(stride=kw["stride"], padding=kw["padding"], dilation=kw["dilation"],
+                  groups=kw["groups"])  # fmt: skip
+    if config["transposed"]:  # no flip= here: the true transposed convolution's kernel, flipped
+        oriented = weight.flip(spatial) if config["flip"] else weight
+        ref = conv_transpose_matrix(oriented, kw["input_size"],
+                                    output_padding=kw["output_padding"], **common)  # fmt: skip
+    else:
+        ref = conv_matrix(weight, kw["input_size"], padding_mode=kw["padding_mode"],
+                          flip=config["flip"], **common)  # fmt: skip
+    torch.testing.assert_close(W, ref, rtol=0, atol=0, msg=line)
 
 
 def test_random_configurations_match_convmat(browser):
@@ -285,7 +284,7 @@ def test_random_configurations_match_convmat(browser):
         assert tuple(res["output_size"]) == sym.geometry.output_size, config
         got = {(r, c): tuple(taps) for r, c, taps in res["entries"]}
         assert len(got) == len(res["entries"]), config  # one entry per (row, col)
-        assert got == _expected_entries(sym, config["flip"]), config
+        assert got == _expected_entries(sym), config
         _check_torch_line(res, config)
     assert accepted >= 90 and refused >= 60, (accepted, refused)
     assert len(messages) >= 8, messages  # many different refusals, not one repeated
@@ -306,8 +305,8 @@ def test_labels_and_form_syntax(browser):
               "in_channels": "4", "out_channels": "2", "groups": "2", "flip": True}  # fmt: skip
     res = browser.execute_script(js, config)
     sym = symbolic((5, 6), (3, 2), padding=((1, 2), (1, 2)), stride=(2, 1), in_channels=4,
-                   out_channels=2, groups=2)  # fmt: skip
-    assert {(r, c): tuple(t) for r, c, t, _ in res["entries"]} == _expected_entries(sym, True)
+                   out_channels=2, groups=2, flip=True)  # fmt: skip
+    assert {(r, c): tuple(t) for r, c, t, _ in res["entries"]} == _expected_entries(sym)
     assert res["pytorch"] == (
         "nn.Sequential(nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(4, 2, (3, 2), stride=(2, 1), "
         "groups=2, bias=False))  # true convolution: give it the kernel flipped, "
