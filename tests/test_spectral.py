@@ -108,6 +108,22 @@ def test_lanczos_interval_contains_the_norm_at_the_default_tol(cfg, seed):
         torch.testing.assert_close(top, values[:k], rtol=1e-8, atol=1e-12)
 
 
+@settings(deadline=None)
+@given(cfg=conv_configs(), seed=st.integers(0, 2**16), extra=st.integers(0, 3))
+def test_torus_gram_by_tap_pairs_equals_the_per_frequency_products(cfg, seed, extra):
+    """The enclosing torus's Gram matrices summed over tap pairs equal those formed frequency by
+    frequency from the torus's spectrum (either Gram side, any stride, dilation and groups)."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
+    geo = ConvOperator(w, cfg.input_size, **cfg.matrix_kwargs()).geometry
+    torus = tuple(s * (max(o, -(-p // s)) + extra) for s, o, p in
+                  zip(geo.stride, geo.output_size, geo.padded_size))  # fmt: skip
+    before = tuple(b for b, _ in geo.padding)
+    M = spectral._torus_spectrum(w, geo, before, torus, top_only=True).flatten(0, 1)
+    expected = M @ M.mH if M.shape[1] <= M.shape[2] else M.mH @ M
+    torch.testing.assert_close(spectral._torus_gram(w, geo, before, torus), expected,
+                               rtol=0, atol=1e-13 * max(1.0, float(expected.abs().max())))  # fmt: skip
+
+
 def _svds_top(op):
     top = svds(op.to_scipy(), k=3, return_singular_vectors=False, tol=1e-13)
     return float(np.max(top))

@@ -20,7 +20,7 @@ end is ``||W v|| / ||v||`` for the computed vector (true for any vector), the up
 norm of a circular convolution that contains W as a block (zero padding) or that does after the
 padding, times the padding's own norm (reflect/replicate/circular). That norm is a maximum over
 frequencies, found without decomposing every frequency (Cholesky certificates, see
-:func:`_torus_top`).
+:func:`_torus_top`), from Gram matrices summed over tap pairs (:func:`_torus_gram`).
 """
 
 from __future__ import annotations
@@ -240,6 +240,41 @@ def _resolve(method: str, op: ConvOperator, norm_only: bool = False) -> str:
 
 
 # -- the exact torus ---------------------------------------------------------------------------
+def _tap_shifts(
+    kernel: list[int], geo: Geometry, before: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every tap's offset ``q = m*d - before = s*t + r`` split into its phase ``r`` (one flat
+    index over the stride's phases) and its shift ``t`` on the small torus (one tensor per
+    dimension, not reduced modulo anything), taps in C order."""
+    offsets = [torch.arange(k) * d - b for k, d, b in zip(kernel, geo.dilation, before)]
+    grids = torch.meshgrid(*offsets, indexing="ij")
+    r_flat = torch.zeros((), dtype=torch.long)
+    shifts = []
+    for q, s in zip(grids, geo.stride):
+        r_flat = r_flat * s + torch.remainder(q, s)
+        shifts.append(torch.div(q, s, rounding_mode="floor").reshape(-1))
+    return r_flat.reshape(-1), shifts
+
+
+def _flat(coords: list[torch.Tensor], sizes: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """C-order flat index of per-dimension coordinates (each ``0 <= c < size``)."""
+    flat = torch.zeros((), dtype=torch.long)
+    for c, n in zip(coords, sizes):
+        flat = flat * n + c
+    return flat
+
+
+def _polyphase(weight: torch.Tensor, geo: Geometry, column: torch.Tensor, phases: int,
+               positions: int) -> torch.Tensor:  # fmt: skip
+    """``(groups, C_out/g, C_in/g * phases, positions)``: the weight with tap ``j`` added at
+    ``column[j] = phase * positions + position``."""
+    groups, (c_out, cin_g) = geo.groups, weight.shape[:2]
+    w = weight.detach().to(torch.float64).reshape(groups, c_out // groups, cin_g, -1)
+    poly = w.new_zeros(groups, c_out // groups, cin_g, phases * positions)
+    poly.index_add_(3, column.to(w.device), w)
+    return poly.reshape(groups, c_out // groups, cin_g * phases, positions)
+
+
 def _torus_spectrum(
     weight: torch.Tensor,
     geo: Geometry,
@@ -255,35 +290,74 @@ def _torus_spectrum(
     largest singular value) keeps the non-negative frequencies of the last axis only (the others
     are complex conjugates) and only the phases some tap reads (the others are zero columns).
     """
-    groups, stride, dilation = geo.groups, geo.stride, geo.dilation
-    n_dims = len(torus)
-    c_out, cin_g, *kernel = weight.shape
-    small = tuple(t // s for t, s in zip(torus, stride))
-    # Every tap's offset q = m*d - before = s*t + r: phase r, shift t on the small torus.
-    offsets = [torch.arange(k) * d - b for k, d, b in zip(kernel, dilation, before)]
-    grids = torch.meshgrid(*offsets, indexing="ij")
-    r_flat = torch.zeros((), dtype=torch.long)
-    t_flat = torch.zeros((), dtype=torch.long)
-    for q, s, m in zip(grids, stride, small):
-        r_flat = r_flat * s + torch.remainder(q, s)
-        t_flat = t_flat * m + torch.remainder(torch.div(q, s, rounding_mode="floor"), m)
-    phases = math.prod(stride)
+    small = tuple(t // s for t, s in zip(torus, geo.stride))
+    r_flat, shifts = _tap_shifts(list(weight.shape[2:]), geo, before)
+    phases = math.prod(geo.stride)
     if top_only:  # number the phases that are read 0, 1, ...
         read, r_flat = torch.unique(r_flat, return_inverse=True)
         phases = read.numel()
-    column = (r_flat * math.prod(small) + t_flat).reshape(-1)
-    w = weight.detach().to(torch.float64).reshape(groups, c_out // groups, cin_g, -1)
-    poly = w.new_zeros(groups, c_out // groups, cin_g, phases * math.prod(small))
-    poly.index_add_(3, column.to(w.device), w)
-    poly = poly.reshape(groups, c_out // groups, cin_g * phases, *small)
-    axes = tuple(range(3, 3 + n_dims))
+    t_flat = _flat([torch.remainder(t, m) for t, m in zip(shifts, small)], small)
+    poly = _polyphase(weight, geo, r_flat * math.prod(small) + t_flat, phases, math.prod(small))
+    poly = poly.reshape(*poly.shape[:3], *small)
+    axes = tuple(range(3, 3 + len(small)))
     spectrum = torch.fft.rfftn(poly, dim=axes) if top_only else torch.fft.fftn(poly, dim=axes)
     return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
 
 
-def _torus_top(per_freq: torch.Tensor) -> float:
-    """The exact largest singular value of a circular convolution, from its per-frequency
-    matrices (:func:`_torus_spectrum` with ``top_only=True``).
+#: Most bytes of the tap-pair products of :func:`_torus_gram` (beyond: per-frequency products).
+_PAIRS_BYTES = 2**30
+
+
+def _torus_gram(
+    weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
+) -> torch.Tensor:
+    """The Gram matrices ``M M^H`` or ``M^H M`` (the smaller) of :func:`_torus_spectrum`'s
+    per-frequency matrices ``M`` (``top_only``), ``(groups * F, side, side)`` complex128.
+
+    With ``A_t`` the real matrix of the taps at shift ``t`` (``M_f = sum_t A_t e^{-i w_f t}``),
+    ``M_f M_f^H = sum_delta B_delta e^{-i w_f delta}`` where ``B_delta = sum_{t - t' = delta}
+    A_t A_t'^T``: all tap pairs in one real product, summed by ``delta`` onto the torus, then one
+    real FFT; for a 3x3 kernel that is 81 real products per channel block where forming each
+    frequency's Gram matrix takes four complex products per frequency. Where the pairs outnumber
+    the frequencies (large kernels on small tori) the per-frequency products are used.
+    """
+    small = tuple(t // s for t, s in zip(torus, geo.stride))
+    r_flat, shifts = _tap_shifts(list(weight.shape[2:]), geo, before)
+    read, r_flat = torch.unique(r_flat, return_inverse=True)
+    low = [int(t.min()) for t in shifts]
+    box = [int(t.max()) - lo + 1 for t, lo in zip(shifts, low)]
+    taps = math.prod(box)
+    rows = weight.shape[0] // geo.groups
+    cols = weight.shape[1] * read.numel()
+    side = min(rows, cols)
+    freqs = math.prod(small[:-1]) * (small[-1] // 2 + 1)
+    if taps * taps > 4 * freqs or 2 * geo.groups * (taps * side) ** 2 * 8 > _PAIRS_BYTES:
+        M = _torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
+        return M @ M.mH if rows <= cols else M.mH @ M
+    t_flat = _flat([t - lo for t, lo in zip(shifts, low)], box)
+    poly = _polyphase(weight, geo, r_flat * taps + t_flat, read.numel(), taps)
+    # A[g, t] = the taps at shift t as a side x other matrix.
+    A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
+    A = A.reshape(geo.groups, taps * side, -1)
+    pairs = (A @ A.mT).view(geo.groups, taps, side, taps, side).transpose(2, 3)
+    # delta = t - t' for M M^H, t' - t for M^H M, on the torus.
+    coords = torch.meshgrid(*[torch.arange(n) for n in box], indexing="ij")
+    t_first = [c.reshape(-1, 1) for c in coords]
+    t_second = [c.reshape(1, -1) for c in coords]
+    sign = 1 if rows <= cols else -1
+    delta = [torch.remainder(sign * (a - b), m) for a, b, m in zip(t_first, t_second, small)]
+    torus_sums = A.new_zeros(geo.groups, math.prod(small), side, side)
+    torus_sums.index_add_(
+        1, _flat(delta, small).reshape(-1).to(A.device), pairs.reshape(geo.groups, -1, side, side)
+    )
+    torus_sums = torus_sums.view(geo.groups, *small, side, side)
+    G = torch.fft.rfftn(torus_sums, dim=tuple(range(1, 1 + len(small))))
+    return G.reshape(-1, side, side).contiguous()  # the FFT's output is strided
+
+
+def _torus_top(G: torch.Tensor) -> float:
+    """The exact largest singular value of a circular convolution, from the Gram matrices of its
+    per-frequency matrices (:func:`_torus_gram`).
 
     Only the frequencies that may hold the maximum get an eigendecomposition: a few batched power
     steps rank them, the best few are decomposed, and Cholesky factorisations of
@@ -291,9 +365,6 @@ def _torus_top(per_freq: torch.Tensor) -> float:
     the largest ``lam`` found (those that fail go round again). Exact up to a relative
     :data:`_TORUS_SLACK`.
     """
-    M = per_freq.flatten(0, 1)
-    rows, cols = M.shape[1:]
-    G = M @ M.mH if rows <= cols else M.mH @ M  # the smaller Gram matrix
     gen = torch.Generator(device=G.device).manual_seed(0)
     v = torch.randn(G.shape[:2], dtype=torch.float64, device=G.device, generator=gen)
     v = v.to(G.dtype).unsqueeze(-1)
@@ -335,7 +406,7 @@ def _enclosing_torus(op: ConvOperator) -> float:
     torus = tuple(
         s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, geo.padded_size)
     )
-    bound = _torus_top(_torus_spectrum(op.weight, geo, (0,) * geo.ndim, torus, top_only=True))
+    bound = _torus_top(_torus_gram(op.weight, geo, (0,) * geo.ndim, torus))
     if geo.mode.folds:
         pairs = zip(geo.input_size, geo.padding)
         bound *= math.sqrt(math.prod(geo.mode.copies(i, b, a) for i, (b, a) in pairs))
@@ -554,7 +625,7 @@ def _gram_top(
 def _norm_fft(op: ConvOperator, tol: float) -> NormResult:
     geo = op.geometry
     before = tuple(b for b, _ in geo.padding)
-    value = _torus_top(_torus_spectrum(op.weight, geo, before, geo.input_size, top_only=True))
+    value = _torus_top(_torus_gram(op.weight, geo, before, geo.input_size))
     lower, upper = value * (1 - _TORUS_SLACK), value * (1 + _TORUS_SLACK)
     return NormResult(value, lower, upper, "fft", error=_TORUS_SLACK)
 
@@ -741,9 +812,7 @@ def operator_norm(
     tol = _check_tol(tol)
     method = _check_method(method)
     if certificate not in _CERTIFICATES:
-        raise ConvMatError(
-            f"certificate must be one of {_CERTIFICATES!r}, got {certificate!r}"
-        )
+        raise ConvMatError(f"certificate must be one of {_CERTIFICATES!r}, got {certificate!r}")
     op = _operator(source, input_size, config)
     result = _NORM_METHODS[_resolve(method, op, norm_only=True)](op, tol)
     if certificate == "tight" and result.method == "lanczos":
