@@ -20,7 +20,7 @@ end is ``||W v|| / ||v||`` for the computed vector (true for any vector), the up
 norm of a circular convolution that contains W as a block (zero padding) or that does after the
 padding, times the padding's own norm (reflect/replicate/circular). That norm is a maximum over
 frequencies, found without decomposing every frequency (Cholesky certificates, see
-:func:`_torus_top`), from Gram matrices summed over tap pairs (:func:`_torus_gram`).
+:func:`_torus_top`), from Gram matrices summed over tap pairs (:class:`_TorusGrams`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import Geometry, available_memory, check_matrix_memory
+from ..engine import Geometry, available_memory, check_allocation, check_matrix_memory
 from .operator import ConvOperator
 
 __all__ = ["METHODS", "Method", "NormMethod", "NormResult", "operator_norm", "singular_values"]
@@ -304,60 +304,96 @@ def _torus_spectrum(
     return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
 
 
-#: Most bytes of the tap-pair products of :func:`_torus_gram` (beyond: per-frequency products).
+#: Most bytes of the tap-pair products of :class:`_TorusGrams` (beyond: per-frequency products).
 _PAIRS_BYTES = 2**30
+#: Most bytes of one chunk of Gram matrices (and at most 1 / _FREE_SHARE of the free memory).
+_CHUNK_BYTES = 2**28
 
 
-def _torus_gram(
-    weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
-) -> torch.Tensor:
+class _TorusGrams:
     """The Gram matrices ``M M^H`` or ``M^H M`` (the smaller) of :func:`_torus_spectrum`'s
-    per-frequency matrices ``M`` (``top_only``), ``(groups * F, side, side)`` complex128.
+    per-frequency matrices ``M`` (``top_only``), numbered ``0 .. count - 1`` (group-major), made
+    on demand in chunks of bounded memory: :meth:`at` gives ``(len(index), side, side)``
+    complex128.
 
     With ``A_t`` the real matrix of the taps at shift ``t`` (``M_f = sum_t A_t e^{-i w_f t}``),
     ``M_f M_f^H = sum_delta B_delta e^{-i w_f delta}`` where ``B_delta = sum_{t - t' = delta}
-    A_t A_t'^T``: all tap pairs in one real product, summed by ``delta`` onto the torus, then one
-    real FFT; for a 3x3 kernel that is 81 real products per channel block where forming each
-    frequency's Gram matrix takes four complex products per frequency. Where the pairs outnumber
-    the frequencies (large kernels on small tori) the per-frequency products are used.
+    A_t A_t'^T``: all tap pairs in one real product, then a short sum over the offsets
+    ``delta`` per frequency (for a 3x3 kernel 81 real products per channel block in all, where
+    forming each frequency's Gram matrix takes four complex products per frequency). Where the
+    pairs outnumber the frequencies (large kernels on small tori) the Gram matrices are formed
+    from the FFT spectrum, all at once, after a memory check.
     """
-    small = tuple(t // s for t, s in zip(torus, geo.stride))
-    r_flat, shifts = _tap_shifts(list(weight.shape[2:]), geo, before)
-    read, r_flat = torch.unique(r_flat, return_inverse=True)
-    low = [int(t.min()) for t in shifts]
-    box = [int(t.max()) - lo + 1 for t, lo in zip(shifts, low)]
-    taps = math.prod(box)
-    rows = weight.shape[0] // geo.groups
-    cols = weight.shape[1] * read.numel()
-    side = min(rows, cols)
-    freqs = math.prod(small[:-1]) * (small[-1] // 2 + 1)
-    if taps * taps > 4 * freqs or 2 * geo.groups * (taps * side) ** 2 * 8 > _PAIRS_BYTES:
-        M = _torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
-        return M @ M.mH if rows <= cols else M.mH @ M
-    t_flat = _flat([t - lo for t, lo in zip(shifts, low)], box)
-    poly = _polyphase(weight, geo, r_flat * taps + t_flat, read.numel(), taps)
-    # A[g, t] = the taps at shift t as a side x other matrix.
-    A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
-    A = A.reshape(geo.groups, taps * side, -1)
-    pairs = (A @ A.mT).view(geo.groups, taps, side, taps, side).transpose(2, 3)
-    # delta = t - t' for M M^H, t' - t for M^H M, on the torus.
-    coords = torch.meshgrid(*[torch.arange(n) for n in box], indexing="ij")
-    t_first = [c.reshape(-1, 1) for c in coords]
-    t_second = [c.reshape(1, -1) for c in coords]
-    sign = 1 if rows <= cols else -1
-    delta = [torch.remainder(sign * (a - b), m) for a, b, m in zip(t_first, t_second, small)]
-    torus_sums = A.new_zeros(geo.groups, math.prod(small), side, side)
-    torus_sums.index_add_(
-        1, _flat(delta, small).reshape(-1).to(A.device), pairs.reshape(geo.groups, -1, side, side)
-    )
-    torus_sums = torus_sums.view(geo.groups, *small, side, side)
-    G = torch.fft.rfftn(torus_sums, dim=tuple(range(1, 1 + len(small))))
-    return G.reshape(-1, side, side).contiguous()  # the FFT's output is strided
+
+    def __init__(
+        self, weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
+    ) -> None:
+        small = tuple(t // s for t, s in zip(torus, geo.stride))
+        r_flat, shifts = _tap_shifts(list(weight.shape[2:]), geo, before)
+        read, r_flat = torch.unique(r_flat, return_inverse=True)
+        low = [int(t.min()) for t in shifts]
+        box = [int(t.max()) - lo + 1 for t, lo in zip(shifts, low)]
+        taps, groups = math.prod(box), geo.groups
+        rows, cols = weight.shape[0] // groups, weight.shape[1] * read.numel()
+        self.side = side = min(rows, cols)
+        self.freq_shape = (*small[:-1], small[-1] // 2 + 1)
+        self.small, self.groups, self.device = small, groups, weight.device
+        self.freqs = math.prod(self.freq_shape)
+        self.count = groups * self.freqs
+        free = available_memory(weight.device) or _FREE_UNKNOWN
+        budget = min(_CHUNK_BYTES, free // _FREE_SHARE)
+        if taps * taps > 4 * self.freqs or 2 * groups * (taps * side) ** 2 * 8 > _PAIRS_BYTES:
+            need = self.count * (rows * cols + side * side) * 16
+            check_allocation(need, weight.device, "the enclosing circular convolution's "
+                             "per-frequency matrices")  # fmt: skip
+            M = _torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
+            self._all: torch.Tensor | None = M @ M.mH if rows <= cols else M.mH @ M
+            self.chunk = self.count
+            return
+        self._all = None
+        t_flat = _flat([t - lo for t, lo in zip(shifts, low)], box)
+        poly = _polyphase(weight, geo, r_flat * taps + t_flat, read.numel(), taps)
+        # A[g, t] = the taps at shift t as a side x other matrix.
+        A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
+        A = A.reshape(groups, taps * side, -1)
+        pairs = (A @ A.mT).view(groups, taps, side, taps, side).transpose(2, 3)
+        # delta = t - t' for M M^H, t' - t for M^H M; B[g, j] sums the pairs at offset j.
+        coords = [c.reshape(-1) for c in torch.meshgrid(*map(torch.arange, box), indexing="ij")]
+        sign = 1 if rows <= cols else -1
+        delta = torch.stack([sign * (c[:, None] - c[None, :]).reshape(-1) for c in coords], 1)
+        self.offsets, which = torch.unique(delta, dim=0, return_inverse=True)
+        B = A.new_zeros(groups, len(self.offsets), side, side)
+        B.index_add_(1, which.to(A.device), pairs.reshape(groups, taps * taps, side, side))
+        self._B = B.to(torch.complex128).reshape(groups, len(self.offsets), side * side)
+        per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
+        self.chunk = max(1, budget // per_matrix)
+
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        """The Gram matrices numbered ``index``, ``(len(index), side, side)`` (fresh memory)."""
+        if self._all is not None:
+            return self._all[index]
+        g, f = index.div(self.freqs, rounding_mode="floor"), index.remainder(self.freqs)
+        # e^{-i w_f . delta}, the angle reduced exactly in integers first.
+        coords = torch.stack(torch.unravel_index(f, self.freq_shape), 1)
+        turns = torch.zeros(len(index), len(self.offsets), dtype=torch.float64)
+        for d, n in enumerate(self.small):
+            turns += torch.remainder(coords[:, d, None] * self.offsets[None, :, d], n).double() / n
+        phase = torch.polar(torch.ones_like(turns), -2 * math.pi * turns).to(self.device)
+        if self.groups == 1:
+            G = phase @ self._B[0]
+        else:
+            G = torch.einsum("cj,cjk->ck", phase, self._B[g.to(self.device)])
+        return G.view(-1, self.side, self.side)
+
+    def chunks(self, index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(part, at(part))`` for consecutive parts of ``index`` of at most ``chunk``."""
+        for part in index.split(self.chunk):
+            yield part, self.at(part)
 
 
-def _torus_top(G: torch.Tensor) -> float:
+def _torus_top(grams: _TorusGrams) -> float:
     """The exact largest singular value of a circular convolution, from the Gram matrices of its
-    per-frequency matrices (:func:`_torus_gram`).
+    per-frequency matrices.
 
     Only the frequencies that may hold the maximum get an eigendecomposition: a few batched power
     steps rank them, the best few are decomposed, and Cholesky factorisations of
@@ -365,29 +401,36 @@ def _torus_top(G: torch.Tensor) -> float:
     the largest ``lam`` found (those that fail go round again). Exact up to a relative
     :data:`_TORUS_SLACK`.
     """
-    gen = torch.Generator(device=G.device).manual_seed(0)
-    v = torch.randn(G.shape[:2], dtype=torch.float64, device=G.device, generator=gen)
-    v = v.to(G.dtype).unsqueeze(-1)
     tiny = torch.finfo(torch.float64).tiny
-    for _ in range(_TORUS_POWER_STEPS):
-        v = G @ v
-        v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
-    estimate = (G @ v).norm(dim=(1, 2))  # ||G v|| <= the largest eigenvalue
+    gen = torch.Generator().manual_seed(0)
+
+    def estimate(G: torch.Tensor) -> torch.Tensor:
+        """``||G v||`` after a few power steps: at most the largest eigenvalue."""
+        v = torch.randn(G.shape[:2], dtype=torch.float64, generator=gen).to(G).unsqueeze(-1)
+        for _ in range(_TORUS_POWER_STEPS):
+            v = G @ v
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
+        return (G @ v).norm(dim=(1, 2)).cpu()
 
     def above(index: torch.Tensor, shift: float) -> torch.Tensor:
         """The frequencies among ``index`` whose ``shift * I - G`` has no Cholesky factor."""
-        S = G[index].neg_()
-        S.diagonal(dim1=-2, dim2=-1).add_(shift)
-        return index[torch.linalg.cholesky_ex(S).info > 0]
+        failed = []
+        for part, G in grams.chunks(index):
+            S = G.neg_()
+            S.diagonal(dim1=-2, dim2=-1).add_(shift)
+            failed.append(part[torch.linalg.cholesky_ex(S).info.cpu() > 0])
+        return torch.cat(failed)
 
+    everything = torch.arange(grams.count)
+    ranking = torch.cat([estimate(G) for _, G in grams.chunks(everything)])
     # Decompose the most promising few; every other frequency that passes the Cholesky test has
     # no eigenvalue above the largest found; repeat on those that fail.
     lam = 0.0
-    rest = torch.arange(G.shape[0], device=G.device)
+    rest = everything
     while rest.numel():
-        order = torch.argsort(estimate[rest], descending=True)
+        order = torch.argsort(ranking[rest], descending=True)
         chosen, rest = rest[order[:_TORUS_BATCH]], rest[order[_TORUS_BATCH:]]
-        lam = max(lam, float(torch.linalg.eigvalsh(G[chosen])[:, -1].max()))
+        lam = max(lam, float(torch.linalg.eigvalsh(grams.at(chosen))[:, -1].max()))
         if rest.numel():
             rest = above(rest, lam * (1 + _TORUS_SLACK) + tiny)
     return math.sqrt(max(lam, 0.0))
@@ -406,7 +449,7 @@ def _enclosing_torus(op: ConvOperator) -> float:
     torus = tuple(
         s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, geo.padded_size)
     )
-    bound = _torus_top(_torus_gram(op.weight, geo, (0,) * geo.ndim, torus))
+    bound = _torus_top(_TorusGrams(op.weight, geo, (0,) * geo.ndim, torus))
     if geo.mode.folds:
         pairs = zip(geo.input_size, geo.padding)
         bound *= math.sqrt(math.prod(geo.mode.copies(i, b, a) for i, (b, a) in pairs))
@@ -625,7 +668,7 @@ def _gram_top(
 def _norm_fft(op: ConvOperator, tol: float) -> NormResult:
     geo = op.geometry
     before = tuple(b for b, _ in geo.padding)
-    value = _torus_top(_torus_gram(op.weight, geo, before, geo.input_size))
+    value = _torus_top(_TorusGrams(op.weight, geo, before, geo.input_size))
     lower, upper = value * (1 - _TORUS_SLACK), value * (1 + _TORUS_SLACK)
     return NormResult(value, lower, upper, "fft", error=_TORUS_SLACK)
 
