@@ -42,6 +42,7 @@ from .spectral import (
     _DENSE_SLACK,
     Method,
     NormResult,
+    _certified_upper,
     _check_method,
     _check_tol,
     _gram_top,
@@ -199,8 +200,12 @@ class LipschitzReport:
         if uncertified:
             out.append(f"no certified bound: no certified upper end for {', '.join(uncertified)}")
         paths = {r.path.split(" ")[0] for r in self.records}
-        others = [f for f in self.factors if f.target not in paths
-                  and (f.factor != 1 or f.rule.startswith(("sum", "concatenation")))]
+        others = [
+            f
+            for f in self.factors
+            if f.target not in paths
+            and (f.factor != 1 or f.rule.startswith(("sum", "concatenation")))
+        ]
         if others:
             out += ["", f"other factors along the {self.graph}:"]
             out += _table(
@@ -485,7 +490,7 @@ def lipschitz_report(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        upper, graph, factors, reasons = _graph_bound(model, shape, records, tol, method)
+        upper, graph, factors, reasons = _graph_bound(model, shape, records, method)
         lower, x, v, note = _empirical_lower(model, shape, probes, iterations, seed)
     finally:
         for m, mode in modes.items():
@@ -723,7 +728,7 @@ def _bn_scale(m: nn.Module) -> torch.Tensor | None:
     return scale * m.weight.detach().double() if m.weight is not None else scale
 
 
-def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...], tol: float,
+def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
                  method: Method) -> float:  # fmt: skip
     """The certified upper end of the norm of ``layer`` with its output channel ``c`` scaled
     by ``scale[c]`` (a BatchNorm folded into it; the bias plays no part)."""
@@ -738,7 +743,7 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...], tol
             view.mul_(scale.view(g, 1, -1, *[1] * (w.dim() - 2)))
         else:
             w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
-    return operator_norm(folded, in_shape[1:], tol=tol, method=method).upper
+    return _certified_upper(folded, in_shape[1:], method)
 
 
 def _dense_upper(w: torch.Tensor) -> float:
@@ -761,13 +766,13 @@ class _Bound(torch.fx.Interpreter):
     """Runs the traced model once and propagates, node by node, a certified Lipschitz
     constant from the model's input (a dynamic program over the graph, in execution order)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, records: list[LayerNorm], tol: float,
+    def __init__(self, gm: torch.fx.GraphModule, records: list[LayerNorm],
                  method: Method) -> None:  # fmt: skip
         super().__init__(gm)
         self.queue: dict[str, list[LayerNorm]] = {}
         for r in records:
             self.queue.setdefault(r.path.split(" ")[0], []).append(r)
-        self.tol, self.method = tol, method
+        self.method = method
         self.lip: dict[torch.fx.Node, float] = {}
         self.shapes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self.factors: list[GraphFactor] = []
@@ -804,8 +809,11 @@ class _Bound(torch.fx.Interpreter):
         if n.op == "call_module":
             return bool(getattr(self.module.get_submodule(n.target), "inplace", False))
         name = _name(n.target)
-        return (n.op == "call_method" and name.endswith("_")) or bool(n.kwargs.get("inplace")) \
+        return (
+            (n.op == "call_method" and name.endswith("_"))
+            or bool(n.kwargs.get("inplace"))
             or name in ("iadd", "isub", "imul", "itruediv")
+        )
 
     def _target(self, n: torch.fx.Node) -> str:
         return n.target if n.op == "call_module" else _name(n.target)
@@ -827,8 +835,11 @@ class _Bound(torch.fx.Interpreter):
         if n.op == "output":
             leaves: list[torch.fx.Node] = []  # each time it is returned
             torch.fx.node.map_arg(n.args, leaves.append)
-            return 1.0, "outputs combined in quadrature", math.sqrt(
-                sum(self.L(a) ** 2 for a in leaves))
+            return (
+                1.0,
+                "outputs combined in quadrature",
+                math.sqrt(sum(self.L(a) ** 2 for a in leaves)),
+            )
         if all(self.L(a) == 0 for a in ins):
             return 0.0, "does not depend on the input", 0.0
         if not isinstance(result, torch.Tensor | tuple | list):
@@ -870,11 +881,15 @@ class _Bound(torch.fx.Interpreter):
         if scale is None:
             return math.inf, "uses batch statistics (no running statistics)", math.inf
         src = n.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and isinstance(layer := self.module.get_submodule(src.target), _LAYERS)
-                and not _own_forward_problem(layer)
-                and (not isinstance(layer, nn.Linear) or len(self.shapes[src]) == 1)):
-            upper = _folded_norm(layer, scale, self.shapes[src], self.tol, self.method)
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and len(src.users) == 1
+            and isinstance(layer := self.module.get_submodule(src.target), _LAYERS)
+            and not _own_forward_problem(layer)
+            and (not isinstance(layer, nn.Linear) or len(self.shapes[src]) == 1)
+        ):
+            upper = _folded_norm(layer, scale, self.shapes[src], self.method)
             rule = f"folded into {src.target}: certified upper end of the folded layer"
             return upper, rule, upper * self.L(src.args[0])  # fmt: skip
         return self._unary(n, float(scale.abs().max()), "max |gamma / sqrt(var + eps)|")
@@ -904,8 +919,11 @@ class _Bound(torch.fx.Interpreter):
             return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
         if name in _CAT:
             parts = n.args[0] if n.args else n.kwargs["tensors"]
-            return 1.0, "concatenation: sqrt(sum of squares)", math.sqrt(
-                sum(self.L(p) ** 2 for p in parts))
+            return (
+                1.0,
+                "concatenation: sqrt(sum of squares)",
+                math.sqrt(sum(self.L(p) ** 2 for p in parts)),
+            )
         if name in ("mean", "sum", "avg"):
             dims = args[1] if len(args) > 1 else kwargs.get("dim")
             if dims is None:
@@ -961,8 +979,7 @@ def _basic_index(index: Any) -> bool:
 
 
 def _graph_bound(
-    model: nn.Module, shape: tuple[int, ...], records: list[LayerNorm], tol: float,
-    method: Method,
+    model: nn.Module, shape: tuple[int, ...], records: list[LayerNorm], method: Method
 ) -> tuple[float, str, tuple[GraphFactor, ...], tuple[str, ...]]:  # fmt: skip
     """``(bound, how, factors, reasons)``: the certified Lipschitz bound of the model in eval
     mode, along its ``torch.fx`` graph; ``inf`` with the reasons where none is certified."""
@@ -977,7 +994,7 @@ def _graph_bound(
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
-    run = _Bound(gm, records, tol, method)
+    run = _Bound(gm, records, method)
     with torch.no_grad():
         run.run(torch.zeros(1, *shape, dtype=dtype, device=device))
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -996,19 +1013,22 @@ def _empirical_lower(
     model: nn.Module, shape: tuple[int, ...], probes: int, iterations: int, seed: int
 ) -> tuple[float, torch.Tensor | None, torch.Tensor | None, str]:
     """The largest ``||J v|| / ||v||`` of the model's Jacobian found by power iteration on
-    ``J^T J`` (``torch.func`` jvp and vjp, float64) at ``probes`` random inputs, with the input
-    and direction reaching it, or 0 and why it could not be measured."""
+    ``J^T J`` (``torch.func`` jvp and vjp) at ``probes`` random inputs, with the input and
+    direction reaching it, or 0 and why it could not be measured. The power steps run in
+    float32 (they only choose the direction, 2-3x faster); each direction's ratio is then
+    measured in float64."""
     if probes == 0:
         return 0.0, None, None, "not measured (probes=0)"
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     try:
-        f = copy.deepcopy(model).to(torch.float64).eval()
+        exact = copy.deepcopy(model).to(torch.float64).eval()
+        fast = copy.deepcopy(model).to(torch.float32).eval()
     except Exception as err:  # any failure to copy means: it cannot be measured
         return 0.0, None, None, f"not measured: the model could not be copied ({err})"
 
-    def g(v: torch.Tensor) -> torch.Tensor:
-        return _outputs(f(v))
+    def ratio(f: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(lambda u: _outputs(f(u)), (x,), (v / v.norm(),))[1]
 
     gen = torch.Generator(device=device).manual_seed(seed)
     best: tuple[float, torch.Tensor | None, torch.Tensor | None] = (0.0, None, None)
@@ -1016,15 +1036,15 @@ def _empirical_lower(
         for _ in range(probes):
             x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             v = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
-            _, pull = torch.func.vjp(g, x)
+            x32, v32 = x.float(), v.float()
+            _, pull = torch.func.vjp(lambda u: _outputs(fast(u)), x32)
             for _ in range(iterations):
-                v = v / v.norm()
-                w = pull(torch.func.jvp(g, (x,), (v,))[1])[0]
-                if not float(w.norm()) > 0:
+                w = pull(ratio(fast, x32, v32))[0]
+                if not 0 < float(w.norm()) < math.inf:  # zero, or beyond float32's range
                     break
-                v = w
-            v = v / v.norm()
-            value = float(torch.func.jvp(g, (x,), (v,))[1].norm())
+                v32 = w
+            v = v32.double()
+            value = float(ratio(exact, x, v).norm())
             if value > best[0]:
                 best = (value, x[0], v[0])
     note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after "

@@ -712,6 +712,17 @@ _NORM_METHODS: dict[str, Callable[[ConvOperator, float], NormResult]] = {
 }
 
 
+def _certified_upper(source: Any, input_size: Any, method: str = "auto") -> float:
+    """The upper end :func:`operator_norm` gives (circular certificate), without the value where
+    that takes an iteration: for Lanczos the enclosing circular convolution's norm, which is
+    that upper end (the Lanczos value lies below it)."""
+    op = _operator(source, input_size, {})
+    chosen = _resolve(_check_method(method), op, norm_only=True)
+    if chosen == "lanczos":
+        return _enclosing_torus(op)
+    return _NORM_METHODS[chosen](op, _ROUGH_TOL).upper  # exact methods: no tol
+
+
 # -- the singular value methods ------------------------------------------------------------------
 def _values_fft(op: ConvOperator, k: int | None) -> torch.Tensor:
     geo = op.geometry
