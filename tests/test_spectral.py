@@ -128,6 +128,19 @@ def test_torus_gram_by_tap_pairs_equals_the_per_frequency_products(cfg, seed, ex
     torch.testing.assert_close(torch.cat([G for _, G in grams.chunks(index)]), expected[index])
 
 
+@settings(deadline=None, max_examples=40)
+@given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
+       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "lanczos"]))  # fmt: skip
+def test_the_upper_end_alone_is_operator_norms_upper_end(cfg, seed, method):
+    """What the whole-model bound uses for folded layers: the certified upper end without the
+    Lanczos value, equal to operator_norm's, and above the dense SVD's norm."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
+    op = ConvOperator(w, cfg.input_size, transposed=cfg.transposed, **cfg.matrix_kwargs())
+    upper = spectral._certified_upper(op, None, method)
+    assert upper == operator_norm(op, method=method).upper
+    assert torch.linalg.svdvals(dense(cfg, w))[0].item() <= upper * (1 + 1e-12)
+
+
 def _svds_top(op):
     top = svds(op.to_scipy(), k=3, return_singular_vectors=False, tol=1e-13)
     return float(np.max(top))
