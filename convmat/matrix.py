@@ -19,10 +19,12 @@ from .engine import (
     check_weight,
     conv_geometry,
     conv_transpose_geometry,
+    oriented,
 )
 from .engine import weight_view as _weight_view
 
 __all__ = ["conv2d_as_conv1d", "conv_matrix", "conv_transpose_matrix", "to_matrix"]
+
 
 def conv_matrix(
     weight: torch.Tensor,
@@ -101,9 +103,7 @@ def conv_matrix(
         groups=groups,
         padding_mode=padding_mode,
     )
-    if flip:
-        weight = weight.flip(tuple(range(2, weight.dim())))  # differentiable
-    return assemble(_weight_view(weight, geo), geo, layout)
+    return assemble(_weight_view(oriented(weight, flip), geo), geo, layout)
 
 
 def conv_transpose_matrix(
@@ -116,6 +116,7 @@ def conv_transpose_matrix(
     groups: int = 1,
     dilation: IntOrTuple = 1,
     layout: torch.layout = torch.strided,
+    flip: bool = False,
 ) -> torch.Tensor:
     """The matrix of ``torch.nn.functional.conv_transpose{1,2,3}d`` for one input size.
 
@@ -133,6 +134,9 @@ def conv_transpose_matrix(
         groups: blocked connections from input to output channels.
         dilation: spacing between kernel taps.
         layout: ``torch.strided``, ``torch.sparse_coo`` or ``torch.sparse_csr``.
+        flip: ``True`` for the kernel flipped in its spatial dimensions (the transpose of the
+            true convolution's matrix): ``conv_transpose_matrix(w, ..., flip=True) ==
+            conv_transpose_matrix(w.flip(spatial dims), ...)``, as in :func:`conv_matrix`.
 
     Returns:
         W with the dtype and device of ``weight``.
@@ -151,8 +155,11 @@ def conv_transpose_matrix(
             [3., 1.],
             [0., 2.],
             [0., 3.]])
+    >>> conv_transpose_matrix(w, 2, stride=2, flip=True)[:, 0]
+    tensor([3., 2., 1., 0., 0.])
     """
     weight = check_weight(weight)
+    check_flip(flip)
     geo = conv_transpose_geometry(
         weight.shape,
         input_size,
@@ -162,7 +169,7 @@ def conv_transpose_matrix(
         groups=groups,
         dilation=dilation,
     )
-    return assemble(_weight_view(weight, geo), geo, layout)
+    return assemble(_weight_view(oriented(weight, flip), geo), geo, layout)
 
 
 def to_matrix(

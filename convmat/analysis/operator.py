@@ -35,6 +35,7 @@ from ..engine import (
     discard,
     flat_pads,
     lookup,
+    oriented,
     store,
     tensor_bytes,
     weight_view,
@@ -62,11 +63,6 @@ class _Token:
     def __init__(self) -> None:
         self.owner = f"{FLIPPED_OWNER}#{next(_COUNTER)}"
         weakref.finalize(self, discard, self.owner)
-
-
-def _oriented(weight: torch.Tensor, flip: bool) -> torch.Tensor:
-    """``weight`` flipped in its spatial dims for ``flip=True`` (differentiable), else itself."""
-    return weight.flip(tuple(range(2, weight.dim()))) if flip else weight
 
 
 def _conv_forward(geo: Geometry, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +163,7 @@ class ConvOperator:
         check_flip(flip)
         make = conv_transpose_geometry if transposed else conv_geometry
         geo = make(weight.shape, input_size, **config)
-        self._init(_oriented(weight, flip), geo, False, _Token())
+        self._init(oriented(weight, flip), geo, False, _Token())
 
     def _init(self, weight: torch.Tensor, geo: Geometry, adjoint: bool, token: _Token) -> None:
         self._weight = weight
@@ -191,7 +187,7 @@ class ConvOperator:
         check_flip(flip)
         weight = cls._matching(check_weight(weight), geometry)
         op = object.__new__(cls)
-        op._init(_oriented(weight, flip), geometry, False, _Token())
+        op._init(oriented(weight, flip), geometry, False, _Token())
         return op
 
     @staticmethod
@@ -233,7 +229,7 @@ class ConvOperator:
         check_flip(flip)
         weight = self._matching(check_weight(weight), self._geometry)
         op = object.__new__(type(self))
-        op._init(_oriented(weight, flip), self._geometry, self._is_adjoint, _Token())
+        op._init(oriented(weight, flip), self._geometry, self._is_adjoint, _Token())
         return op
 
     # -- read-only state -------------------------------------------------------------------

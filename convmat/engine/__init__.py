@@ -48,6 +48,7 @@ _WHERE = {
     "memory_limit": ".memory",
     "memory_limits": ".memory",
     "ntuple": ".shapes",
+    "oriented": ".assembly",
     "output_padding_for": ".shapes",
     "padding_mode": ".padding",
     "parse_bytes": ".cache",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
         check_layout,
         check_matrix_memory,
         check_weight,
+        oriented,
         weight_view,
     )
     from .blocks import BlockPattern, block_size, get_block_pattern, tap_table
@@ -153,6 +155,7 @@ __all__ = [
     "memory_limit",
     "memory_limits",
     "ntuple",
+    "oriented",
     "output_padding_for",
     "padding_mode",
     "parse_bytes",

@@ -12,7 +12,14 @@ from .memory import check_allocation
 from .pattern import INDEX, Pattern, PatternPlan, cached_pattern, get_pattern, plan_pattern
 from .shapes import Geometry
 
-__all__ = ["LAYOUTS", "assemble", "check_matrix_memory", "check_weight", "weight_view"]
+__all__ = [
+    "LAYOUTS",
+    "assemble",
+    "check_matrix_memory",
+    "check_weight",
+    "oriented",
+    "weight_view",
+]
 
 #: The layouts W can be assembled in.
 LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr)
@@ -97,6 +104,19 @@ def _need(
     extra = nnz * (item + 16) if layout == torch.strided else nnz * item + growth
     check_allocation(dense + extra + build, device, what, instead)
     return plan
+
+
+def oriented(weight: torch.Tensor, flip: bool) -> torch.Tensor:
+    """``weight`` flipped in its spatial dimensions for ``flip=True`` (the true convolution's
+    kernel; differentiable), else ``weight`` itself.
+
+    Shape:
+        ``weight``'s.
+
+    >>> oriented(torch.tensor([[[1.0, 2.0, 3.0]]]), True)
+    tensor([[[3., 2., 1.]]])
+    """
+    return weight.flip(tuple(range(2, weight.dim()))) if flip else weight
 
 
 def weight_view(weight: torch.Tensor, geo: Geometry) -> torch.Tensor:
