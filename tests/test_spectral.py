@@ -211,6 +211,7 @@ def test_auto_picks_by_geometry_and_size():
 
 def test_not_converged_is_a_field_and_a_warning(monkeypatch):
     monkeypatch.setattr(spectral, "_MAX_STEPS", 2)
+    monkeypatch.setattr(spectral, "_ROUGH_MAX_STEPS", 2)
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match=r"did not reach tol=1e-07.*lower bound"):
         r = operator_norm(w, (12, 12), padding=1, method="lanczos")
