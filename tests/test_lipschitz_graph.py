@@ -337,6 +337,15 @@ def test_random_architectures_bound_the_jacobian(steps, cin, size, seed):
         assert jnorm(model, torch.zeros(cin, size, size)) >= r.lower * (1 - 1e-9)
 
 
+def test_a_witness_where_every_probe_meets_a_zero_jacobian():
+    """A conv, BatchNorm and ReLU whose every probe lands on dead units: the lower end is 0 and
+    its witness (an input and a direction with J v = 0) is still given."""
+    model = RandomNet([("conv", 1), ("act", 0)], 1, 3, 1).double().eval()
+    r = report(model, (1, 3, 3), probes=2, iterations=10)
+    assert r.lower == 0.0 and r.witness_input is not None
+    check_witness(model, r)
+
+
 # -- what is not certified, and why ---------------------------------------------------------------
 
 

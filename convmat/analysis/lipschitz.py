@@ -1045,7 +1045,7 @@ def _empirical_lower(
                 v32 = w
             v = v32.double()
             value = float(ratio(exact, x, v).norm())
-            if value > best[0]:
+            if best[1] is None or value > best[0]:  # a witness even where J = 0 (dead ReLUs)
                 best = (value, x[0], v[0])
     note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after "
             f"{iterations} power steps: a local value, below the Lipschitz constant")  # fmt: skip
