@@ -378,10 +378,8 @@ def certify_upper(
         )
     if isinstance(theta, torch.Tensor):
         theta = theta.item()
-    if (
-        isinstance(theta, bool)
-        or not isinstance(theta, (int, float))
-        or not (math.isfinite(theta) and theta > 0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
+        math.isfinite(theta) and theta > 0
     ):
         raise ConvMatError(f"theta must be a finite number > 0, got {theta!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 0.01:
@@ -545,8 +543,7 @@ def _cholmod_library(cvxopt: Any) -> Any:
                 and [
                     np.frombuffer(raw, np.int32, 1, _METHOD0 + _METHOD_BYTES * i + _ORDERING)[0]
                     for i in range(4)
-                ]
-                == [1, 2, 3, 4]  # GIVEN, AMD, METIS, NESDIS
+                ] == [1, 2, 3, 4]  # GIVEN, AMD, METIS, NESDIS
             )
             lib.cholmod_l_finish(common)
             if not expected:
@@ -558,13 +555,8 @@ def _cholmod_library(cvxopt: Any) -> Any:
 
 
 def _factor(
-    row: np.ndarray,
-    col: np.ndarray,
-    values: np.ndarray,
-    perm: np.ndarray,
-    n: int,
-    cvxopt: Any,
-    times: dict[str, float],
+    row: np.ndarray, col: np.ndarray, values: np.ndarray, perm: np.ndarray, n: int,
+    cvxopt: Any, times: dict[str, float],
 ) -> tuple[int | None, int | None, int | None]:
     """Supernodal Cholesky of the symmetric matrix whose lower triangle is ``(row, col,
     values)`` (sorted by row, then column) in the order ``perm``.
@@ -647,13 +639,8 @@ def _factor(
 
 
 def _factor_cvxopt(
-    row: np.ndarray,
-    col: np.ndarray,
-    values: np.ndarray,
-    perm: np.ndarray,
-    n: int,
-    cvxopt: Any,
-    times: dict[str, float],
+    row: np.ndarray, col: np.ndarray, values: np.ndarray, perm: np.ndarray, n: int,
+    cvxopt: Any, times: dict[str, float],
 ) -> tuple[int | None, int | None, int | None]:
     """:func:`_factor` through cvxopt's interface (no factor structure: the a priori k)."""
     start = time.perf_counter()
