@@ -1027,7 +1027,8 @@ def _empirical_lower(
     except Exception as err:  # any failure to copy means: it cannot be measured
         return 0.0, None, None, f"not measured: the model could not be copied ({err})"
 
-    def ratio(f: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def image(f: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``J(x) v / ||v||`` of the model copy ``f``."""
         return torch.func.jvp(lambda u: _outputs(f(u)), (x,), (v / v.norm(),))[1]
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -1039,12 +1040,12 @@ def _empirical_lower(
             x32, v32 = x.float(), v.float()
             _, pull = torch.func.vjp(lambda u: _outputs(fast(u)), x32)
             for _ in range(iterations):
-                w = pull(ratio(fast, x32, v32))[0]
+                w = pull(image(fast, x32, v32))[0]
                 if not 0 < float(w.norm()) < math.inf:  # zero, or beyond float32's range
                     break
                 v32 = w
             v = v32.double()
-            value = float(ratio(exact, x, v).norm())
+            value = float(image(exact, x, v).norm())
             if best[1] is None or value > best[0]:  # a witness even where J = 0 (dead ReLUs)
                 best = (value, x[0], v[0])
     note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after "
