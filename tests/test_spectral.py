@@ -11,7 +11,7 @@ from scipy.sparse.linalg import svds
 from torch import nn
 
 from convmat import ConvMatError, ConvOperator, conv_matrix, to_matrix
-from convmat.analysis import spectral
+from convmat.analysis import spectral, torus
 from convmat.analysis.spectral import NormResult, operator_norm, singular_values
 
 from .reference import conv_configs, conv_transpose_configs, reference
@@ -115,12 +115,12 @@ def test_torus_gram_by_tap_pairs_equals_the_per_frequency_products(cfg, seed, ex
     frequency from the torus's spectrum (either Gram side, any stride, dilation and groups)."""
     w = cfg.weight(generator=torch.Generator().manual_seed(seed))
     geo = ConvOperator(w, cfg.input_size, **cfg.matrix_kwargs()).geometry
-    torus = tuple(s * (max(o, -(-p // s)) + extra) for s, o, p in
+    size = tuple(s * (max(o, -(-p // s)) + extra) for s, o, p in
                   zip(geo.stride, geo.output_size, geo.padded_size))  # fmt: skip
     before = tuple(b for b, _ in geo.padding)
-    M = spectral._torus_spectrum(w, geo, before, torus, top_only=True).flatten(0, 1)
+    M = torus.torus_spectrum(w, geo, before, size, top_only=True).flatten(0, 1)
     expected = M @ M.mH if M.shape[1] <= M.shape[2] else M.mH @ M
-    grams = spectral._TorusGrams(w, geo, before, torus)
+    grams = torus.TorusGrams(w, geo, before, size)
     assert grams.count == expected.shape[0]
     index = torch.randperm(grams.count, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(grams.at(index), expected[index],

@@ -19,8 +19,16 @@ The methods, chosen by name (``method=``) or by ``"auto"``:
 end is ``||W v|| / ||v||`` for the computed vector (true for any vector), the upper end the exact
 norm of a circular convolution that contains W as a block (zero padding) or that does after the
 padding, times the padding's own norm (reflect/replicate/circular). That norm is a maximum over
-frequencies, found without decomposing every frequency (Cholesky certificates, see
-:func:`_torus_top`), from Gram matrices summed over tap pairs (:class:`_TorusGrams`).
+frequencies, certified by Cholesky tests of every frequency (:mod:`convmat.analysis.torus`).
+
+``width=`` asks for the interval instead of the value: :func:`operator_norm` returns as soon as
+``upper / lower - 1 <= width``. The circular upper end is then certified only to the room the
+width allows (most frequencies pass in single precision), and the lower end first comes from the
+circular convolution's top singular vector, windowed to suit zero padding (two convolutions;
+within ``O(1/N^2)`` of the circular norm on an ``N``-wide grid); Lanczos, started from that
+vector, runs only until the interval is narrow enough. Where the circular certificate cannot
+reach the width (small grids with many channels, folding padding modes) the result says so
+(``reached=False``, and its ``note`` says what would reach it).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -36,19 +44,28 @@ import torch
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import Geometry, available_memory, check_allocation, check_matrix_memory
+from ..engine import available_memory, check_matrix_memory
 from .operator import ConvOperator
+from .torus import SLACK, TorusGrams, enclosing_norm, torus_spectrum, torus_top, windowed_vector
 
-__all__ = ["METHODS", "Method", "NormMethod", "NormResult", "operator_norm", "singular_values"]
+__all__ = [
+    "METHODS",
+    "REGISTRY",
+    "Method",
+    "NormMethod",
+    "NormResult",
+    "SpectralMethod",
+    "operator_norm",
+    "singular_values",
+]
 
 #: What ``method=`` accepts.
 Method = Literal["auto", "fft", "dense", "lanczos"]
 #: How a :class:`NormResult` was found (``"jvp-lanczos"``: by :func:`convmat.lipschitz_report`
 #: on a module's Jacobian-vector products, no certified upper end).
-NormMethod = Literal["fft", "dense", "lanczos", "jvp-lanczos"]
-#: The methods by name (``"auto"`` picks one of them).
-METHODS: tuple[str, ...] = ("fft", "dense", "lanczos")
-
+#: ``"window"``: the interval asked for (``width=``) was reached by the windowed top vector of
+#: the enclosing circular convolution, with no Lanczos step.
+NormMethod = Literal["fft", "dense", "lanczos", "window", "jvp-lanczos"]
 # -- the constants, each with why --------------------------------------------------------------
 #: What ``certificate=`` accepts.
 CertificateKind = Literal["circular", "tight"]
@@ -63,13 +80,15 @@ AUTO_DENSE_ENTRIES = 4096 * 4096
 #: work) is at most this: ~0.2 s on one core (1024 x 1024), where Lanczos takes ~0.05-0.2 s on
 #: any size; a 4096 x 4096 SVD takes 25 s.
 AUTO_DENSE_WORK = 1024**3
-#: Power steps that rank the frequencies before any is decomposed (only an ordering is needed).
-_TORUS_POWER_STEPS = 8
-#: Frequencies decomposed exactly per round of :func:`_torus_top` (batched ``eigvalsh``).
-_TORUS_BATCH = 4
-#: Relative margin of the Cholesky certificates and of an FFT value's interval: far above the
-#: rounding of ``eigvalsh`` / ``cholesky`` on Gram matrices of a few thousand rows (~1e-13).
-_TORUS_SLACK = 1e-10
+#: Relative half-width of an FFT value's interval (the room of :func:`~convmat.analysis.torus.
+#: torus_top`'s certificate, on the Gram matrices: half of it on the norm).
+_TORUS_SLACK = SLACK
+#: Of a requested width, the share the circular upper end may take above the largest
+#: eigenvalue found (on the norm: a quarter; the rest is left to the lower end).
+_UPPER_SHARE = 0.5
+#: A Lanczos pass in width mode stops when its estimated error is below this fraction of the
+#: width (the lower end then cannot rise further by much: the width is out of reach).
+_WIDTH_SETTLED = 0.05
 #: Relative half-width of a dense SVD value's interval (LAPACK's backward error, ~n * eps).
 _DENSE_SLACK = 1e-12
 #: Relative accuracy of the float32 passes: well above float32's rounding (~6e-8 on a Gram
@@ -118,6 +137,13 @@ _SAFETY = 2
 _GRAM_TO_NORM = 0.5
 #: ARPACK's tolerance for the top ``k`` singular values.
 _SVDS_TOL = 1e-12
+#: The value's relative accuracy when neither ``tol`` nor ``width`` is given.
+DEFAULT_TOL = 1e-7
+#: The keywords of the public functions (for the message that refuses an unknown one).
+_ARGUMENTS = {
+    "operator_norm": ("source", "input_size", "tol", "width", "method", "certificate"),
+    "singular_values": ("weight", "input_size", "k", "width", "method"),
+}
 
 
 @dataclass(frozen=True)
@@ -129,9 +155,14 @@ class NormResult:
             computed vector (a true lower bound; within ``error`` of the norm when converged).
         lower, upper: the interval (certified unless ``upper`` is ``inf``).
         method: how it was found.
-        converged: the iteration reached ``tol`` (always True for exact methods).
-        tol: the relative accuracy asked for (0.0 for exact methods).
-        error: the estimated relative error of ``value`` (rounding for exact methods).
+        converged: the iteration reached ``tol`` (always True for exact methods; with
+            ``width``, the same as ``reached``).
+        tol: the relative accuracy asked for (0.0 for exact methods and with ``width``).
+        error: the estimated relative error of ``value`` (rounding for exact methods; with
+            ``width``, ``upper / lower - 1``, which bounds it).
+        width: the relative width asked for (``None``: none was).
+        reached: ``upper / lower - 1 <= width`` (True where no width was asked).
+        note: where the width was not reached: why, and what would reach it.
     """
 
     value: float
@@ -141,6 +172,9 @@ class NormResult:
     converged: bool = True
     tol: float = 0.0
     error: float = 0.0
+    width: float | None = None
+    reached: bool = True
+    note: str = ""
 
     def __float__(self) -> float:
         return self.value
@@ -153,18 +187,50 @@ def _check_tol(tol: Any) -> float:
     return float(tol)
 
 
+def _check_width(width: Any) -> float | None:
+    """``None``, or a relative width with ``0 < width < 1``."""
+    if width is None:
+        return None
+    if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width < 1:
+        raise ConvMatError(
+            f"width must be a number with 0 < width < 1 (the relative width upper / lower - 1 "
+            f"of the interval), or None, got {width!r}"
+        )
+    return float(width)
+
+
+def _check_accuracy(tol: Any, width: Any) -> tuple[float, float | None]:
+    """``(tol, width)`` checked: one of them (``tol`` defaults to :data:`DEFAULT_TOL`)."""
+    if tol is not None and width is not None:
+        raise ConvMatError(
+            f"give tol (the value's accuracy) or width (the interval's), not both; got "
+            f"tol={tol!r} and width={width!r}"
+        )
+    return _check_tol(DEFAULT_TOL if tol is None else tol), _check_width(width)
+
+
+#: Keywords that describe a layer given by its weight (:class:`ConvOperator`'s).
+_CONFIG_KEYS = ("stride", "padding", "dilation", "groups", "padding_mode", "output_padding",
+                "transposed", "flip")  # fmt: skip
+
+
+def _check_config(function: str, config: dict[str, Any]) -> None:
+    """Refuses a keyword that is not a setting of the layer, naming the allowed ones."""
+    unknown = sorted(set(config) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ConvMatError(
+            f"{function}() got an unexpected keyword argument {unknown[0]!r}; it takes "
+            f"{', '.join(_ARGUMENTS[function])} and the layer's settings "
+            f"{', '.join(_CONFIG_KEYS)}"
+        )
+
+
 def _check_k(k: Any, count: int) -> int | None:
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= count:
         raise ConvMatError(f"k must be an int between 1 and {count} (or None), got {k!r}")
     return int(k)
-
-
-def _check_method(method: Any) -> str:
-    if method != "auto" and method not in METHODS:
-        raise ConvMatError(f"method must be one of {('auto', *METHODS)!r}, got {method!r}")
-    return method
 
 
 def _operator(source: Any, input_size: Any, config: dict[str, Any]) -> ConvOperator:
@@ -205,7 +271,7 @@ def _fft_problem(op: ConvOperator) -> str:
     geo = op.geometry
     if geo.transposed:
         return "the fft method takes a convolution, not a transposed convolution"
-    if geo.padding_mode != "circular" and any(b or a for b, a in geo.padding):
+    if not geo.mode.periodic and any(b or a for b, a in geo.padding):
         return f"the fft method needs circular padding (or none), got {geo.padding_mode!r}"
     if any(o * s != i for o, s, i in zip(geo.output_size, geo.stride, geo.input_size)):
         return (
@@ -222,242 +288,6 @@ def _dense_problem(op: ConvOperator) -> str:
     except ConvMatError as err:
         return f"the dense method forms W: {err}"
     return ""
-
-
-def _resolve(method: str, op: ConvOperator, norm_only: bool = False) -> str:
-    """The method to run: ``method`` if it applies (ConvMatError saying why not), or the one
-    ``"auto"`` picks: fft where exact, dense while W is small (:data:`AUTO_DENSE_ENTRIES`; for
-    the norm alone, :data:`AUTO_DENSE_WORK`), lanczos otherwise."""
-    if method == "auto":
-        if not _fft_problem(op):
-            return "fft"
-        rows, cols = op.shape
-        small = rows * cols * min(rows, cols) <= AUTO_DENSE_WORK if norm_only else (
-            rows * cols <= AUTO_DENSE_ENTRIES)  # fmt: skip
-        if small or min(op.shape) < 3:
-            return "dense"
-        return "lanczos"
-    problem = {"fft": _fft_problem, "dense": _dense_problem}.get(method, lambda _: "")(op)
-    if problem:
-        raise ConvMatError(f"method={method!r} does not apply: {problem}")
-    return method
-
-
-# -- the exact torus ---------------------------------------------------------------------------
-def _tap_shifts(
-    kernel: list[int], geo: Geometry, before: tuple[int, ...]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Every tap's offset ``q = m*d - before = s*t + r`` split into its phase ``r`` (one flat
-    index over the stride's phases) and its shift ``t`` on the small torus (one tensor per
-    dimension, not reduced modulo anything), taps in C order."""
-    offsets = [torch.arange(k) * d - b for k, d, b in zip(kernel, geo.dilation, before)]
-    grids = torch.meshgrid(*offsets, indexing="ij")
-    r_flat = torch.zeros((), dtype=torch.long)
-    shifts = []
-    for q, s in zip(grids, geo.stride):
-        r_flat = r_flat * s + torch.remainder(q, s)
-        shifts.append(torch.div(q, s, rounding_mode="floor").reshape(-1))
-    return r_flat.reshape(-1), shifts
-
-
-def _flat(coords: list[torch.Tensor], sizes: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """C-order flat index of per-dimension coordinates (each ``0 <= c < size``)."""
-    flat = torch.zeros((), dtype=torch.long)
-    for c, n in zip(coords, sizes):
-        flat = flat * n + c
-    return flat
-
-
-def _polyphase(weight: torch.Tensor, geo: Geometry, column: torch.Tensor, phases: int,
-               positions: int) -> torch.Tensor:  # fmt: skip
-    """``(groups, C_out/g, C_in/g * phases, positions)``: the weight with tap ``j`` added at
-    ``column[j] = phase * positions + position``."""
-    groups, (c_out, cin_g) = geo.groups, weight.shape[:2]
-    w = weight.detach().to(torch.float64).reshape(groups, c_out // groups, cin_g, -1)
-    poly = w.new_zeros(groups, c_out // groups, cin_g, phases * positions)
-    poly.index_add_(3, column.to(w.device), w)
-    return poly.reshape(groups, c_out // groups, cin_g * phases, positions)
-
-
-def _torus_spectrum(
-    weight: torch.Tensor,
-    geo: Geometry,
-    before: tuple[int, ...],
-    torus: tuple[int, ...],
-    *,
-    top_only: bool = False,
-) -> torch.Tensor:
-    """The per-frequency matrices of ``y[o, n] = sum w[o, c, m] x[c, (n*s + m*d - before) mod N]``
-    (``n < N / s``) after splitting the input into its polyphase components.
-
-    Returns ``(groups, F, C_out/g, C_in/g * phases)`` complex128. ``top_only`` (enough for the
-    largest singular value) keeps the non-negative frequencies of the last axis only (the others
-    are complex conjugates) and only the phases some tap reads (the others are zero columns).
-    """
-    small = tuple(t // s for t, s in zip(torus, geo.stride))
-    r_flat, shifts = _tap_shifts(list(weight.shape[2:]), geo, before)
-    phases = math.prod(geo.stride)
-    if top_only:  # number the phases that are read 0, 1, ...
-        read, r_flat = torch.unique(r_flat, return_inverse=True)
-        phases = read.numel()
-    t_flat = _flat([torch.remainder(t, m) for t, m in zip(shifts, small)], small)
-    poly = _polyphase(weight, geo, r_flat * math.prod(small) + t_flat, phases, math.prod(small))
-    poly = poly.reshape(*poly.shape[:3], *small)
-    axes = tuple(range(3, 3 + len(small)))
-    spectrum = torch.fft.rfftn(poly, dim=axes) if top_only else torch.fft.fftn(poly, dim=axes)
-    return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
-
-
-#: Most bytes of the tap-pair products of :class:`_TorusGrams` (beyond: per-frequency products).
-_PAIRS_BYTES = 2**30
-#: Most bytes of one chunk of Gram matrices (and at most 1 / _FREE_SHARE of the free memory).
-_CHUNK_BYTES = 2**28
-
-
-class _TorusGrams:
-    """The Gram matrices ``M M^H`` or ``M^H M`` (the smaller) of :func:`_torus_spectrum`'s
-    per-frequency matrices ``M`` (``top_only``), numbered ``0 .. count - 1`` (group-major), made
-    on demand in chunks of bounded memory: :meth:`at` gives ``(len(index), side, side)``
-    complex128.
-
-    With ``A_t`` the real matrix of the taps at shift ``t`` (``M_f = sum_t A_t e^{-i w_f t}``),
-    ``M_f M_f^H = sum_delta B_delta e^{-i w_f delta}`` where ``B_delta = sum_{t - t' = delta}
-    A_t A_t'^T``: all tap pairs in one real product, then a short sum over the offsets
-    ``delta`` per frequency (for a 3x3 kernel 81 real products per channel block in all, where
-    forming each frequency's Gram matrix takes four complex products per frequency). Where the
-    pairs outnumber the frequencies (large kernels on small tori) the Gram matrices are formed
-    from the FFT spectrum, all at once, after a memory check.
-    """
-
-    def __init__(
-        self, weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
-    ) -> None:
-        small = tuple(t // s for t, s in zip(torus, geo.stride))
-        r_flat, shifts = _tap_shifts(list(weight.shape[2:]), geo, before)
-        read, r_flat = torch.unique(r_flat, return_inverse=True)
-        low = [int(t.min()) for t in shifts]
-        box = [int(t.max()) - lo + 1 for t, lo in zip(shifts, low)]
-        taps, groups = math.prod(box), geo.groups
-        rows, cols = weight.shape[0] // groups, weight.shape[1] * read.numel()
-        self.side = side = min(rows, cols)
-        self.freq_shape = (*small[:-1], small[-1] // 2 + 1)
-        self.small, self.groups, self.device = small, groups, weight.device
-        self.freqs = math.prod(self.freq_shape)
-        self.count = groups * self.freqs
-        free = available_memory(weight.device) or _FREE_UNKNOWN
-        budget = min(_CHUNK_BYTES, free // _FREE_SHARE)
-        if taps * taps > 4 * self.freqs or 2 * groups * (taps * side) ** 2 * 8 > _PAIRS_BYTES:
-            need = self.count * (rows * cols + side * side) * 16
-            check_allocation(need, weight.device, "the enclosing circular convolution's "
-                             "per-frequency matrices")  # fmt: skip
-            M = _torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
-            self._all: torch.Tensor | None = M @ M.mH if rows <= cols else M.mH @ M
-            self.chunk = self.count
-            return
-        self._all = None
-        t_flat = _flat([t - lo for t, lo in zip(shifts, low)], box)
-        poly = _polyphase(weight, geo, r_flat * taps + t_flat, read.numel(), taps)
-        # A[g, t] = the taps at shift t as a side x other matrix.
-        A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
-        A = A.reshape(groups, taps * side, -1)
-        pairs = (A @ A.mT).view(groups, taps, side, taps, side).transpose(2, 3)
-        # delta = t - t' for M M^H, t' - t for M^H M; B[g, j] sums the pairs at offset j.
-        coords = [c.reshape(-1) for c in torch.meshgrid(*map(torch.arange, box), indexing="ij")]
-        sign = 1 if rows <= cols else -1
-        delta = torch.stack([sign * (c[:, None] - c[None, :]).reshape(-1) for c in coords], 1)
-        self.offsets, which = torch.unique(delta, dim=0, return_inverse=True)
-        B = A.new_zeros(groups, len(self.offsets), side, side)
-        B.index_add_(1, which.to(A.device), pairs.reshape(groups, taps * taps, side, side))
-        self._B = B.to(torch.complex128).reshape(groups, len(self.offsets), side * side)
-        per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
-        self.chunk = max(1, budget // per_matrix)
-
-    def at(self, index: torch.Tensor) -> torch.Tensor:
-        """The Gram matrices numbered ``index``, ``(len(index), side, side)`` (fresh memory)."""
-        if self._all is not None:
-            return self._all[index]
-        g, f = index.div(self.freqs, rounding_mode="floor"), index.remainder(self.freqs)
-        # e^{-i w_f . delta}, the angle reduced exactly in integers first.
-        coords = torch.stack(torch.unravel_index(f, self.freq_shape), 1)
-        turns = torch.zeros(len(index), len(self.offsets), dtype=torch.float64)
-        for d, n in enumerate(self.small):
-            turns += torch.remainder(coords[:, d, None] * self.offsets[None, :, d], n).double() / n
-        phase = torch.polar(torch.ones_like(turns), -2 * math.pi * turns).to(self.device)
-        if self.groups == 1:
-            G = phase @ self._B[0]
-        else:
-            G = torch.einsum("cj,cjk->ck", phase, self._B[g.to(self.device)])
-        return G.view(-1, self.side, self.side)
-
-    def chunks(self, index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(part, at(part))`` for consecutive parts of ``index`` of at most ``chunk``."""
-        for part in index.split(self.chunk):
-            yield part, self.at(part)
-
-
-def _torus_top(grams: _TorusGrams) -> float:
-    """The exact largest singular value of a circular convolution, from the Gram matrices of its
-    per-frequency matrices.
-
-    Only the frequencies that may hold the maximum get an eigendecomposition: a few batched power
-    steps rank them, the best few are decomposed, and Cholesky factorisations of
-    ``lam * I - G`` for the other Gram matrices ``G`` prove that they have no eigenvalue above
-    the largest ``lam`` found (those that fail go round again). Exact up to a relative
-    :data:`_TORUS_SLACK`.
-    """
-    tiny = torch.finfo(torch.float64).tiny
-    gen = torch.Generator().manual_seed(0)
-
-    def estimate(G: torch.Tensor) -> torch.Tensor:
-        """``||G v||`` after a few power steps: at most the largest eigenvalue."""
-        v = torch.randn(G.shape[:2], dtype=torch.float64, generator=gen).to(G).unsqueeze(-1)
-        for _ in range(_TORUS_POWER_STEPS):
-            v = G @ v
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
-        return (G @ v).norm(dim=(1, 2)).cpu()
-
-    def above(index: torch.Tensor, shift: float) -> torch.Tensor:
-        """The frequencies among ``index`` whose ``shift * I - G`` has no Cholesky factor."""
-        failed = []
-        for part, G in grams.chunks(index):
-            S = G.neg_()
-            S.diagonal(dim1=-2, dim2=-1).add_(shift)
-            failed.append(part[torch.linalg.cholesky_ex(S).info.cpu() > 0])
-        return torch.cat(failed)
-
-    everything = torch.arange(grams.count)
-    ranking = torch.cat([estimate(G) for _, G in grams.chunks(everything)])
-    # Decompose the most promising few; every other frequency that passes the Cholesky test has
-    # no eigenvalue above the largest found; repeat on those that fail.
-    lam = 0.0
-    rest = everything
-    while rest.numel():
-        order = torch.argsort(ranking[rest], descending=True)
-        chosen, rest = rest[order[:_TORUS_BATCH]], rest[order[_TORUS_BATCH:]]
-        lam = max(lam, float(torch.linalg.eigvalsh(grams.at(chosen))[:, -1].max()))
-        if rest.numel():
-            rest = above(rest, lam * (1 + _TORUS_SLACK) + tiny)
-    return math.sqrt(max(lam, 0.0))
-
-
-def _enclosing_torus(op: ConvOperator) -> float:
-    """A certified upper bound on ``||W||_2``.
-
-    W reads the padded input through windows that fit in it; on a torus at least as large as
-    the padded input (and a multiple of the stride) no window wraps, so W (after the padding) is a
-    block of that circular convolution, whose norm is exact by :func:`_torus_top`. The padding of
-    reflect/replicate/circular has norm sqrt(most copies any input has in the padded input).
-    A transposed layer's W is the transpose of a convolution's, with the same norm.
-    """
-    geo = op.geometry.matching_conv
-    torus = tuple(
-        s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, geo.padded_size)
-    )
-    bound = _torus_top(_TorusGrams(op.weight, geo, (0,) * geo.ndim, torus))
-    if geo.mode.folds:
-        pairs = zip(geo.input_size, geo.padding)
-        bound *= math.sqrt(math.prod(geo.mode.copies(i, b, a) for i, (b, a) in pairs))
-    return bound * (1 + _TORUS_SLACK)
 
 
 # -- Lanczos -----------------------------------------------------------------------------------
@@ -483,10 +313,12 @@ def _lanczos_top(
     tol: float,
     basis: int,
     max_steps: int = _MAX_STEPS,
+    enough: float = math.inf,
 ) -> tuple[torch.Tensor, bool]:
     """A top eigenvector of the symmetric positive semi-definite map ``apply`` by Lanczos
     (three-term recurrence, explicitly restarted every ``basis`` steps, at most ``max_steps``
-    products), and whether its estimate (:func:`_error_estimate`) reached ``tol`` relative."""
+    products), and whether its estimate (:func:`_error_estimate`) reached ``tol`` relative.
+    It also stops once the top Ritz value reaches ``enough`` (returning ``False``)."""
     v = start / start.norm()
     steps = 0
     while True:
@@ -513,10 +345,12 @@ def _lanczos_top(
                 ):
                     converged = True
                     break
+                if top >= enough:
+                    break
             prev, v = v, w / beta
         y = S[:, -1].to(device=V.device, dtype=V.dtype) @ V[: j + 1]
         steps += j + 1
-        if converged or steps >= max_steps:
+        if converged or steps >= max_steps or top >= enough:
             return y, converged
         v = y / y.norm()
 
@@ -555,10 +389,12 @@ def _block_refine(
     start: torch.Tensor,
     tol: float,
     basis: int,
+    enough: float = math.inf,
 ) -> tuple[torch.Tensor, bool, float]:
     """Block Lanczos with Rayleigh-Ritz on its whole basis, started from the rows of ``start``
     (``apply`` maps a ``(b, n)`` block), restarted from the top ``b`` Ritz vectors (whose
-    images are kept, not recomputed) when the basis is full.
+    images are kept, not recomputed) when the basis is full. It also stops once the top Ritz
+    value reaches ``enough``.
 
     The basis ``V``, its image ``AV`` and ``H = V^T A V`` live in buffers of ``basis`` rows
     allocated once; ``size`` rows are in use.
@@ -586,7 +422,7 @@ def _block_refine(
     error = math.inf
     while True:
         full = size + b > basis
-        if steps >= _REFINE_MIN_STEPS or full:  # Ritz pairs: only when they may be used
+        if steps >= _REFINE_MIN_STEPS or full or enough < math.inf:  # Ritz pairs: when used
             h = H[:size, :size]
             theta, S = torch.linalg.eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
@@ -594,7 +430,8 @@ def _block_refine(
             Y, AY = S[:, -count:].T @ V[:size], S[:, -count:].T @ AV[:size]
             residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
             error = _error_estimate(theta[-count:], residuals) / top
-            if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS:
+            if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS or (
+                    float(theta[-1]) >= enough):  # fmt: skip
                 return Y[-1], error <= tol, error
             if full:
                 last = size = min(b, count)
@@ -624,18 +461,28 @@ def _basis_size(
     return int(max(_BASIS_MIN, min(_BASIS_MAX, budget)))
 
 
-def _rough_vectors(side: ConvOperator, tol: float, basis: int) -> torch.Tensor:
-    """Up to :data:`_BLOCK` float64 unit vectors spanning the top of ``side.T @ side``, from
-    float32 Lanczos passes on a copy scaled to norm ~1, each from a random start orthogonal to
-    the vectors found before (a start that nearly lacks the top vector, or a top just above the
-    one found, is then caught by the next pass)."""
+def _rough_vectors(
+    side: ConvOperator,
+    tol: float,
+    basis: int,
+    first: torch.Tensor | None = None,
+    enough: float = math.inf,
+    passes: int = _BLOCK,
+) -> torch.Tensor:
+    """Up to ``passes`` float64 unit vectors spanning the top of ``side.T @ side``, from
+    float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (the first
+    from ``first`` where given) orthogonal to the vectors found before (a start that nearly
+    lacks the top vector, or a top just above the one found, is then caught by the next pass).
+    A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``)."""
     scale = float(side.weight.abs().max()) or 1.0
     fast = side.with_weight(side.weight / scale).to(torch.float32)
     gen = torch.Generator(device=side.weight.device).manual_seed(0)
     n = side.shape[1]
     found: list[torch.Tensor] = []
-    for _ in range(min(_BLOCK, n)):
+    for index in range(min(passes, n)):
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
+        if index == 0 and first is not None:
+            start = first.reshape(-1).to(torch.float64)
         if found:
             prior = torch.stack(found)
             start = start - (prior @ start) @ prior
@@ -647,7 +494,12 @@ def _rough_vectors(side: ConvOperator, tol: float, basis: int) -> torch.Tensor:
         else:
             apply = lambda v: fast.T @ (fast @ v)  # noqa: E731
         vector, _ = _lanczos_top(
-            apply, start.float(), max(2 * tol, _ROUGH_TOL), basis, _ROUGH_MAX_STEPS
+            apply,
+            start.float(),
+            max(2 * tol, _ROUGH_TOL),
+            basis,
+            _ROUGH_MAX_STEPS,
+            enough / scale**2,
         )
         vector = vector.double()
         if found:
@@ -675,71 +527,138 @@ def _gram_top(
 
 
 # -- the norm methods --------------------------------------------------------------------------
-def _norm_fft(op: ConvOperator, tol: float) -> NormResult:
+def _exact_result(
+    value: float, lower: float, upper: float, method: NormMethod, slack: float, width: float | None
+) -> NormResult:
+    """An exact method's value with its rounding interval (relative half-width ``slack``): any
+    width down to ``2 slack`` is reached."""
+    if width is None:
+        return NormResult(value, lower, upper, method, error=slack)
+    reached = width >= 2 * slack * (1 + 1e-9)
+    note = "" if reached else (
+        f"the {method} method's rounding interval is {2 * slack:.0e} wide; no narrower interval "
+        f"is certified here")  # fmt: skip
+    return NormResult(value, lower, upper, method, reached, 0.0, 2 * slack, width, reached, note)
+
+
+def _norm_fft(op: ConvOperator, tol: float, width: float | None) -> NormResult:
     geo = op.geometry
     before = tuple(b for b, _ in geo.padding)
-    value = _torus_top(_TorusGrams(op.weight, geo, before, geo.input_size))
+    value = torus_top(TorusGrams(op.weight, geo, before, geo.input_size)).value
     lower, upper = value * (1 - _TORUS_SLACK), value * (1 + _TORUS_SLACK)
-    return NormResult(value, lower, upper, "fft", error=_TORUS_SLACK)
+    return _exact_result(value, lower, upper, "fft", _TORUS_SLACK, width)
 
 
-def _norm_dense(op: ConvOperator, tol: float) -> NormResult:
+def _norm_dense(op: ConvOperator, tol: float, width: float | None) -> NormResult:
     value = float(torch.linalg.matrix_norm(op.to_dense().cpu(), ord=2))
     slack = _DENSE_SLACK * max(value, 1.0)
-    return NormResult(value, value - slack, value + slack, "dense", error=_DENSE_SLACK)
+    return _exact_result(value, value - slack, value + slack, "dense", _DENSE_SLACK, width)
 
 
-def _norm_lanczos(op: ConvOperator, tol: float) -> NormResult:
+def _refine_basis(side: ConvOperator, blocks: int) -> int:
+    """The float64 refinement's basis: small but it matters (on large layers a basis of 20
+    took 4x the products of one of 48)."""
+    n = side.shape[1]
+    size = min(_REFINE_BASIS, _basis_size(n, side.weight.device, 2, capped=False), n)
+    return max(size, 2 * blocks)
+
+
+def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResult:
     """Lanczos on ``W^T W`` (or ``W W^T``, the smaller): float32 passes find the top of the
     spectrum (:func:`_rough_vectors`), a float64 block refinement from those vectors
     (:func:`_block_refine`) resolves it to ``tol``; the value is the Rayleigh quotient of the
-    final vector, the upper end the enclosing circular convolution's norm."""
+    final vector, the upper end the enclosing circular convolution's norm. With ``width``:
+    :func:`_norm_width`."""
+    if width is not None:
+        return _norm_width(op, width)
     side = op if op.shape[1] <= op.shape[0] else op.T  # iterate on the smaller side
     n = side.shape[1]
     with torch.no_grad():
-        upper = _enclosing_torus(op)
+        upper = enclosing_norm(op.weight, op.geometry.matching_conv).upper
         rough = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4))
-        # The refinement's basis is small but matters: on large layers a basis of 20 took 4x
-        # the products of one of 48.
-        refine_basis = min(_REFINE_BASIS, _basis_size(n, op.weight.device, 2, capped=False), n)
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
         vector, converged, error = _block_refine(
-            lambda X: side.T @ (side @ X), rough, gram_tol, max(refine_basis, 2 * rough.shape[0])
+            lambda X: side.T @ (side @ X), rough, gram_tol, _refine_basis(side, rough.shape[0])
         )
         value = float((side @ vector).norm() / vector.norm())
     if not converged:
         warnings.warn(
             f"operator_norm: Lanczos did not reach tol={tol} for {op.geometry} (estimated "
             f"error {error * _GRAM_TO_NORM:.1e}); the value is a lower bound",
-            stacklevel=3,
+            stacklevel=4,
         )
     return NormResult(value, value, max(upper, value), "lanczos", converged, tol,
                       error * _GRAM_TO_NORM)  # fmt: skip
 
 
-_NORM_METHODS: dict[str, Callable[[ConvOperator, float], NormResult]] = {
-    "fft": _norm_fft,
-    "dense": _norm_dense,
-    "lanczos": _norm_lanczos,
-}
+def _windowed_lower(op: ConvOperator, enclosing: Any) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The windowed lower end (:func:`~convmat.analysis.torus.windowed_vector`) of ``op``:
+    ``||W x|| / ||x||`` in float64 for the better of the real and imaginary parts, that
+    input ``x`` and its image ``W x``."""
+    geo = op.geometry
+    X = windowed_vector(enclosing, geo.matching_conv, input_side=not geo.transposed)
+    X = X.to(op.weight.device)
+    images = op @ X
+    norms = X.flatten(1).norm(dim=1)
+    ratios = torch.where(norms > 0, images.flatten(1).norm(dim=1) / norms.clamp_min(1e-300), 0.0)
+    best = int(torch.argmax(ratios))
+    return float(ratios[best]), X[best].reshape(-1), images[best].reshape(-1)
 
 
-def _certified_upper(source: Any, input_size: Any, method: str = "auto") -> float:
-    """The upper end :func:`operator_norm` gives (circular certificate), without the value where
-    that takes an iteration: for Lanczos the enclosing circular convolution's norm, which is
-    that upper end (the Lanczos value lies below it)."""
-    op = _operator(source, input_size, {})
-    chosen = _resolve(_check_method(method), op, norm_only=True)
-    if chosen == "lanczos":
-        return _enclosing_torus(op)
-    return _NORM_METHODS[chosen](op, _ROUGH_TOL).upper  # exact methods: no tol
+def _norm_width(op: ConvOperator, width: float) -> NormResult:
+    """The interval to a relative ``width``: the enclosing circular convolution's norm,
+    certified to the room the width allows, above the windowed lower end; where that lower end
+    is not high enough, Lanczos from its vector (float32, then float64) until it is, or until
+    it has settled (the width is then out of the circular certificate's reach)."""
+    with torch.no_grad():
+        enclosing = enclosing_norm(op.weight, op.geometry.matching_conv, _UPPER_SHARE * width)
+        upper = enclosing.upper
+        target = upper / (1 + width)
+        value, x, image = _windowed_lower(op, enclosing)
+        method: NormMethod = "window"
+        if value < target:
+            method = "lanczos"
+            side, start = (op, x) if op.shape[1] <= op.shape[0] else (op.T, image)
+            n = side.shape[1]
+            # float32 Ritz values are good to ~1e-6: aim a little above the target.
+            rough = _rough_vectors(side, _WIDTH_SETTLED * width,
+                                   _basis_size(n, op.weight.device, itemsize=4), start,
+                                   (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
+            vector = rough[0]
+            value = max(value, float((side @ vector).norm()))
+            if value < target:
+                vector, _, _ = _block_refine(
+                    lambda X: side.T @ (side @ X),
+                    rough,
+                    _WIDTH_SETTLED * width,
+                    _refine_basis(side, 1),
+                    target**2,
+                )
+                value = max(value, float((side @ vector).norm() / vector.norm()))
+        # The room left above the largest eigenvalue found may be all that is missing: certify
+        # again with less (the torus costs a fraction of the products already spent).
+        closest = enclosing.top.value * enclosing.fold
+        if value > 0 and upper > value * (1 + width) and closest < value * (1 + width):
+            room = 0.5 * ((value * (1 + width) / closest) ** 2 - 1)
+            enclosing = enclosing_norm(op.weight, op.geometry.matching_conv, max(room, SLACK))
+            upper = enclosing.upper
+    error = upper / value - 1 if value > 0 else (0.0 if upper == 0 else math.inf)
+    reached = error <= width
+    note = ""
+    if not reached:
+        why = (f"the padding's copies (norm {enclosing.fold:.3g}) multiply the circular end"
+               if enclosing.fold > 1 else "the enclosing circular convolution's norm lies "
+               "above this layer's (small grids)")  # fmt: skip
+        note = (f"width {width:g} not reached: the circular certificate gives {error:.1e} here "
+                f"({why}); certificate='tight' proves a narrower upper end")  # fmt: skip
+    return NormResult(value, value, max(upper, value), method, reached, 0.0, error, width,
+                      reached, note)  # fmt: skip
 
 
-# -- the singular value methods ------------------------------------------------------------------
 def _values_fft(op: ConvOperator, k: int | None) -> torch.Tensor:
     geo = op.geometry
     before = tuple(b for b, _ in geo.padding)
-    per_freq = _torus_spectrum(op.weight, geo, before, geo.input_size)
+    per_freq = torus_spectrum(op.weight, geo, before, geo.input_size)
     values = torch.linalg.svdvals(per_freq).reshape(-1)
     return torch.sort(values, descending=True).values.cpu()
 
@@ -756,7 +675,7 @@ def _is_zero(op: ConvOperator) -> bool:
     return not bool((magnitude @ ones).any())
 
 
-def _values_lanczos(op: ConvOperator, k: int | None) -> torch.Tensor:
+def _values_lanczos(op: ConvOperator, k: int | None, accuracy: float = _SVDS_TOL) -> torch.Tensor:
     count = min(op.shape)
     if k is None or k >= count:
         raise ConvMatError(
@@ -767,15 +686,103 @@ def _values_lanczos(op: ConvOperator, k: int | None) -> torch.Tensor:
         return torch.zeros(k, dtype=torch.float64)
     from scipy.sparse.linalg import svds  # type: ignore[import-untyped]
 
-    top = svds(op.to_scipy(), k=k, return_singular_vectors=False, tol=_SVDS_TOL)
+    top = svds(op.to_scipy(), k=k, return_singular_vectors=False, tol=accuracy)
     return torch.sort(torch.as_tensor(top.copy(), dtype=torch.float64), descending=True).values
 
 
-_VALUE_METHODS: dict[str, Callable[[ConvOperator, int | None], torch.Tensor]] = {
-    "fft": _values_fft,
-    "dense": _values_dense,
-    "lanczos": _values_lanczos,
+# -- the registry ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpectralMethod:
+    """One spectral method: everything else (``Method``'s values, the validation of
+    ``method=``, ``"auto"``'s choice, the docstrings' list) is derived from the records of
+    :data:`REGISTRY`.
+
+    Attributes:
+        name: what ``method=`` names it.
+        summary: one line for the documentation.
+        problem: why it does not apply to an operator (``""`` where it does).
+        auto: whether ``"auto"`` takes it (asked in the registry's order; ``norm_only``: only
+            the norm is wanted).
+        norm: the operator norm (``op, tol, width``).
+        values: the singular values (``op, k``).
+    """
+
+    name: str
+    summary: str
+    problem: Callable[[ConvOperator], str]
+    auto: Callable[[ConvOperator, bool], bool]
+    norm: Callable[[ConvOperator, float, float | None], NormResult]
+    values: Callable[[ConvOperator, int | None], torch.Tensor]
+
+
+def _dense_is_cheap(op: ConvOperator, norm_only: bool) -> bool:
+    rows, cols = op.shape
+    if norm_only:
+        return rows * cols * min(rows, cols) <= AUTO_DENSE_WORK or min(op.shape) < 3
+    return rows * cols <= AUTO_DENSE_ENTRIES or min(op.shape) < 3
+
+
+#: The spectral methods in ``"auto"``'s order of preference.
+REGISTRY: dict[str, SpectralMethod] = {
+    m.name: m
+    for m in (
+        SpectralMethod(
+            "fft",
+            "exact; circular padding (or none) whose windows tile the input",
+            _fft_problem,
+            lambda op, norm_only: not _fft_problem(op),
+            _norm_fft,
+            _values_fft,
+        ),
+        SpectralMethod(
+            "dense",
+            "the dense SVD of W; auto takes it while W is small",
+            _dense_problem,
+            _dense_is_cheap,
+            _norm_dense,
+            _values_dense,
+        ),
+        SpectralMethod(
+            "lanczos",
+            "Lanczos on the smaller Gram side (the norm, certified by the enclosing "
+            "circular convolution) or ARPACK (the top k)",
+            lambda op: "",
+            lambda op, norm_only: True,
+            _norm_lanczos,
+            _values_lanczos,
+        ),
+    )
 }
+#: The methods by name (``"auto"`` picks one of them).
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def _check_method(method: Any) -> str:
+    if method != "auto" and method not in REGISTRY:
+        raise ConvMatError(f"method must be one of {('auto', *METHODS)!r}, got {method!r}")
+    return method
+
+
+def _resolve(method: str, op: ConvOperator, norm_only: bool = False) -> str:
+    """The method to run: ``method`` if it applies (ConvMatError saying why not), or the first
+    of :data:`REGISTRY` whose ``auto`` takes it."""
+    if method == "auto":
+        return next(m.name for m in REGISTRY.values() if m.auto(op, norm_only))
+    problem = REGISTRY[method].problem(op)
+    if problem:
+        raise ConvMatError(f"method={method!r} does not apply: {problem}")
+    return method
+
+
+def _certified_upper(source: Any, input_size: Any, method: str = "auto") -> float:
+    """The upper end :func:`operator_norm` gives (circular certificate), without the value where
+    that takes an iteration: for Lanczos the enclosing circular convolution's norm, which is
+    that upper end (the Lanczos value lies below it)."""
+    op = _operator(source, input_size, {})
+    chosen = _resolve(_check_method(method), op, norm_only=True)
+    if chosen == "lanczos":
+        return enclosing_norm(op.weight, op.geometry.matching_conv).upper
+    return REGISTRY[chosen].norm(op, _ROUGH_TOL, None).upper  # exact methods: no tol
 
 
 def singular_values(
@@ -783,6 +790,7 @@ def singular_values(
     input_size: Any = None,
     *,
     k: int | None = None,
+    width: float | None = None,
     method: Method = "auto",
     **config: Any,
 ) -> torch.Tensor:
@@ -794,16 +802,23 @@ def singular_values(
             :class:`~convmat.ConvOperator`.
         input_size: spatial size of one input.
         k: only the ``k`` largest.
+        width: with ``k``, the relative accuracy the iterative method needs (its cost falls as
+            ``width`` grows): for ``k=1`` the value of :func:`operator_norm` with that
+            ``width`` (inside its certified interval), for ``k > 1`` ARPACK's tolerance.
+            Exact methods ignore it.
         method: ``"fft"`` (exact; circular padding or none, windows tiling the input),
             ``"dense"`` (SVD of W), ``"lanczos"`` (ARPACK, top ``k < min(W.shape)`` only) or
             ``"auto"``: fft where it applies, dense while W is small, lanczos otherwise.
+        **config: the layer's settings (stride, padding, dilation, groups, padding_mode,
+            output_padding, transposed, flip); any other keyword is refused.
 
     Returns:
         float64 tensor on the CPU.
 
     Raises:
         ConvMatError: a method that does not apply (saying why), all values of a W too large to
-            form (ask for ``k``), non-finite or complex weights, a bad ``k``.
+            form (ask for ``k``), non-finite or complex weights, a bad ``k`` or ``width``
+            (``width`` without ``k``), an unknown keyword.
 
     Shape:
         ``(min(rows, cols),)`` or ``(k,)``.
@@ -815,16 +830,25 @@ def singular_values(
     >>> torch.allclose(fft, torch.linalg.svdvals(W), atol=1e-10)
     True
     """
+    _check_config("singular_values", config)
     method = _check_method(method)
+    width = _check_width(width)
     op = _operator(weight, input_size, config)
     k = _check_k(k, min(op.shape))
+    if width is not None and k is None:
+        raise ConvMatError(f"width applies to the top k singular values; give k, got "
+                           f"width={width!r} with k=None")  # fmt: skip
     chosen = _resolve(method, op)
     if method == "auto" and chosen == "lanczos" and k is None:
         raise ConvMatError(
             f"W is {op.shape[0]} x {op.shape[1]}: too large for all its singular values "
             f"without an exact method; ask for the top k"
         )
-    values = _VALUE_METHODS[chosen](op, k)
+    if chosen == "lanczos" and width is not None:
+        if k == 1:
+            return torch.tensor([_norm_width(op, width).value], dtype=torch.float64)
+        return _values_lanczos(op, k, width)
+    values = REGISTRY[chosen].values(op, k)
     return values if k is None else values[:k]
 
 
@@ -832,7 +856,8 @@ def operator_norm(
     source: Any,
     input_size: Any = None,
     *,
-    tol: float = 1e-7,
+    tol: float | None = None,
+    width: float | None = None,
     method: Method = "auto",
     certificate: CertificateKind = "circular",
     **config: Any,
@@ -846,27 +871,41 @@ def operator_norm(
     lower end; the upper end is the exact norm of the circular convolution that encloses W
     (times the padding's norm for reflect/replicate/circular).
 
+    With ``width``, the interval is the goal: the result comes as soon as ``upper / lower - 1
+    <= width``, ``value`` (= ``lower``) inside it. On large grids the windowed top vector of the
+    enclosing circular convolution reaches it with two convolutions (``method == "window"``);
+    otherwise Lanczos starts from that vector and stops at the width. Where the circular
+    certificate cannot reach the width, ``reached`` is False and ``note`` says why;
+    ``certificate="tight"`` then narrows the upper end.
+
     Args:
         source: a weight (with ``**config``), a plain conv module, or a ConvOperator.
         input_size: spatial size of one input.
         tol: the relative accuracy Lanczos delivers on the value when it converges (checked
-            against dense SVD and ARPACK on random layers at the default); the result's
-            ``converged`` and ``error`` say what it reached.
-        method: ``"fft"``, ``"dense"``, ``"lanczos"`` or ``"auto"`` (fft where it applies, dense
-            while its SVD is cheap (:data:`AUTO_DENSE_WORK`), lanczos otherwise).
+            against dense SVD and ARPACK on random layers at the default, ``1e-7``); the
+            result's ``converged`` and ``error`` say what it reached.
+        width: the certified interval's relative width ``upper / lower - 1`` to reach instead
+            (``0 < width < 1``; not with ``tol``). Its cost falls as ``width`` grows.
+        method: one of the registry's (:data:`REGISTRY`): ``"fft"``, ``"dense"``,
+            ``"lanczos"`` or ``"auto"`` (fft where it applies, dense while its SVD is cheap
+            (:data:`AUTO_DENSE_WORK`), lanczos otherwise).
         certificate: the upper end of a Lanczos value: ``"circular"`` (fast; the enclosing
-            circular convolution's norm, up to a few percent above for zero padding) or
-            ``"tight"`` (an inertia test by sparse Cholesky, :func:`convmat.analysis.certify.
-            certify_upper`: relative width ~5e-7, minutes and gigabytes for large layers; needs
-            ``pip install "convmat[certify]"``). Where the tight test fails, the circular end
-            stays.
+            circular convolution's norm, up to a few percent above for zero padding on small
+            grids, within ~1e-4 on large ones) or ``"tight"`` (an inertia test by sparse
+            Cholesky, :func:`convmat.analysis.certify.certify_upper`: relative width ~5e-7, or
+            ``width``; minutes and gigabytes for large layers; needs ``pip install
+            "convmat[certify]"``), tried only where the circular end is wider than asked.
+            Where the tight test fails, the circular end stays.
+        **config: the layer's settings (stride, padding, dilation, groups, padding_mode,
+            output_padding, transposed, flip); any other keyword is refused.
 
     Returns:
         :class:`NormResult`.
 
     Raises:
         ConvMatError: a method that does not apply (saying why), non-finite or complex weights,
-            a ``tol`` outside (0, 1), a module that is not a plain convolution.
+            a ``tol`` or ``width`` outside (0, 1) (or both given), a module that is not a plain
+            convolution, an unknown keyword.
 
     Shape:
         a scalar.
@@ -874,18 +913,46 @@ def operator_norm(
     >>> r = operator_norm(nn.Conv2d(2, 2, 3, padding=1).double(), (6, 6))
     >>> r.lower <= r.value <= r.upper, r.method, r.converged
     (True, 'dense', True)
+    >>> w = torch.randn(8, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> r = operator_norm(w, (64, 64), padding=1, width=1e-2, method="lanczos")
+    >>> r.reached, r.upper / r.lower - 1 <= 1e-2, r.lower <= r.value <= r.upper
+    (True, True, True)
     """
-    tol = _check_tol(tol)
+    _check_config("operator_norm", config)
+    tol, width = _check_accuracy(tol, width)
     method = _check_method(method)
     if certificate not in _CERTIFICATES:
         raise ConvMatError(f"certificate must be one of {_CERTIFICATES!r}, got {certificate!r}")
     op = _operator(source, input_size, config)
-    result = _NORM_METHODS[_resolve(method, op, norm_only=True)](op, tol)
-    if certificate == "tight" and result.method == "lanczos":
-        from .certify import certify_upper
+    result = REGISTRY[_resolve(method, op, norm_only=True)].norm(op, tol, width)
+    if certificate == "tight" and result.method in ("lanczos", "window") and not (
+            width is not None and result.reached):  # fmt: skip
+        result = _tighten(op, result, tol, width)
+    return result
 
-        weight = op.weight.detach().to(torch.float64)
-        proof = certify_upper(weight, op.geometry, result.value**2, eps=_TIGHT_EPS)
-        if proof.certified and proof.upper < result.upper:
-            result = replace(result, upper=max(proof.upper, result.value))
+
+def _tighten(op: ConvOperator, result: NormResult, tol: float, width: float | None
+             ) -> NormResult:  # fmt: skip
+    """The upper end narrowed by the inertia test (:func:`~convmat.analysis.certify.
+    certify_upper`) at ``eps`` (:data:`_TIGHT_EPS`, or the width asked): with a width, the
+    value is first resolved to a small part of it."""
+    from .certify import certify_upper
+
+    eps = _TIGHT_EPS
+    if width is not None:
+        eps = width
+        if result.method == "window" or result.error > width:
+            settled = _norm_lanczos(op, max(_WIDTH_SETTLED * width, _ROUGH_TOL), None)
+            result = replace(result, value=max(result.value, settled.value),
+                             lower=max(result.lower, settled.value), method="lanczos")  # fmt: skip
+    weight = op.weight.detach().to(torch.float64)
+    proof = certify_upper(weight, op.geometry, result.value**2, eps=eps)
+    if proof.certified and proof.upper < result.upper:
+        result = replace(result, upper=max(proof.upper, result.value))
+    if width is not None:
+        error = result.upper / result.lower - 1
+        reached = error <= width
+        result = replace(result, error=error, reached=reached, converged=reached,
+                         note="" if reached else result.note + "; the tight test did not "
+                         "reach it either")  # fmt: skip
     return result

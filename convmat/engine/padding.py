@@ -31,11 +31,14 @@ class PaddingMode:
         name: the ``padding_mode`` string of ``nn.Conv{N}d``.
         torch_pad_mode: the ``mode`` of ``torch.nn.functional.pad``.
         folds: padded positions read real inputs (their taps add onto those inputs in W).
+        periodic: the padded input is the input repeated (a convolution whose windows tile the
+            input is then a circular one).
     """
 
     name: str = ""
     torch_pad_mode: str = ""
     folds: bool = True
+    periodic: bool = False
 
     def source(self, position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The real input position each padded ``position`` reads (``-before .. size+after``),
@@ -90,6 +93,7 @@ class _Replicate(PaddingMode):
 
 class _Circular(PaddingMode):
     name = torch_pad_mode = "circular"
+    periodic = True
 
     def source(self, position, size):
         return position % size, None

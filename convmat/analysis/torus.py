@@ -1,0 +1,506 @@
+"""The enclosing circular convolution: its exact norm (the certified upper end of every
+zero-padded layer's norm) and the windowed lower end that its top singular vector gives.
+
+A convolution reads its padded input through windows; on a torus at least as large as the
+padded input (and a multiple of the stride) no window wraps, so W is a block of that circular
+convolution. Split into its ``stride`` polyphase components, the circular convolution is
+block-diagonal in frequency: one ``C_out/g x C_in/g * phases`` matrix ``M_f`` per frequency
+``f`` and group (Sedghi, Gupta & Long 2019; Senderovich et al. 2022), and its norm is the
+largest ``||M_f||``.
+
+The maximum is certified frequency by frequency, never trusting an eigensolver's value: every
+frequency's Gram matrix ``G_f`` (``M_f M_f^H`` or ``M_f^H M_f``, the smaller) must pass a
+Cholesky test of ``s I - G_f`` that proves ``lambda_max(G_f) <= level`` with every rounding
+error bounded (:func:`_psd_proof`). The tests run in single precision first, with a rigorous
+margin that grows like ``n^2 u``, and in double precision only for the frequencies single
+precision could not prove; eigenvalues are computed only for the few frequencies that may hold
+the maximum (ranked by a few power steps). The ``level`` is the largest eigenvalue found, times
+``1 + room``: an exact norm asks for a room of :data:`SLACK`; an interval of a requested width
+allows more room, which most frequencies then pass in single precision.
+
+The lower end (:func:`windowed_vector`): the circular convolution's top singular vector, a plane
+wave at the top frequency, made compatible with zero padding by a sine taper along each axis, is
+a real input whose ``||W x|| / ||x||`` lies within ``O(1/N^2)`` of the circular norm on an
+``N``-wide grid: on large grids a certified interval for the price of the torus and two
+convolutions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import Geometry, available_memory, check_allocation
+
+#: Relative room of an exact norm: the level is the largest eigenvalue found times ``1 + SLACK``
+#: (far above what the rounding of double-precision Cholesky tests costs for a few thousand
+#: channels, ~4 n^2 u relative; the room grows where that does not hold).
+SLACK = 1e-10
+#: Power steps that rank the frequencies before any is decomposed (only an ordering is needed).
+_POWER_STEPS = 8
+#: Frequencies decomposed per round (:func:`_top_pairs`).
+_BATCH = 4
+#: The smallest level proven (Gram matrices of zero norm: any positive level holds).
+_FLOOR = 1e-300
+#: Unit roundoffs of the two precisions of the Cholesky tests.
+_UNIT = {torch.complex64: 2.0**-24, torch.complex128: 2.0**-53}
+#: Most bytes of the tap-pair products (beyond: the Gram matrices from the FFT spectrum).
+_PAIRS_BYTES = 2**30
+#: Most bytes of one chunk of Gram matrices (and at most 1 / _FREE_SHARE of the free memory).
+_CHUNK_BYTES = 2**28
+_FREE_SHARE = 4
+#: Free memory assumed where none is reported.
+_FREE_UNKNOWN = 2**31
+
+
+# -- the per-frequency matrices -------------------------------------------------------------------
+def tap_shifts(
+    kernel: list[int], geo: Geometry, before: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every tap's offset ``q = m*d - before = s*t + r`` split into its phase ``r`` (one flat
+    index over the stride's phases) and its shift ``t`` on the small torus (one tensor per
+    dimension, not reduced modulo anything), taps in C order."""
+    offsets = [torch.arange(k) * d - b for k, d, b in zip(kernel, geo.dilation, before)]
+    grids = torch.meshgrid(*offsets, indexing="ij")
+    r_flat = torch.zeros((), dtype=torch.long)
+    shifts = []
+    for q, s in zip(grids, geo.stride):
+        r_flat = r_flat * s + torch.remainder(q, s)
+        shifts.append(torch.div(q, s, rounding_mode="floor").reshape(-1))
+    return r_flat.reshape(-1), shifts
+
+
+def _flat(coords: list[torch.Tensor], sizes: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """C-order flat index of per-dimension coordinates (each ``0 <= c < size``)."""
+    flat = torch.zeros((), dtype=torch.long)
+    for c, n in zip(coords, sizes):
+        flat = flat * n + c
+    return flat
+
+
+def _polyphase(weight: torch.Tensor, geo: Geometry, column: torch.Tensor, phases: int,
+               positions: int) -> torch.Tensor:  # fmt: skip
+    """``(groups, C_out/g, C_in/g * phases, positions)``: the weight with tap ``j`` added at
+    ``column[j] = phase * positions + position``."""
+    groups, (c_out, cin_g) = geo.groups, weight.shape[:2]
+    w = weight.detach().to(torch.float64).reshape(groups, c_out // groups, cin_g, -1)
+    poly = w.new_zeros(groups, c_out // groups, cin_g, phases * positions)
+    poly.index_add_(3, column.to(w.device), w)
+    return poly.reshape(groups, c_out // groups, cin_g * phases, positions)
+
+
+def torus_spectrum(
+    weight: torch.Tensor,
+    geo: Geometry,
+    before: tuple[int, ...],
+    torus: tuple[int, ...],
+    *,
+    top_only: bool = False,
+) -> torch.Tensor:
+    """The per-frequency matrices of ``y[o, n] = sum w[o, c, m] x[c, (n*s + m*d - before) mod N]``
+    (``n < N / s``) after splitting the input into its polyphase components.
+
+    Returns ``(groups, F, C_out/g, C_in/g * phases)`` complex128. ``top_only`` (enough for the
+    largest singular value) keeps the non-negative frequencies of the last axis only (the others
+    are complex conjugates) and only the phases some tap reads (the others are zero columns).
+    """
+    small = tuple(t // s for t, s in zip(torus, geo.stride))
+    r_flat, shifts = tap_shifts(list(weight.shape[2:]), geo, before)
+    phases = math.prod(geo.stride)
+    if top_only:  # number the phases that are read 0, 1, ...
+        read, r_flat = torch.unique(r_flat, return_inverse=True)
+        phases = read.numel()
+    t_flat = _flat([torch.remainder(t, m) for t, m in zip(shifts, small)], small)
+    poly = _polyphase(weight, geo, r_flat * math.prod(small) + t_flat, phases, math.prod(small))
+    poly = poly.reshape(*poly.shape[:3], *small)
+    axes = tuple(range(3, 3 + len(small)))
+    spectrum = torch.fft.rfftn(poly, dim=axes) if top_only else torch.fft.fftn(poly, dim=axes)
+    return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
+
+
+class TorusGrams:
+    """The Gram matrices ``M M^H`` or ``M^H M`` (the smaller) of :func:`torus_spectrum`'s
+    per-frequency matrices ``M`` (``top_only``), numbered ``0 .. count - 1`` (group-major), made
+    on demand in chunks of bounded memory: :meth:`at` gives ``(len(index), side, side)``.
+
+    With ``A_t`` the real matrix of the taps at shift ``t`` (``M_f = sum_t A_t e^{-i w_f t}``),
+    ``M_f M_f^H = sum_delta B_delta e^{-i w_f delta}`` where ``B_delta = sum_{t - t' = delta}
+    A_t A_t'^T``: all tap pairs in one real product, then a short sum over the offsets
+    ``delta`` per frequency (for a 3x3 kernel 81 real products per channel block in all, where
+    forming each frequency's Gram matrix takes four complex products per frequency). Where the
+    pairs outnumber the frequencies (large kernels on small tori) the Gram matrices are formed
+    from the FFT spectrum, all at once, after a memory check.
+
+    :meth:`form_error` bounds (in spectral norm) how far a Gram matrix formed in a precision may
+    lie from the true one.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
+    ) -> None:
+        small = tuple(t // s for t, s in zip(torus, geo.stride))
+        r_flat, shifts = tap_shifts(list(weight.shape[2:]), geo, before)
+        read, r_flat = torch.unique(r_flat, return_inverse=True)
+        low = [int(t.min()) for t in shifts]
+        box = [int(t.max()) - lo + 1 for t, lo in zip(shifts, low)]
+        taps, groups = math.prod(box), geo.groups
+        rows, cols = weight.shape[0] // groups, weight.shape[1] * read.numel()
+        self.rows, self.cols, self.read = rows, cols, read
+        self.side = side = min(rows, cols)
+        self.freq_shape = (*small[:-1], small[-1] // 2 + 1)
+        self.small, self.groups, self.device = small, groups, weight.device
+        self.freqs = math.prod(self.freq_shape)
+        self.count = groups * self.freqs
+        t_flat = _flat([t - lo for t, lo in zip(shifts, low)], box)
+        # poly[g, :, :, j]: the taps at shift low + unravel(j) (for M_f at a single frequency).
+        self._poly = _polyphase(weight, geo, r_flat * taps + t_flat, read.numel(), taps)
+        coords = [c.reshape(-1) for c in torch.meshgrid(*map(torch.arange, box), indexing="ij")]
+        self._shifts = torch.stack(coords, 1) + torch.tensor(low)
+        free = available_memory(weight.device) or _FREE_UNKNOWN
+        budget = min(_CHUNK_BYTES, free // _FREE_SHARE)
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+        if taps * taps > 4 * self.freqs or 2 * groups * (taps * side) ** 2 * 8 > _PAIRS_BYTES:
+            need = self.count * (rows * cols + side * side) * 16
+            check_allocation(need, weight.device, "the enclosing circular convolution's "
+                             "per-frequency matrices")  # fmt: skip
+            M = torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
+            self._all: torch.Tensor | None = M @ M.mH if rows <= cols else M.mH @ M
+            self.chunk = self.count
+            # The FFT's error (~log2(F) u per entry of M, M bounded by sum_t ||A_t||_F), the
+            # product's (~side u) and the cast: generously, u (4 log2 F + 4 side + 16) ||M||^2.
+            frob = float(self._poly.norm(dim=(1, 2)).sum(-1).max()) ** 2
+            self._form = (4 * math.log2(max(self.freqs, 2)) + 4 * side + 16) * frob
+            return
+        self._all = None
+        # A[g, t] = the taps at shift t as a side x other matrix.
+        poly = self._poly
+        A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
+        A = A.reshape(groups, taps * side, -1)
+        pairs = (A @ A.mT).view(groups, taps, side, taps, side).transpose(2, 3)
+        # delta = t - t' for M M^H, t' - t for M^H M; B[g, j] sums the pairs at offset j.
+        sign = 1 if rows <= cols else -1
+        delta = torch.stack([sign * (c[:, None] - c[None, :]).reshape(-1) for c in coords], 1)
+        self.offsets, which = torch.unique(delta, dim=0, return_inverse=True)
+        B = A.new_zeros(groups, len(self.offsets), side, side)
+        B.index_add_(1, which.to(A.device), pairs.reshape(groups, taps * taps, side, side))
+        self._B = B.reshape(groups, len(self.offsets), side * side)
+        # The casts of B and of the phases (2u each per term) and the sum of K terms (K u),
+        # taken four times over for complex arithmetic, against sum_delta ||B_delta||_F.
+        frob = float(B.norm(dim=(2, 3)).sum(1).max())
+        self._form = 4 * (len(self.offsets) + 4) * frob
+        per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
+        self.chunk = max(1, budget // per_matrix)
+
+    def form_error(self, dtype: torch.dtype) -> float:
+        """A bound on ``||G~ - G||_2`` for a Gram matrix ``G~`` made by :meth:`at` in ``dtype``."""
+        return self._form * _UNIT[dtype]
+
+    def _coefficients(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._cast:
+            self._cast[dtype] = self._B.to(dtype)
+        return self._cast[dtype]
+
+    def coords(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group and the frequency coordinates ``(len(index), ndim)`` of frequencies
+        numbered ``index``."""
+        g, f = index.div(self.freqs, rounding_mode="floor"), index.remainder(self.freqs)
+        return g, torch.stack(torch.unravel_index(f, self.freq_shape), 1)
+
+    def _turns(self, coords: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """``(len(coords), len(shifts))`` float64: ``sum_d f_d t_d / N_d`` reduced mod 1 in
+        integers first (so that the angle is exact to float64 rounding)."""
+        turns = torch.zeros(len(coords), len(shifts), dtype=torch.float64)
+        for d, n in enumerate(self.small):
+            turns += torch.remainder(coords[:, d, None] * shifts[None, :, d], n).double() / n
+        return turns
+
+    def at(self, index: torch.Tensor, dtype: torch.dtype = torch.complex128) -> torch.Tensor:
+        """The Gram matrices numbered ``index``, ``(len(index), side, side)`` (fresh memory)."""
+        if self._all is not None:
+            return self._all[index].to(dtype)
+        g, coords = self.coords(index)
+        turns = self._turns(coords, self.offsets)
+        phase = torch.polar(torch.ones_like(turns), -2 * math.pi * turns)
+        phase = phase.to(device=self.device, dtype=dtype)
+        B = self._coefficients(dtype)
+        if self.groups == 1:
+            G = phase @ B[0]
+        else:
+            G = torch.einsum("cj,cjk->ck", phase, B[g.to(self.device)])
+        return G.view(-1, self.side, self.side)
+
+    def matrix(self, index: int) -> torch.Tensor:
+        """``M_f`` of frequency ``index``: ``(C_out/g, C_in/g * read phases)`` complex128."""
+        g, coords = self.coords(torch.tensor([index]))
+        turns = self._turns(coords, self._shifts)[0]
+        phase = torch.polar(torch.ones_like(turns), -2 * math.pi * turns).to(self.device)
+        return self._poly[int(g)].to(torch.complex128) @ phase
+
+    def chunks(
+        self, index: torch.Tensor, dtype: torch.dtype = torch.complex128
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(part, at(part))`` for consecutive parts of ``index`` of at most ``chunk``."""
+        for part in index.split(self.chunk):
+            yield part, self.at(part, dtype)
+
+
+# -- the certified maximum ------------------------------------------------------------------------
+def _rounding(n: int, dtype: torch.dtype) -> float:
+    """``alpha`` of the Cholesky test: a Cholesky factorisation of the Hermitian ``A`` that
+    completes in this precision proves ``lambda_min(A) >= -alpha * trace(A)`` (Demmel's bound
+    ``|E| <= gamma_{n+1} |R^H| |R|`` of the factor's backward error, with ``|| |R^H||R| || <=
+    trace(R^H R)``, as in Rump's test of positive definiteness; ``gamma`` taken at ``4(n+1)``
+    for complex arithmetic)."""
+    gamma = 4 * (n + 1) * _UNIT[dtype]
+    return gamma / (1 - 2 * gamma)
+
+
+def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor:
+    """Which of the Gram matrices ``G`` (``(b, n, n)``, formed within ``form_error`` of the
+    true ones) are proven to have no eigenvalue above ``level``, by a Cholesky factorisation of
+    ``S = fl(s I - G)`` in ``G``'s precision, with ``s`` below ``level`` by every rounding error.
+
+    ``S = s I - G + D`` with ``D`` the rounding of the diagonal's subtraction (``|d_ii| <= u (s +
+    max |g_ii|)``); a factorisation that completes proves ``lambda_min(S) >= -alpha trace(S)``
+    (:func:`_rounding`), so ``lambda_max(G_true) <= s + ||D|| + alpha trace(S) + form_error``,
+    which ``s`` keeps at or below ``level``. Overwrites ``G``."""
+    n, u = G.shape[-1], _UNIT[G.dtype]
+    alpha = _rounding(n, G.dtype)
+    diagonal = G.diagonal(dim1=-2, dim2=-1).real.to(torch.float64)
+    trace, largest = diagonal.sum(-1), diagonal.abs().amax(-1)
+    # s (1 + u + alpha n (1 + u)) + u largest (1 + alpha n) - alpha trace + form_error <= level,
+    # solved for s, then rounded down (float64's own rounding here is ~1e-16 relative).
+    s = (level - u * largest * (1 + alpha * n) + alpha * trace - form_error) / (
+        1 + u + alpha * n * (1 + u)
+    )
+    s = s * (1 - 1e-13) - torch.finfo(torch.float64).tiny
+    S = G.neg_()
+    S.diagonal(dim1=-2, dim2=-1).add_(s[:, None].to(S.device, S.real.dtype))
+    proven = torch.linalg.cholesky_ex(S).info == 0
+    return proven.cpu() & (s > 0).cpu()
+
+
+@dataclass(frozen=True)
+class TorusTop:
+    """The certified maximum over frequencies.
+
+    Attributes:
+        upper: ``sqrt(level)``: no frequency's ``||M_f||`` exceeds it (certified).
+        value: the largest ``||M_f||`` computed (an eigenvalue, not certified).
+        index: the frequency that holds it.
+    """
+
+    upper: float
+    value: float
+    index: int
+
+
+#: Sides up to this are decomposed by ``eigh``; larger ones by :func:`_top_pairs`'s Lanczos
+#: (a dense Hermitian eigensolver takes seconds on a few 512 x 512 matrices).
+_EIGH_SIDE = 128
+#: Most Lanczos steps of :func:`_top_pairs` (full reorthogonalisation), and its stopping
+#: residual, relative: the eigenvalue's error is then ~its square over the gap, far below the
+#: room of an exact norm.
+_LANCZOS_STEPS = 160
+_RITZ_TOL = 1e-9
+#: Steps between Rayleigh-Ritz checks.
+_CHECK_EVERY = 8
+
+
+def _top_pairs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest eigenvalue of each Hermitian ``G`` (``(b, n, n)``), as a Rayleigh quotient
+    (at most the true one, up to rounding), and its unit vector: ``eigh`` for small ``n``, a
+    batched Lanczos with full reorthogonalisation and Rayleigh-Ritz on its basis otherwise,
+    until every top Ritz pair's residual is below :data:`_RITZ_TOL` of its value. The
+    certificate never rests on these values: they only set the level that is then proven."""
+    b, n = G.shape[:2]
+    if n <= _EIGH_SIDE:
+        values, vectors = torch.linalg.eigh(G)
+        return values[:, -1].cpu(), vectors[..., -1]
+    steps = min(n, _LANCZOS_STEPS)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(b, n, 1, dtype=torch.float64, generator=gen).to(G)
+    V, AV = G.new_zeros(b, steps, n), G.new_zeros(b, steps, n)
+    scale = float(G.diagonal(dim1=1, dim2=2).real.abs().max())
+    for j in range(steps):
+        v = v / v.norm(dim=1, keepdim=True)
+        V[:, j], AV[:, j] = v[..., 0], (G @ v)[..., 0]
+        basis = V[:, : j + 1]
+        w = AV[:, j, :, None]
+        for _ in range(2):  # classical Gram-Schmidt twice
+            w = w - basis.mT @ (basis.conj() @ w)
+        invariant = float(w.norm(dim=1).min()) <= 1e-13 * scale  # Ritz pairs exact
+        if invariant or j % _CHECK_EVERY == _CHECK_EVERY - 1 or j == steps - 1:
+            H = basis.conj() @ AV[:, : j + 1].mT
+            values, S = torch.linalg.eigh((H + H.mH) / 2)
+            top = S[..., -1:].mT  # (b, 1, j + 1)
+            vector, image = (top @ basis)[:, 0], (top @ AV[:, : j + 1])[:, 0]
+            residual = (image - values[:, -1:] * vector).norm(dim=1)
+            if invariant or bool((residual <= _RITZ_TOL * values[:, -1].abs()).all()):
+                break
+        v = w
+    return values[:, -1].cpu(), vector / vector.norm(dim=1, keepdim=True)
+
+
+def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
+    """``||G v||`` after a few power steps in single precision, per frequency: an estimate
+    from below of the largest eigenvalue (used only to order the frequencies)."""
+    tiny = torch.finfo(torch.float32).tiny
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _, G in grams.chunks(index, torch.complex64):
+        v = torch.randn(G.shape[:2], dtype=torch.float32, generator=gen).to(G).unsqueeze(-1)
+        for _ in range(_POWER_STEPS):
+            v = G @ v
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
+        out.append((G @ v).norm(dim=(1, 2)).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
+    """The largest ``||M_f||`` over every frequency, with an upper end certified within a
+    relative ``room`` (on the Gram matrices' eigenvalue) of the largest one computed.
+
+    The frequencies are ranked by a few single-precision power steps; the best few are
+    decomposed (:func:`_top_pairs`); every frequency, those included, is then proven below ``level =
+    lambda (1 + room)`` by :func:`_psd_proof`, in single precision where its margin allows, in
+    double precision otherwise; the best few of those that fail both are decomposed next.
+    """
+    everything = torch.arange(grams.count)
+    ranking = _estimates(grams, everything)
+    # Double precision proves nothing closer to lambda than its own margin (~4 n^2 u); single
+    # precision nothing closer than ~4 n^2 u in its unit (frequencies ranked above that go
+    # straight to double precision).
+    room = max(room, 8 * _rounding(grams.side, torch.complex128) * grams.side)
+    margin32 = 2 * _rounding(grams.side, torch.complex64) * grams.side
+    lam, best, floor = 0.0, 0, _FLOOR
+    pending = everything
+    chosen = torch.argsort(ranking, descending=True)[:_BATCH]
+    while True:
+        values, _ = _top_pairs(grams.at(chosen))
+        top = int(torch.argmax(values))
+        if float(values[top]) > lam:
+            lam, best = float(values[top]), int(chosen[top])
+        elif pending.numel() < everything.numel():
+            # Below lam by its eigenvalue, yet not proven: rounding needs more room (or, for
+            # Gram matrices of zero or tiny norm, a larger floor).
+            room, floor = 4 * room, floor * 2.0**40
+            if room > 1:
+                raise RuntimeError(f"the circular certificate did not settle (room {room})")
+        level = lam * (1 + room) + floor
+        hopeless = ranking[pending] > level * (1 - margin32)
+        pending = torch.cat([
+            _prove(grams, pending[~hopeless], level, torch.complex64),
+            pending[hopeless],
+        ])  # fmt: skip
+        pending = _prove(grams, pending, level, torch.complex128)
+        if not pending.numel():
+            return TorusTop(math.sqrt(level), math.sqrt(max(lam, 0.0)), best)
+        chosen = pending[torch.argsort(ranking[pending], descending=True)[:_BATCH]]
+
+
+def _prove(grams: TorusGrams, index: torch.Tensor, level: float, dtype: torch.dtype
+           ) -> torch.Tensor:  # fmt: skip
+    """The frequencies among ``index`` not proven below ``level`` in ``dtype``."""
+    error = grams.form_error(dtype)
+    failed = [part[~_psd_proof(G, level, error)] for part, G in grams.chunks(index, dtype)]
+    return torch.cat(failed) if failed else index
+
+
+# -- the enclosing torus of a layer ---------------------------------------------------------------
+def enclosing_torus(geo: Geometry) -> tuple[int, ...]:
+    """The smallest torus (a multiple of the stride, per axis) on which none of ``geo``'s
+    windows wraps: ``geo`` is then a block of that circular convolution."""
+    return tuple(
+        s * max(o, -(-p // s)) for s, o, p in zip(geo.stride, geo.output_size, geo.padded_size)
+    )
+
+
+@dataclass(frozen=True)
+class Enclosing:
+    """The enclosing circular convolution of a layer: a certified upper end of ``||W||``, and
+    what the windowed lower end needs."""
+
+    upper: float
+    grams: TorusGrams
+    top: TorusTop
+    fold: float
+
+
+def enclosing_norm(weight: torch.Tensor, geo: Geometry, room: float = SLACK) -> Enclosing:
+    """A certified upper bound on ``||W||_2`` for the convolution ``geo`` (a transposed layer's
+    matching convolution: W^T has the same norm).
+
+    W (after the padding) is a block of the circular convolution on :func:`enclosing_torus`,
+    whose norm is certified by :func:`torus_top` within ``room``. The padding of
+    reflect/replicate/circular has norm sqrt(most copies any input has in the padded input).
+    """
+    grams = TorusGrams(weight, geo, (0,) * geo.ndim, enclosing_torus(geo))
+    top = torus_top(grams, room)
+    fold = 1.0
+    if geo.mode.folds:
+        pairs = zip(geo.input_size, geo.padding)
+        fold = math.sqrt(math.prod(geo.mode.copies(i, b, a) for i, (b, a) in pairs))
+    return Enclosing(top.upper * fold, grams, top, fold)
+
+
+# -- the windowed lower end -----------------------------------------------------------------------
+def _taper(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``sin(pi (n + 1) / (size + 1))``, ``n < size``: vanishes one step outside either end."""
+    n = torch.arange(1, size + 1, dtype=dtype, device=device)
+    return torch.sin(math.pi * n / (size + 1))
+
+
+def windowed_vector(enclosing: Enclosing, geo: Geometry, input_side: bool) -> torch.Tensor:
+    """Two real vectors (the real and imaginary parts of one complex one), ``(2, C, *size)``,
+    on the input side of the convolution ``geo`` (``input_side``) or on its output side: the
+    top singular vector of the enclosing circular convolution, a plane wave at its frequency,
+    tapered by a sine window along each axis of the real input (or output) grid.
+
+    ``y[n] = sum_t A_t x[n + t]`` maps the plane wave ``x_r[j] = v_r e^{-i w j}`` on the
+    polyphase components to ``e^{-i w n} M v``: the input side carries the top right singular
+    vector ``v`` of ``M``, the output side the top left one."""
+    grams, top = enclosing.grams, enclosing.top
+    M = grams.matrix(top.index)
+    _, vector = _top_pairs(grams.at(torch.tensor([top.index])))
+    if grams.rows <= grams.cols:  # the Gram side is the output side: vector is u
+        left, right = vector[0], M.mH @ vector[0]
+    else:
+        left, right = M @ vector[0], vector[0]
+    g, coords = grams.coords(torch.tensor([top.index]))
+    g, freq = int(g), coords[0]
+    if input_side:
+        channels, per_group = geo.in_channels, geo.in_channels // geo.groups
+        amplitude = (right / right.norm()).reshape(per_group, -1)  # (C_in/g, read phases)
+        sizes, offset = geo.input_size, tuple(b for b, _ in geo.padding)
+        phases = [int(p) for p in grams.read]
+        stride = geo.stride
+    else:
+        channels, per_group = geo.out_channels, geo.out_channels // geo.groups
+        amplitude = (left / left.norm()).reshape(per_group, 1)
+        sizes, offset = geo.output_size, (0,) * geo.ndim
+        phases, stride = [0], (1,) * geo.ndim
+    device = amplitude.device
+    # The wave over the grid, in padded coordinates p = n + offset: phase r = p mod s (its
+    # flat index), torus position j = p div s.
+    wave = torch.ones(1, dtype=torch.complex128, device=device)
+    phase_index = torch.zeros(1, dtype=torch.long, device=device)
+    for d, (size, off, s) in enumerate(zip(sizes, offset, stride)):
+        p = torch.arange(size, device=device) + off
+        turns = (torch.remainder(freq[d] * torch.div(p, s, rounding_mode="floor"),
+                                 grams.small[d]).double() / grams.small[d]).to(device)  # fmt: skip
+        axis_wave = torch.polar(_taper(size, torch.float64, device), -2 * math.pi * turns)
+        wave = (wave[..., None] * axis_wave).reshape(-1)
+        phase_index = (phase_index[..., None] * s + torch.remainder(p, s)).reshape(-1)
+    # Which column of the amplitude each grid point's phase is (phases no tap reads: zero).
+    lookup = torch.full((math.prod(stride),), -1, dtype=torch.long, device=device)
+    lookup[torch.tensor(phases, device=device)] = torch.arange(len(phases), device=device)
+    column = lookup[phase_index]
+    amp = torch.cat([amplitude, amplitude.new_zeros(per_group, 1)], 1)
+    x = torch.zeros(channels, wave.numel(), dtype=torch.complex128, device=device)
+    x[g * per_group : (g + 1) * per_group] = amp[:, column] * wave
+    x = x.reshape(channels, *sizes)
+    return torch.stack([x.real, x.imag])

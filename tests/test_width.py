@@ -1,0 +1,240 @@
+"""The certified interval to a requested width: ``operator_norm(..., width=)``, the enclosing
+circular convolution's certificate (every frequency proven by a Cholesky test with its rounding
+bounded) and the windowed lower end, against dense SVD and ARPACK."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from scipy.sparse.linalg import svds
+
+from convmat import ConvMatError, ConvOperator, operator_norm, singular_values
+from convmat.analysis import torus
+
+from .reference import conv_configs, conv_transpose_configs
+from .test_spectral import dense
+
+
+def _arpack_norm(op):
+    """ARPACK's largest singular value (a deterministic start and a roomy basis: its restarts
+    fail on some small operators otherwise)."""
+    n = min(op.shape)
+    start = np.random.default_rng(0).standard_normal(n)
+    return svds(op.to_scipy(), k=1, return_singular_vectors=False, tol=1e-12,
+                ncv=min(n, 40), v0=start)[0]  # fmt: skip
+
+
+def _op(cfg, w):
+    return ConvOperator(w, cfg.input_size, transposed=cfg.transposed, **cfg.matrix_kwargs())
+
+
+@settings(deadline=None, max_examples=60)
+@given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
+       seed=st.integers(0, 2**16), width=st.sampled_from([1e-1, 1e-2, 1e-3, 1e-5]),
+       method=st.sampled_from(["auto", "lanczos"]))  # fmt: skip
+def test_the_interval_to_a_width_brackets_the_dense_norm(cfg, seed, width, method):
+    """Every kind of layer (stride, dilation, groups, every padding mode, transposed): the
+    interval holds the dense SVD's norm, ``value`` lies inside it, and where ``reached`` it is
+    no wider than asked; where not, ``note`` says why and names the tight certificate."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
+    op = _op(cfg, w)
+    assume(min(op.shape) >= 1)
+    true = torch.linalg.svdvals(dense(cfg, w))[0].item()
+    r = operator_norm(op, width=width, method=method)
+    assert r.width == width and r.tol == 0.0
+    assert r.lower <= true * (1 + 1e-12) + 1e-300 and true <= r.upper * (1 + 1e-12)
+    assert r.lower <= r.value <= r.upper
+    if r.method in ("fft", "dense"):  # exact: the rounding interval, any width above it
+        assert r.reached and r.upper - r.lower <= max(width * r.value, 2.1e-12 * max(1, r.value))
+    elif r.reached:
+        assert r.upper <= r.lower * (1 + width) * (1 + 1e-12) and not r.note
+    else:
+        assert r.upper > r.lower * (1 + width) and "certificate='tight'" in r.note
+    assert r.converged == r.reached
+
+
+@settings(deadline=None, max_examples=25)
+@given(n=st.integers(1, 2), channels=st.integers(1, 4), kernel=st.sampled_from([1, 3]),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), groups=st.integers(1, 2),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_large_grids_need_no_lanczos(n, channels, kernel, stride, dilation, groups, transposed,
+                                     seed):  # fmt: skip
+    """On a grid wide against the kernel, the windowed top vector of the enclosing circular
+    convolution reaches a 5% width by itself (its gap falls like (span / N)^2), for stride,
+    dilation, groups and transposed layers alike, and its interval holds ARPACK's norm."""
+    size = {1: 600, 2: 64}[n]
+    c = channels * groups
+    gen = torch.Generator().manual_seed(seed)
+    lead = (c, c // groups)  # (C_out, C_in/g), or (C_in, C_out/g) transposed: alike here
+    w = torch.randn(*lead, *(kernel,) * n, dtype=torch.float64, generator=gen)
+    pad = dilation * (kernel - 1) // 2
+    op = ConvOperator(w, (size,) * n, stride=stride, dilation=dilation, groups=groups,
+                      padding=pad, transposed=transposed)  # fmt: skip
+    r = operator_norm(op, width=5e-2, method="lanczos")
+    assert r.reached and r.method == "window"
+    true = _arpack_norm(op)
+    assert r.lower <= true * (1 + 1e-10) and true <= r.upper * (1 + 1e-12)
+
+
+def test_a_wider_width_takes_fewer_products():
+    """Cost falls as the width grows: the products of W (counted) for widths 1e-2 and 1e-3 and
+    for the value to the default tol; each interval reached and holding the norm."""
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    op = ConvOperator(w, (48, 48), padding=1)
+    true = _arpack_norm(op)
+    counts = []
+    original = ConvOperator._apply
+    for kw in ({"width": 1e-2}, {"width": 1e-3}, {"tol": 1e-7}):
+        calls = []
+
+        def counted(self, batch, calls=calls):
+            calls.append(batch.shape[0])
+            return original(self, batch)
+
+        ConvOperator._apply = counted
+        try:
+            r = operator_norm(op, method="lanczos", **kw)
+        finally:
+            ConvOperator._apply = original
+        assert r.reached and r.lower <= true * (1 + 1e-10) and true <= r.upper
+        counts.append(sum(calls))
+    assert counts[0] < counts[1] < counts[2]
+
+
+def test_a_width_out_of_the_circular_certificates_reach_says_so():
+    """Many channels on a small grid: the circular end lies far above the norm; the result
+    says the width was not reached, and the tight certificate reaches it."""
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    r = operator_norm(w, (4, 4), padding=1, width=1e-4, method="lanczos")
+    assert not r.reached and not r.converged and r.upper / r.lower - 1 > 1e-4
+    assert "not reached" in r.note and "certificate='tight'" in r.note
+    true = torch.linalg.svdvals(ConvOperator(w, (4, 4), padding=1).to_dense())[0].item()
+    assert r.lower <= true * (1 + 1e-12) and true <= r.upper
+    pytest.importorskip("cvxopt")
+    tight = operator_norm(w, (4, 4), padding=1, width=1e-4, method="lanczos",
+                          certificate="tight")  # fmt: skip
+    assert tight.reached and tight.upper / tight.lower - 1 <= 1e-4
+    assert tight.lower <= true * (1 + 1e-12) and true <= tight.upper
+
+
+def test_reflect_padding_says_why_the_circular_end_is_wide():
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    r = operator_norm(w, (30, 30), padding=1, padding_mode="reflect", width=1e-3,
+                      method="lanczos")  # fmt: skip
+    assert not r.reached and "padding's copies" in r.note
+    true = torch.linalg.svdvals(
+        ConvOperator(w, (30, 30), padding=1, padding_mode="reflect").to_dense()
+    )[0].item()
+    assert r.lower <= true * (1 + 1e-12) and true <= r.upper
+
+
+@pytest.mark.parametrize("width", [0, -1e-3, 1, 2.5, float("nan"), float("inf"), "1e-3", True])
+def test_a_bad_width_is_refused(width):
+    w = torch.randn(2, 2, 3, dtype=torch.float64)
+    with pytest.raises(ConvMatError, match=r"width must be a number with 0 < width < 1"):
+        operator_norm(w, 8, width=width)
+    with pytest.raises(ConvMatError, match=r"width must be a number"):
+        singular_values(w, 8, k=1, width=width)
+
+
+def test_tol_and_width_together_are_refused():
+    with pytest.raises(ConvMatError, match=r"give tol .* or width .*, not both"):
+        operator_norm(torch.randn(2, 2, 3, dtype=torch.float64), 8, tol=1e-3, width=1e-3)
+
+
+def test_width_without_k_is_refused():
+    with pytest.raises(ConvMatError, match=r"width applies to the top k"):
+        singular_values(torch.randn(2, 2, 3, dtype=torch.float64), 8, width=1e-3)
+
+
+@pytest.mark.parametrize("function", [operator_norm, singular_values])
+def test_an_unknown_keyword_names_itself_and_the_allowed_ones(function):
+    with pytest.raises(ConvMatError, match=r"unexpected keyword argument 'strides'.*width.*"
+                       r"stride, padding"):  # fmt: skip
+        function(torch.randn(2, 2, 3, dtype=torch.float64), 8, strides=2)
+
+
+@settings(deadline=None, max_examples=30)
+@given(cfg=conv_configs(dims=(1, 2)), seed=st.integers(0, 2**16))
+def test_the_top_singular_value_to_a_width(cfg, seed):
+    """``singular_values(k=1, width=)`` lies within the width below the dense SVD's."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
+    op = _op(cfg, w)
+    assume(min(op.shape) >= 3)
+    true = torch.linalg.svdvals(dense(cfg, w))[0].item()
+    value = singular_values(op, k=1, width=1e-2, method="lanczos")
+    r = operator_norm(op, width=1e-2, method="lanczos")
+    assert value.shape == (1,) and value.item() <= true * (1 + 1e-12)
+    if r.reached:
+        assert value.item() >= true / (1 + 1e-2)
+
+
+# -- the certificate and the windowed vector ------------------------------------------------------
+@settings(deadline=None, max_examples=60)
+@given(n=st.sampled_from([3, 8, 40, 150]), lift=st.floats(-1e-3, 1e-3),
+       precision=st.sampled_from([torch.complex64, torch.complex128]), seed=st.integers(0, 2**16),
+       spread=st.sampled_from([1.0, 1e-3, 1e3]))  # fmt: skip
+def test_a_cholesky_proof_never_claims_a_level_below_the_largest_eigenvalue(
+    n, lift, precision, seed, spread
+):
+    """The Cholesky test with its rounding bounded, on Hermitian matrices whose largest
+    eigenvalue is known (exact unitary similarity in float64): a level below it is never
+    proven, in either precision; a level well above it is."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, n, dtype=torch.complex128, generator=gen)
+    Q, _ = torch.linalg.qr(X)
+    eigen = torch.rand(n, dtype=torch.float64, generator=gen) * spread
+    eigen[0] = spread  # the largest
+    G = (Q * eigen.to(Q.dtype)) @ Q.mH
+    G = (G + G.mH) / 2
+    top = float(torch.linalg.eigvalsh(G)[-1])
+    level = top * (1 + lift)
+    proven = torus._psd_proof(G.to(precision)[None].clone(), level, 0.0)
+    unit = 2.0**-24 if precision == torch.complex64 else 2.0**-53
+    if level < top * (1 - 8 * unit):  # below by more than G's own cast
+        assert not bool(proven[0])
+    if lift >= 4 * torus._rounding(n, precision) * n + 1e-6:
+        assert bool(proven[0])
+
+
+@settings(deadline=None, max_examples=40)
+@given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
+       seed=st.integers(0, 2**16), room=st.sampled_from([1e-10, 1e-4, 1e-2]))  # fmt: skip
+def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed, room):
+    """``torus_top``'s upper end lies above every frequency's largest singular value (the
+    spectrum by FFT, decomposed in full), within ``room``; its value is the largest."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
+    geo = _op(cfg, w).geometry.matching_conv
+    size = torus.enclosing_torus(geo)
+    weight = _op(cfg, w).weight
+    M = torus.torus_spectrum(weight, geo, (0,) * geo.ndim, size, top_only=True).flatten(0, 1)
+    exact = float(torch.linalg.svdvals(M).max()) if M.numel() else 0.0
+    top = torus.torus_top(torus.TorusGrams(weight, geo, (0,) * geo.ndim, size), room)
+    assert exact <= top.upper * (1 + 1e-14) + 1e-300
+    assert top.upper <= max(exact, 1e-300) * math.sqrt(1 + 4 * room + 1e-9) + 1e-150
+    assert abs(top.value - exact) <= 1e-9 * max(exact, 1e-300)
+
+
+@settings(deadline=None, max_examples=40)
+@given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_the_windowed_vector_is_a_real_input_below_the_norm(cfg, seed):
+    """The windowed vectors live on the layer's input, and their ratio ``||W x|| / ||x||``
+    (computed by torch's convolution) lies below the dense SVD's norm."""
+    w = cfg.weight(generator=torch.Generator().manual_seed(seed))
+    op = _op(cfg, w)
+    geo = op.geometry
+    enclosing = torus.enclosing_norm(op.weight, geo.matching_conv)
+    X = torus.windowed_vector(enclosing, geo.matching_conv, not geo.transposed)
+    assert X.shape == (2, *op.in_shape) and X.dtype == torch.float64
+    W = dense(cfg, w)
+    flat = X.reshape(2, -1)
+    norms = flat.norm(dim=1)
+    assume(bool((norms > 0).any()))
+    ratio = ((W @ flat.T).norm(dim=0) / norms.clamp_min(1e-300)).max().item()
+    assert ratio <= torch.linalg.svdvals(W)[0].item() * (1 + 1e-12)
