@@ -7,10 +7,11 @@ theta (1 + eps)`` once every rounding error is accounted for (the argument is in
 :func:`certify_upper`), or meets a non-positive pivot and proves nothing.
 
 The factorisation is CHOLMOD's supernodal Cholesky, the library the ``cvxopt`` wheel ships (an
-optional dependency: ``pip install "convmat[certify]"``), called directly (cvxopt's own interface
-is the fallback), in a nested-dissection ordering of the spatial grid with each position's
-channels kept together, so the factor's dense blocks are ``C x C`` or larger. The Gram of a
-zero-padded layer is built block by block from products of kernel taps, without W.
+optional dependency: ``pip install "convmat[certify]"``), called directly by
+:mod:`convmat.analysis.cholmod` (cvxopt's own interface is the fallback), in a nested-dissection
+ordering of the spatial grid with each position's channels kept together, so the factor's dense
+blocks are ``C x C`` or larger. The Gram of a zero-padded layer is built block by block from
+products of kernel taps, without W.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from .._errors import ConvMatError
 from ..engine import Geometry, assemble, check_allocation, check_weight, weight_view
+from .cholmod import factor, load_cvxopt
 
 __all__ = ["Certificate", "certify_upper", "nested_dissection"]
 
@@ -42,7 +44,9 @@ class Certificate(NamedTuple):
             ``shift`` (the ``s`` factored), ``margin`` (the rounding allowance, relative to
             ``theta``), ``row_count`` (the bound ``k`` on a row of the factor),
             ``factor_nnz_bound`` (on the factor's entries), ``failed_column`` (where a pivot
-            was not positive), ``reason``, ``times`` (seconds per step).
+            was not positive), ``reason``, ``times`` (seconds per step), and once factored
+            ``factor_nnz`` and ``factorization`` (``"direct"``, or ``"cvxopt"`` where the
+            direct binding refused the library).
     """
 
     upper: float
@@ -63,18 +67,6 @@ def _up(x: float, ulps: int = 4) -> float:
     for _ in range(ulps):
         x = math.nextafter(x, math.inf)
     return x * (1.0 + 16.0 * _U)
-
-
-def _load_cholmod() -> Any:
-    """cvxopt's CHOLMOD module, or ConvMatError saying how to install it."""
-    try:
-        import cvxopt  # type: ignore[import-untyped]
-        import cvxopt.cholmod  # type: ignore[import-untyped]
-    except ImportError:
-        raise ConvMatError(
-            'the tight certificate needs cvxopt (CHOLMOD): pip install "convmat[certify]"'
-        ) from None
-    return cvxopt
 
 
 def nested_dissection(size: tuple[int, ...], reach: tuple[int, ...]) -> np.ndarray:
@@ -386,7 +378,7 @@ def certify_upper(
         raise ConvMatError(f"eps must be a number in (0, 0.01], got {eps!r}")
     if weight.is_complex():
         raise ConvMatError(f"weight must be real, got {weight.dtype}")
-    cvxopt = _load_cholmod()
+    cvxopt = load_cvxopt()
 
     theta, eps = float(theta), float(eps)
     times: dict[str, float] = {}
@@ -478,10 +470,10 @@ def certify_upper(
     values[on_diag] += s
     del on_diag
     times["assemble"] = time.perf_counter() - start
-    outcome = _factor(row, col, values, perm, n, cvxopt, times)
+    failed, k_used, factor_nnz, via = factor(row, col, values, perm, n, times)
     del row, col, values
-    failed, k_used, factor_nnz = outcome
     info["factor_nnz"] = factor_nnz
+    info["factorization"] = via
     if failed is not None:
         info["failed_column"] = failed
         info["reason"] = (
@@ -497,171 +489,3 @@ def certify_upper(
     upper = _up(math.sqrt(_up(s + margin))) + _up(d_w)
     info["reason"] = "proven"
     return Certificate(upper, upper <= _up(math.sqrt(t)), info)
-
-
-# CHOLMOD called directly (the library cvxopt ships), for speed: building a cvxopt matrix
-# from triplets costs ~0.3 us an entry, longer than the factorisation on large layers. The
-# layouts below are CHOLMOD 3's (SuiteSparse 4.x/5.x); they are checked against the defaults
-# cholmod_start writes, and anything unexpected falls back to cvxopt's interface.
-_COMMON_BYTES = 1 << 16
-_SUPERNODAL, _PRINT, _NMETHODS = 48, 144, 168  # offsets in cholmod_common
-_METHOD0, _METHOD_BYTES, _ORDERING = 184, 168, 132
-_CHOLMOD: list[Any] = []
-
-
-def _cholmod_library(cvxopt: Any) -> Any:
-    """The CHOLMOD shared library shipped with cvxopt (already loaded by cvxopt.cholmod), or
-    None where it is not found or its layout is not the expected one."""
-    if _CHOLMOD:
-        return _CHOLMOD[0]
-    import ctypes
-    import glob
-    import os
-
-    import cvxopt.cholmod  # loads the libraries CHOLMOD depends on
-
-    lib = None
-    try:
-        folder = os.path.join(os.path.dirname(cvxopt.__file__), os.pardir, "cvxopt.libs")
-        found = sorted(glob.glob(os.path.join(folder, "libcholmod*.so*")))
-        if found:
-            lib = ctypes.CDLL(found[0])
-            ptr = ctypes.c_void_p
-            lib.cholmod_l_start.argtypes = [ptr]
-            lib.cholmod_l_finish.argtypes = [ptr]
-            lib.cholmod_l_analyze_p.argtypes = [ptr, ptr, ptr, ctypes.c_size_t, ptr]
-            lib.cholmod_l_analyze_p.restype = ptr
-            lib.cholmod_l_factorize.argtypes = [ptr, ptr, ptr]
-            lib.cholmod_l_free_factor.argtypes = [ptr, ptr]
-            common = ctypes.create_string_buffer(_COMMON_BYTES)
-            lib.cholmod_l_start(common)
-            raw = common.raw
-            expected = (
-                np.frombuffer(raw, np.float64, 1, 40)[0] == 40.0  # supernodal_switch
-                and np.frombuffer(raw, np.int32, 1, _SUPERNODAL)[0] == 1  # CHOLMOD_AUTO
-                and np.frombuffer(raw, np.int32, 1, _NMETHODS)[0] == 0
-                and [
-                    np.frombuffer(raw, np.int32, 1, _METHOD0 + _METHOD_BYTES * i + _ORDERING)[0]
-                    for i in range(4)
-                ] == [1, 2, 3, 4]  # GIVEN, AMD, METIS, NESDIS
-            )
-            lib.cholmod_l_finish(common)
-            if not expected:
-                lib = None
-    except (OSError, AttributeError):
-        lib = None
-    _CHOLMOD.append(lib)
-    return lib
-
-
-def _factor(
-    row: np.ndarray, col: np.ndarray, values: np.ndarray, perm: np.ndarray, n: int,
-    cvxopt: Any, times: dict[str, float],
-) -> tuple[int | None, int | None, int | None]:
-    """Supernodal Cholesky of the symmetric matrix whose lower triangle is ``(row, col,
-    values)`` (sorted by row, then column) in the order ``perm``.
-
-    Returns ``(failed_column, row_count, factor_nnz)``: ``failed_column`` None on success;
-    ``row_count`` the most entries in a row of the computed factor (None through cvxopt).
-    """  # fmt: skip
-    lib = _cholmod_library(cvxopt)
-    if lib is None:
-        return _factor_cvxopt(row, col, values, perm, n, cvxopt, times)
-    import ctypes
-
-    class Sparse(ctypes.Structure):
-        _fields_ = [
-            ("nrow", ctypes.c_size_t), ("ncol", ctypes.c_size_t), ("nzmax", ctypes.c_size_t),
-            ("p", ctypes.c_void_p), ("i", ctypes.c_void_p), ("nz", ctypes.c_void_p),
-            ("x", ctypes.c_void_p), ("z", ctypes.c_void_p), ("stype", ctypes.c_int),
-            ("itype", ctypes.c_int), ("xtype", ctypes.c_int), ("dtype", ctypes.c_int),
-            ("sorted", ctypes.c_int), ("packed", ctypes.c_int),
-        ]  # fmt: skip
-
-    start = time.perf_counter()
-    # The lower triangle by rows is the upper triangle by columns (A is symmetric).
-    colptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row, minlength=n), out=colptr[1:])
-    rowind = np.ascontiguousarray(col, dtype=np.int64)
-    x = np.ascontiguousarray(values, dtype=np.float64)
-    user = np.ascontiguousarray(perm, dtype=np.int64)
-    # stype 1 (upper triangle), itype CHOLMOD_LONG, xtype CHOLMOD_REAL, dtype CHOLMOD_DOUBLE
-    a = Sparse(
-        n, n, len(x), colptr.ctypes.data, rowind.ctypes.data, None, x.ctypes.data, None,
-        1, 2, 1, 0, 1, 1,
-    )  # fmt: skip
-    common = ctypes.create_string_buffer(_COMMON_BYTES)
-    lib.cholmod_l_start(common)
-    ctypes.c_int.from_buffer(common, _SUPERNODAL).value = 2  # CHOLMOD_SUPERNODAL
-    ctypes.c_int.from_buffer(common, _NMETHODS).value = 1  # method[0]: the given order
-    ctypes.c_int.from_buffer(common, _PRINT).value = 0
-    factor = ctypes.c_void_p(
-        lib.cholmod_l_analyze_p(ctypes.byref(a), user.ctypes.data, None, 0, common)
-    )
-    times["assemble"] += time.perf_counter() - start
-    try:
-        if not factor.value:
-            raise ConvMatError("CHOLMOD could not analyse the matrix (out of memory?)")
-        times["symbolic"] = time.perf_counter() - start
-        start = time.perf_counter()
-        lib.cholmod_l_factorize(ctypes.byref(a), factor, common)
-        times["numeric"] = time.perf_counter() - start
-
-        def field(offset: int, kind: Any = ctypes.c_size_t) -> Any:
-            return kind.from_address(factor.value + offset).value
-
-        size, minor, is_super = field(0), field(8), field(184, ctypes.c_int)
-        if size != n or not is_super:
-            raise ConvMatError(f"unexpected CHOLMOD factor (n={size}, supernodal={is_super})")
-        if minor < n:
-            return int(minor), None, None
-        nsuper, ssize, xsize = field(104), field(112), field(120)
-
-        def array(offset: int, length: int) -> np.ndarray:
-            pointer = ctypes.cast(field(offset, ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64))
-            return np.ctypeslib.as_array(pointer, (length,)).copy()
-
-        first, start_row, rows = array(144, nsuper + 1), array(152, nsuper + 1), array(168, ssize)
-        # Row counts of the stored factor: supernode j holds columns first[j]..first[j+1]-1
-        # and rows rows[start_row[j]:start_row[j+1]] (its own columns first).
-        ncols = np.diff(first)
-        height = np.diff(start_row)
-        which = np.repeat(np.arange(nsuper), height)
-        place = np.arange(ssize) - np.repeat(start_row[:-1], height)
-        width = ncols[which]
-        counts = np.bincount(rows, weights=np.minimum(place + 1, width), minlength=n)
-        return None, int(counts.max()), int(xsize)
-    finally:
-        pointer = ctypes.c_void_p(factor.value)
-        if pointer.value:
-            lib.cholmod_l_free_factor(ctypes.byref(pointer), common)
-        lib.cholmod_l_finish(common)
-
-
-def _factor_cvxopt(
-    row: np.ndarray, col: np.ndarray, values: np.ndarray, perm: np.ndarray, n: int,
-    cvxopt: Any, times: dict[str, float],
-) -> tuple[int | None, int | None, int | None]:
-    """:func:`_factor` through cvxopt's interface (no factor structure: the a priori k)."""
-    start = time.perf_counter()
-    m = cvxopt.spmatrix(
-        cvxopt.matrix(values), cvxopt.matrix(col.astype(np.int64)),
-        cvxopt.matrix(row.astype(np.int64)), (n, n),
-    )  # fmt: skip
-    times["assemble"] += time.perf_counter() - start
-    cholmod = cvxopt.cholmod
-    saved = dict(cholmod.options)
-    start = time.perf_counter()
-    try:
-        cholmod.options["supernodal"] = 2
-        factor = cholmod.symbolic(m, p=cvxopt.matrix(perm.astype(np.int64)), uplo="U")
-        times["symbolic"] = time.perf_counter() - start
-        start = time.perf_counter()
-        cholmod.numeric(m, factor)
-    except ArithmeticError as err:
-        return (int(err.args[0]) if err.args else -1), None, None
-    finally:
-        times["numeric"] = time.perf_counter() - start
-        cholmod.options.clear()
-        cholmod.options.update(saved)
-    return None, None, None
