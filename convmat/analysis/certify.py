@@ -276,6 +276,9 @@ def _row_count_bound(
     try:
         cholmod.options["supernodal"] = 0
         cholmod.options["postorder"] = False
+        # The given order only: cvxopt's default (nmethods 0) also tries AMD and keeps the
+        # order with less fill, and a bound for that order says nothing of the one factored.
+        cholmod.options["nmethods"] = 1
         f = cholmod.symbolic(mat, p=cvxopt.matrix(order.astype(np.int64).tolist(), tc="i"))
         cholmod.numeric(mat, f)
         lower = cholmod.getfactor(f)
