@@ -362,6 +362,58 @@ def certify_upper(
     >>> certify_upper(w, geo, sigma**2 * (1 - 1e-4)).certified
     False
     """
+    weight, conv, theta, eps = _checked(weight, geometry, theta, eps)
+    cvxopt = load_cvxopt()
+    times: dict[str, float] = {}
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(w).all():
+        raise ConvMatError("weight must be finite, got non-finite values")
+    side, size, channels, reach = _gram_side(conv)
+    n = math.prod(size) * channels
+
+    start = time.perf_counter()
+    perm, k, factor_nnz_bound = _elimination_order(conv, side, size, channels, reach, cvxopt)
+    times["order"] = time.perf_counter() - start
+    start = time.perf_counter()
+    row, col, values, on_diag, diag, p, d_w = _gram(w, conv, side, size, channels, reach)
+    times["build"] = time.perf_counter() - start
+
+    bound = _margins(diag, p, d_w, n, k, theta, eps)
+    info: dict[str, Any] = {
+        "side": side, "n": n, "shift": bound.shift, "margin": bound.margin / theta,
+        "row_count": k, "factor_nnz_bound": factor_nnz_bound, "failed_column": None,
+        "reason": "", "times": times,
+    }  # fmt: skip
+    if not bound.shift > theta:
+        info["reason"] = (
+            f"the rounding margin {bound.margin / theta:.3g} (relative) does not fit in eps={eps!r}"
+        )
+        return Certificate(math.inf, False, info)
+
+    # M = s I - A, lower triangle (the Gram's values turned into M's), factored in `perm`.
+    start = time.perf_counter()
+    np.negative(values, out=values)
+    values[on_diag] += bound.shift
+    del on_diag
+    times["assemble"] = time.perf_counter() - start
+    failed, k_used, factor_nnz, via = factor(row, col, values, perm, n, times)
+    del row, col, values
+    info["factor_nnz"] = factor_nnz
+    info["factorization"] = via
+    if failed is not None:
+        info["failed_column"] = failed
+        info["reason"] = (
+            "a pivot was not positive: theta (1 + eps) is below sigma_max^2 or within the margin"
+        )
+        return Certificate(math.inf, False, info)
+    return _proven(bound, k, k_used, n, theta, info)
+
+
+def _checked(
+    weight: torch.Tensor, geometry: Geometry, theta: float, eps: float
+) -> tuple[torch.Tensor, Geometry, float, float]:
+    """The arguments of :func:`certify_upper`, checked: the weight, the convolution whose
+    norm is certified (a transposed layer's matching one), ``theta`` and ``eps`` as floats."""
     if not isinstance(geometry, Geometry):
         raise ConvMatError(f"geometry must be a Geometry, got {type(geometry).__name__}")
     weight = check_weight(weight)
@@ -373,27 +425,25 @@ def certify_upper(
         )
     if isinstance(theta, torch.Tensor):
         theta = theta.item()
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
-        math.isfinite(theta) and theta > 0
-    ):
+    number = isinstance(theta, (int, float)) and not isinstance(theta, bool)
+    if not (number and math.isfinite(theta) and theta > 0):
         raise ConvMatError(f"theta must be a finite number > 0, got {theta!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 0.01:
         raise ConvMatError(f"eps must be a number in (0, 0.01], got {eps!r}")
     if weight.is_complex():
         raise ConvMatError(f"weight must be real, got {weight.dtype}")
-    cvxopt = load_cvxopt()
+    return weight, conv, float(theta), float(eps)
 
-    theta, eps = float(theta), float(eps)
-    times: dict[str, float] = {}
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(w).all():
-        raise ConvMatError("weight must be finite, got non-finite values")
-    side, size, channels, reach = _gram_side(conv)
-    positions = math.prod(size)
-    n = positions * channels
-    # The position-level pattern (one channel, all-ones kernel) and the order.
-    start = time.perf_counter()
+
+def _elimination_order(
+    conv: Geometry, side: str, size: tuple[int, ...], channels: int, reach: tuple[int, ...],
+    cvxopt: Any,
+) -> tuple[np.ndarray, int, int]:  # fmt: skip
+    """The order the Gram side is factored in (nested dissection of the grid, each position's
+    channels together), the bound ``k`` on a row of its factor and the bound on the factor's
+    entries; refuses, before anything large is built, a Gram and factor that do not fit."""
     order = nested_dissection(size, reach)
+    # The position-level pattern: one channel, an all-ones kernel.
     ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64)
     one = Geometry(
         False, 1, 1, 1, conv.input_size, conv.output_size, conv.kernel_size, conv.stride,
@@ -409,86 +459,110 @@ def certify_upper(
         f"({factor_nnz} entries)", "use the default (circular) upper bound",
     )  # fmt: skip
     perm = (order[:, None] * channels + np.arange(channels)[None, :]).ravel()
-    times["order"] = time.perf_counter() - start
+    return perm, k, factor_nnz
 
-    start = time.perf_counter()
-    d_w = 0.0
+
+def _gram(
+    w: torch.Tensor, conv: Geometry, side: str, size: tuple[int, ...], channels: int,
+    reach: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:  # fmt: skip
+    """The Gram side's lower triangle ``(row, col, values)`` in channels-last order (sorted
+    by row, then column, with every diagonal entry), which entries are on the diagonal, the
+    diagonal itself, ``p`` (the most products summed into an entry) and ``dW`` (the bound on
+    how far the float64 W is from W: 0 for zero padding, whose entries are weight values)."""
     if conv.padding_mode == "zeros":
         row, col, values, p = _gram_lower(w, conv, side, reach)
+        d_w = 0.0
     else:  # folded taps couple distant positions: the Gram from W itself
-        mat = _to_scipy(assemble(weight_view(w, conv), conv, torch.sparse_csr))
-        if side == "output":
-            p = int(np.diff(mat.indptr).max(initial=0))
-            gram = (mat @ mat.T).tocoo()
-        else:
-            p = int(np.bincount(mat.indices, minlength=mat.shape[1]).max(initial=0))
-            gram = (mat.T @ mat).tocoo()
-        del mat
-        # C order (channel, position) -> channels-last (position, channel)
-        row = (gram.row % positions) * channels + gram.row // positions
-        col = (gram.col % positions) * channels + gram.col // positions
-        keep = row >= col
-        row, col, values = row[keep], col[keep], gram.data[keep]
-        # a diagonal entry for every unknown (an input no tap reaches has none in W^T W)
-        missing = np.setdiff1d(np.arange(n), row[row == col])
-        row, col = np.concatenate([row, missing]), np.concatenate([col, missing])
-        values = np.concatenate([values, np.zeros(len(missing))])
-        sort = np.lexsort((col, row))
-        row, col, values = row[sort], col[sort], values[sort]
-        del gram
-        folded = assemble(weight_view(w.abs(), conv), conv, torch.sparse_csr).values()
-        d_w = _gamma(math.prod(conv.kernel_size)) * _up(
-            math.sqrt(float(torch.dot(folded, folded)) / (1.0 - _gamma(folded.numel())))
-        )
+        row, col, values, p, d_w = _gram_folded(w, conv, side, math.prod(size), channels)
     on_diag = row == col
-    diag = np.zeros(n)
+    diag = np.zeros(math.prod(size) * channels)
     diag[row[on_diag]] = values[on_diag]
+    return row, col, values, on_diag, diag, p, d_w
+
+
+def _gram_folded(
+    w: torch.Tensor, conv: Geometry, side: str, positions: int, channels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """:func:`_gram`'s triangle, ``p`` and ``dW`` for a padding mode that folds taps: from the
+    sparse W (``dW = gamma_m ||T||_F``, ``T`` the folded W of ``|weight|``)."""
+    n = positions * channels
+    mat = _to_scipy(assemble(weight_view(w, conv), conv, torch.sparse_csr))
+    if side == "output":
+        p = int(np.diff(mat.indptr).max(initial=0))
+        gram = (mat @ mat.T).tocoo()
+    else:
+        p = int(np.bincount(mat.indices, minlength=mat.shape[1]).max(initial=0))
+        gram = (mat.T @ mat).tocoo()
+    del mat
+    # C order (channel, position) -> channels-last (position, channel)
+    row = (gram.row % positions) * channels + gram.row // positions
+    col = (gram.col % positions) * channels + gram.col // positions
+    keep = row >= col
+    row, col, values = row[keep], col[keep], gram.data[keep]
+    # a diagonal entry for every unknown (an input no tap reaches has none in W^T W)
+    missing = np.setdiff1d(np.arange(n), row[row == col])
+    row, col = np.concatenate([row, missing]), np.concatenate([col, missing])
+    values = np.concatenate([values, np.zeros(len(missing))])
+    sort = np.lexsort((col, row))
+    row, col, values = row[sort], col[sort], values[sort]
+    del gram
+    folded = assemble(weight_view(w.abs(), conv), conv, torch.sparse_csr).values()
+    d_w = _gamma(math.prod(conv.kernel_size)) * _up(
+        math.sqrt(float(torch.dot(folded, folded)) / (1.0 - _gamma(folded.numel())))
+    )
+    return row, col, values, p, d_w
+
+
+class _Margins(NamedTuple):
+    """The rounding allowances of :func:`certify_upper`'s argument (steps 1 to 4), bounded a
+    priori with ``s <= t = theta (1 + eps)``, and the shift ``s`` they leave."""
+
+    t: float
+    d_a: float
+    d_d: float
+    d_e: float
+    d_w: float
+    shift: float
+
+    @property
+    def margin(self) -> float:
+        return self.d_a + self.d_d + self.d_e
+
+
+def _factor_error(k: int, n: int, t: float) -> float:
+    """``dE``: the Cholesky backward error for rows of at most ``k`` entries (step 4)."""
+    g = _gamma(k + 1)
+    return _up(g / (1.0 - g) * n * t + n * (k + 2) * _ETA)
+
+
+def _margins(
+    diag: np.ndarray, p: int, d_w: float, n: int, k: int, theta: float, eps: float
+) -> _Margins:
+    """The margins, and the largest ``s`` with ``upper <= sqrt(theta (1 + eps))``."""
     # ||W_hat||_F^2 = trace(W_hat^T W_hat), each diagonal entry computed within gamma_p.
     frob2 = float(diag.sum()) / (1.0 - _gamma(p)) / (1.0 - _gamma(n))
-    times["build"] = time.perf_counter() - start
-
-    # The margins, bounded a priori with s <= t = theta (1 + eps).
     t = theta * (1.0 + eps)
     max_diag = float(diag.max(initial=0.0))
     d_a = _up(_gamma(p) * frob2)
     d_d = _up(_U * (t + max_diag))
-    g = _gamma(k + 1)
-    d_e = _up(g / (1.0 - g) * n * t + n * (k + 2) * _ETA)
+    d_e = _factor_error(k, n, t)
     room = math.sqrt(t) - d_w
     margin = d_a + d_d + d_e
     s = (room * room) * (1.0 - 64.0 * _U) - margin if room > 0 else -math.inf
-    info: dict[str, Any] = {
-        "side": side, "n": n, "shift": s, "margin": margin / theta, "row_count": k,
-        "factor_nnz_bound": factor_nnz, "failed_column": None, "reason": "", "times": times,
-    }  # fmt: skip
-    if not s > theta:
-        info["reason"] = (
-            f"the rounding margin {margin / theta:.3g} (relative) does not fit in eps={eps!r}"
-        )
-        return Certificate(math.inf, False, info)
+    return _Margins(t, d_a, d_d, d_e, d_w, s)
 
-    # M = s I - A, lower triangle, factored in the order `perm`.
-    start = time.perf_counter()
-    values = -values
-    values[on_diag] += s
-    del on_diag
-    times["assemble"] = time.perf_counter() - start
-    failed, k_used, factor_nnz, via = factor(row, col, values, perm, n, times)
-    del row, col, values
-    info["factor_nnz"] = factor_nnz
-    info["factorization"] = via
-    if failed is not None:
-        info["failed_column"] = failed
-        info["reason"] = (
-            "a pivot was not positive: theta (1 + eps) is below sigma_max^2 or within the margin"
-        )
-        return Certificate(math.inf, False, info)
+
+def _proven(
+    bound: _Margins, k: int, k_used: int | None, n: int, theta: float, info: dict[str, Any]
+) -> Certificate:
+    """The certificate of a factorisation that succeeded (step 5): the margin again with the
+    factor's own longest row where that is shorter than the a priori ``k``."""
+    margin = bound.margin
     if k_used is not None and k_used < k:  # the factor's own rows: a smaller k, measured
         info["row_count"] = k_used
-        g = _gamma(k_used + 1)
-        d_e = _up(g / (1.0 - g) * n * t + n * (k_used + 2) * _ETA)
-        margin = d_a + d_d + d_e
+        margin = bound.d_a + bound.d_d + _factor_error(k_used, n, bound.t)
         info["margin"] = margin / theta
-    upper = _up(math.sqrt(_up(s + margin))) + _up(d_w)
+    upper = _up(math.sqrt(_up(bound.shift + margin))) + _up(bound.d_w)
     info["reason"] = "proven"
-    return Certificate(upper, upper <= _up(math.sqrt(t)), info)
+    return Certificate(upper, upper <= _up(math.sqrt(bound.t)), info)
