@@ -43,7 +43,11 @@ def conv_matrix(
     For any ``x`` of shape ``(B, C_in, *input_size)``,
     ``nn.Conv{N}d(...)(x).reshape(B, -1) == x.reshape(B, -1) @ W.T`` (bias excluded).
     Non-zero padding modes fold into W: taps that land on the same input add up.
-    Gradients flow from W back to ``weight`` in every layout.
+    Gradients flow from W back to ``weight`` in every layout, to any order: a sparse W's
+    backward gathers the incoming gradient at W's non-zeros with a differentiable gather, so
+    second derivatives equal the dense layout's wherever torch's operation on W has them
+    (``W @ x`` and ``W.to_dense()`` in both sparse layouts; torch's own ``torch.sparse.mm`` of a
+    CSR matrix has none).
 
     Args:
         weight: ``(C_out, C_in // groups, *kernel)``; 1, 2 or 3 kernel dims.

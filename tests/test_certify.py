@@ -5,12 +5,23 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from convmat import ConvMatError
-from convmat.analysis.certify import _gram_lower, _gram_side, certify_upper, nested_dissection
+from convmat.analysis.certify import (
+    _elimination_order,
+    _gram,
+    _gram_lower,
+    _gram_side,
+    _row_count_bound,
+    certify_upper,
+    nested_dissection,
+)
+from convmat.analysis.cholmod import _known as cholmod_known
+from convmat.analysis.cholmod import library, load_cvxopt
 from convmat.analysis.operator import ConvOperator
 from convmat.engine import conv_geometry, conv_transpose_geometry
 
@@ -163,3 +174,39 @@ def test_missing_cvxopt_says_how_to_install(monkeypatch):
     geo = conv_geometry((2, 2, 3), 8)
     with pytest.raises(ConvMatError, match=r'pip install "convmat\[certify\]"'):
         certify_upper(torch.randn(2, 2, 3), geo, 1.0)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers())
+def test_the_row_count_bound_holds_for_the_order_factored(case):
+    """``k`` (and the bound on the factor's entries) bound the factor of the Gram side in the
+    order it is factored in: the longest row of L and its non-zeros, L from CHOLMOD directly."""
+    weight, geo = case
+    conv = geo.matching_conv
+    side, size, channels, reach = _gram_side(conv)
+    n = math.prod(size) * channels
+    cvxopt = load_cvxopt()
+    perm, k, nnz_bound = _elimination_order(conv, side, size, channels, reach, cvxopt)
+    row, col, values, on_diag, diag, _, _ = _gram(weight, conv, side, size, channels, reach)
+    values[on_diag] += diag.sum() + 1.0  # positive definite, the same pattern
+    with library().factor(row, col, values, perm, n) as f:
+        assert f.failed_column is None
+        lower = f.lower().tocsr()
+    lower.eliminate_zeros()  # relaxed supernodes store exact zeros; k bounds the rest
+    assert k >= np.diff(lower.indptr).max()
+    assert nnz_bound >= lower.nnz
+
+
+@pytest.mark.parametrize("side", [5, 8])
+def test_the_row_count_bound_is_of_the_given_order(side):
+    """On a grid in a poor order (one where another order has less fill, which cvxopt's default
+    would pick instead), the bound is the given order's: the factor's longest row and entries
+    in that order reach it exactly."""
+    a, order = cholmod_known(side)
+    pattern = scipy.sparse.csr_matrix(np.tril(a) != 0)
+    k, nnz = _row_count_bound(pattern, order, 1, load_cvxopt())
+    row, col = np.nonzero(np.tril(a))
+    with library().factor(row, col, a[row, col], order, len(a)) as f:
+        lower = f.lower().tocsr()
+    lower.eliminate_zeros()
+    assert (k, nnz) == (np.diff(lower.indptr).max(), lower.nnz)

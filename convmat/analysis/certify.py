@@ -7,10 +7,11 @@ theta (1 + eps)`` once every rounding error is accounted for (the argument is in
 :func:`certify_upper`), or meets a non-positive pivot and proves nothing.
 
 The factorisation is CHOLMOD's supernodal Cholesky, the library the ``cvxopt`` wheel ships (an
-optional dependency: ``pip install "convmat[certify]"``), called directly (cvxopt's own interface
-is the fallback), in a nested-dissection ordering of the spatial grid with each position's
-channels kept together, so the factor's dense blocks are ``C x C`` or larger. The Gram of a
-zero-padded layer is built block by block from products of kernel taps, without W.
+optional dependency: ``pip install "convmat[certify]"``), called directly by
+:mod:`convmat.analysis.cholmod` (cvxopt's own interface is the fallback), in a nested-dissection
+ordering of the spatial grid with each position's channels kept together, so the factor's dense
+blocks are ``C x C`` or larger. The Gram of a zero-padded layer is built block by block from
+products of kernel taps, without W.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from .._errors import ConvMatError
 from ..engine import Geometry, assemble, check_allocation, check_weight, weight_view
+from .cholmod import factor, load_cvxopt
 
 __all__ = ["Certificate", "certify_upper", "nested_dissection"]
 
@@ -42,7 +44,9 @@ class Certificate(NamedTuple):
             ``shift`` (the ``s`` factored), ``margin`` (the rounding allowance, relative to
             ``theta``), ``row_count`` (the bound ``k`` on a row of the factor),
             ``factor_nnz_bound`` (on the factor's entries), ``failed_column`` (where a pivot
-            was not positive), ``reason``, ``times`` (seconds per step).
+            was not positive), ``reason``, ``times`` (seconds per step), and once factored
+            ``factor_nnz`` and ``factorization`` (``"direct"``, or ``"cvxopt"`` where the
+            direct binding refused the library).
     """
 
     upper: float
@@ -63,18 +67,6 @@ def _up(x: float, ulps: int = 4) -> float:
     for _ in range(ulps):
         x = math.nextafter(x, math.inf)
     return x * (1.0 + 16.0 * _U)
-
-
-def _load_cholmod() -> Any:
-    """cvxopt's CHOLMOD module, or ConvMatError saying how to install it."""
-    try:
-        import cvxopt  # type: ignore[import-untyped]
-        import cvxopt.cholmod  # type: ignore[import-untyped]
-    except ImportError:
-        raise ConvMatError(
-            'the tight certificate needs cvxopt (CHOLMOD): pip install "convmat[certify]"'
-        ) from None
-    return cvxopt
 
 
 def nested_dissection(size: tuple[int, ...], reach: tuple[int, ...]) -> np.ndarray:
@@ -284,6 +276,9 @@ def _row_count_bound(
     try:
         cholmod.options["supernodal"] = 0
         cholmod.options["postorder"] = False
+        # The given order only: cvxopt's default (nmethods 0) also tries AMD and keeps the
+        # order with less fill, and a bound for that order says nothing of the one factored.
+        cholmod.options["nmethods"] = 1
         f = cholmod.symbolic(mat, p=cvxopt.matrix(order.astype(np.int64).tolist(), tc="i"))
         cholmod.numeric(mat, f)
         lower = cholmod.getfactor(f)
@@ -367,6 +362,58 @@ def certify_upper(
     >>> certify_upper(w, geo, sigma**2 * (1 - 1e-4)).certified
     False
     """
+    weight, conv, theta, eps = _checked(weight, geometry, theta, eps)
+    cvxopt = load_cvxopt()
+    times: dict[str, float] = {}
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(w).all():
+        raise ConvMatError("weight must be finite, got non-finite values")
+    side, size, channels, reach = _gram_side(conv)
+    n = math.prod(size) * channels
+
+    start = time.perf_counter()
+    perm, k, factor_nnz_bound = _elimination_order(conv, side, size, channels, reach, cvxopt)
+    times["order"] = time.perf_counter() - start
+    start = time.perf_counter()
+    row, col, values, on_diag, diag, p, d_w = _gram(w, conv, side, size, channels, reach)
+    times["build"] = time.perf_counter() - start
+
+    bound = _margins(diag, p, d_w, n, k, theta, eps)
+    info: dict[str, Any] = {
+        "side": side, "n": n, "shift": bound.shift, "margin": bound.margin / theta,
+        "row_count": k, "factor_nnz_bound": factor_nnz_bound, "failed_column": None,
+        "reason": "", "times": times,
+    }  # fmt: skip
+    if not bound.shift > theta:
+        info["reason"] = (
+            f"the rounding margin {bound.margin / theta:.3g} (relative) does not fit in eps={eps!r}"
+        )
+        return Certificate(math.inf, False, info)
+
+    # M = s I - A, lower triangle (the Gram's values turned into M's), factored in `perm`.
+    start = time.perf_counter()
+    np.negative(values, out=values)
+    values[on_diag] += bound.shift
+    del on_diag
+    times["assemble"] = time.perf_counter() - start
+    failed, k_used, factor_nnz, via = factor(row, col, values, perm, n, times)
+    del row, col, values
+    info["factor_nnz"] = factor_nnz
+    info["factorization"] = via
+    if failed is not None:
+        info["failed_column"] = failed
+        info["reason"] = (
+            "a pivot was not positive: theta (1 + eps) is below sigma_max^2 or within the margin"
+        )
+        return Certificate(math.inf, False, info)
+    return _proven(bound, k, k_used, n, theta, info)
+
+
+def _checked(
+    weight: torch.Tensor, geometry: Geometry, theta: float, eps: float
+) -> tuple[torch.Tensor, Geometry, float, float]:
+    """The arguments of :func:`certify_upper`, checked: the weight, the convolution whose
+    norm is certified (a transposed layer's matching one), ``theta`` and ``eps`` as floats."""
     if not isinstance(geometry, Geometry):
         raise ConvMatError(f"geometry must be a Geometry, got {type(geometry).__name__}")
     weight = check_weight(weight)
@@ -378,27 +425,25 @@ def certify_upper(
         )
     if isinstance(theta, torch.Tensor):
         theta = theta.item()
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
-        math.isfinite(theta) and theta > 0
-    ):
+    number = isinstance(theta, (int, float)) and not isinstance(theta, bool)
+    if not (number and math.isfinite(theta) and theta > 0):
         raise ConvMatError(f"theta must be a finite number > 0, got {theta!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 0.01:
         raise ConvMatError(f"eps must be a number in (0, 0.01], got {eps!r}")
     if weight.is_complex():
         raise ConvMatError(f"weight must be real, got {weight.dtype}")
-    cvxopt = _load_cholmod()
+    return weight, conv, float(theta), float(eps)
 
-    theta, eps = float(theta), float(eps)
-    times: dict[str, float] = {}
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(w).all():
-        raise ConvMatError("weight must be finite, got non-finite values")
-    side, size, channels, reach = _gram_side(conv)
-    positions = math.prod(size)
-    n = positions * channels
-    # The position-level pattern (one channel, all-ones kernel) and the order.
-    start = time.perf_counter()
+
+def _elimination_order(
+    conv: Geometry, side: str, size: tuple[int, ...], channels: int, reach: tuple[int, ...],
+    cvxopt: Any,
+) -> tuple[np.ndarray, int, int]:  # fmt: skip
+    """The order the Gram side is factored in (nested dissection of the grid, each position's
+    channels together), the bound ``k`` on a row of its factor and the bound on the factor's
+    entries; refuses, before anything large is built, a Gram and factor that do not fit."""
     order = nested_dissection(size, reach)
+    # The position-level pattern: one channel, an all-ones kernel.
     ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64)
     one = Geometry(
         False, 1, 1, 1, conv.input_size, conv.output_size, conv.kernel_size, conv.stride,
@@ -414,254 +459,110 @@ def certify_upper(
         f"({factor_nnz} entries)", "use the default (circular) upper bound",
     )  # fmt: skip
     perm = (order[:, None] * channels + np.arange(channels)[None, :]).ravel()
-    times["order"] = time.perf_counter() - start
+    return perm, k, factor_nnz
 
-    start = time.perf_counter()
-    d_w = 0.0
+
+def _gram(
+    w: torch.Tensor, conv: Geometry, side: str, size: tuple[int, ...], channels: int,
+    reach: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:  # fmt: skip
+    """The Gram side's lower triangle ``(row, col, values)`` in channels-last order (sorted
+    by row, then column, with every diagonal entry), which entries are on the diagonal, the
+    diagonal itself, ``p`` (the most products summed into an entry) and ``dW`` (the bound on
+    how far the float64 W is from W: 0 for zero padding, whose entries are weight values)."""
     if conv.padding_mode == "zeros":
         row, col, values, p = _gram_lower(w, conv, side, reach)
+        d_w = 0.0
     else:  # folded taps couple distant positions: the Gram from W itself
-        mat = _to_scipy(assemble(weight_view(w, conv), conv, torch.sparse_csr))
-        if side == "output":
-            p = int(np.diff(mat.indptr).max(initial=0))
-            gram = (mat @ mat.T).tocoo()
-        else:
-            p = int(np.bincount(mat.indices, minlength=mat.shape[1]).max(initial=0))
-            gram = (mat.T @ mat).tocoo()
-        del mat
-        # C order (channel, position) -> channels-last (position, channel)
-        row = (gram.row % positions) * channels + gram.row // positions
-        col = (gram.col % positions) * channels + gram.col // positions
-        keep = row >= col
-        row, col, values = row[keep], col[keep], gram.data[keep]
-        # a diagonal entry for every unknown (an input no tap reaches has none in W^T W)
-        missing = np.setdiff1d(np.arange(n), row[row == col])
-        row, col = np.concatenate([row, missing]), np.concatenate([col, missing])
-        values = np.concatenate([values, np.zeros(len(missing))])
-        sort = np.lexsort((col, row))
-        row, col, values = row[sort], col[sort], values[sort]
-        del gram
-        folded = assemble(weight_view(w.abs(), conv), conv, torch.sparse_csr).values()
-        d_w = _gamma(math.prod(conv.kernel_size)) * _up(
-            math.sqrt(float(torch.dot(folded, folded)) / (1.0 - _gamma(folded.numel())))
-        )
+        row, col, values, p, d_w = _gram_folded(w, conv, side, math.prod(size), channels)
     on_diag = row == col
-    diag = np.zeros(n)
+    diag = np.zeros(math.prod(size) * channels)
     diag[row[on_diag]] = values[on_diag]
+    return row, col, values, on_diag, diag, p, d_w
+
+
+def _gram_folded(
+    w: torch.Tensor, conv: Geometry, side: str, positions: int, channels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """:func:`_gram`'s triangle, ``p`` and ``dW`` for a padding mode that folds taps: from the
+    sparse W (``dW = gamma_m ||T||_F``, ``T`` the folded W of ``|weight|``)."""
+    n = positions * channels
+    mat = _to_scipy(assemble(weight_view(w, conv), conv, torch.sparse_csr))
+    if side == "output":
+        p = int(np.diff(mat.indptr).max(initial=0))
+        gram = (mat @ mat.T).tocoo()
+    else:
+        p = int(np.bincount(mat.indices, minlength=mat.shape[1]).max(initial=0))
+        gram = (mat.T @ mat).tocoo()
+    del mat
+    # C order (channel, position) -> channels-last (position, channel)
+    row = (gram.row % positions) * channels + gram.row // positions
+    col = (gram.col % positions) * channels + gram.col // positions
+    keep = row >= col
+    row, col, values = row[keep], col[keep], gram.data[keep]
+    # a diagonal entry for every unknown (an input no tap reaches has none in W^T W)
+    missing = np.setdiff1d(np.arange(n), row[row == col])
+    row, col = np.concatenate([row, missing]), np.concatenate([col, missing])
+    values = np.concatenate([values, np.zeros(len(missing))])
+    sort = np.lexsort((col, row))
+    row, col, values = row[sort], col[sort], values[sort]
+    del gram
+    folded = assemble(weight_view(w.abs(), conv), conv, torch.sparse_csr).values()
+    d_w = _gamma(math.prod(conv.kernel_size)) * _up(
+        math.sqrt(float(torch.dot(folded, folded)) / (1.0 - _gamma(folded.numel())))
+    )
+    return row, col, values, p, d_w
+
+
+class _Margins(NamedTuple):
+    """The rounding allowances of :func:`certify_upper`'s argument (steps 1 to 4), bounded a
+    priori with ``s <= t = theta (1 + eps)``, and the shift ``s`` they leave."""
+
+    t: float
+    d_a: float
+    d_d: float
+    d_e: float
+    d_w: float
+    shift: float
+
+    @property
+    def margin(self) -> float:
+        return self.d_a + self.d_d + self.d_e
+
+
+def _factor_error(k: int, n: int, t: float) -> float:
+    """``dE``: the Cholesky backward error for rows of at most ``k`` entries (step 4)."""
+    g = _gamma(k + 1)
+    return _up(g / (1.0 - g) * n * t + n * (k + 2) * _ETA)
+
+
+def _margins(
+    diag: np.ndarray, p: int, d_w: float, n: int, k: int, theta: float, eps: float
+) -> _Margins:
+    """The margins, and the largest ``s`` with ``upper <= sqrt(theta (1 + eps))``."""
     # ||W_hat||_F^2 = trace(W_hat^T W_hat), each diagonal entry computed within gamma_p.
     frob2 = float(diag.sum()) / (1.0 - _gamma(p)) / (1.0 - _gamma(n))
-    times["build"] = time.perf_counter() - start
-
-    # The margins, bounded a priori with s <= t = theta (1 + eps).
     t = theta * (1.0 + eps)
     max_diag = float(diag.max(initial=0.0))
     d_a = _up(_gamma(p) * frob2)
     d_d = _up(_U * (t + max_diag))
-    g = _gamma(k + 1)
-    d_e = _up(g / (1.0 - g) * n * t + n * (k + 2) * _ETA)
+    d_e = _factor_error(k, n, t)
     room = math.sqrt(t) - d_w
     margin = d_a + d_d + d_e
     s = (room * room) * (1.0 - 64.0 * _U) - margin if room > 0 else -math.inf
-    info: dict[str, Any] = {
-        "side": side, "n": n, "shift": s, "margin": margin / theta, "row_count": k,
-        "factor_nnz_bound": factor_nnz, "failed_column": None, "reason": "", "times": times,
-    }  # fmt: skip
-    if not s > theta:
-        info["reason"] = (
-            f"the rounding margin {margin / theta:.3g} (relative) does not fit in eps={eps!r}"
-        )
-        return Certificate(math.inf, False, info)
+    return _Margins(t, d_a, d_d, d_e, d_w, s)
 
-    # M = s I - A, lower triangle, factored in the order `perm`.
-    start = time.perf_counter()
-    values = -values
-    values[on_diag] += s
-    del on_diag
-    times["assemble"] = time.perf_counter() - start
-    outcome = _factor(row, col, values, perm, n, cvxopt, times)
-    del row, col, values
-    failed, k_used, factor_nnz = outcome
-    info["factor_nnz"] = factor_nnz
-    if failed is not None:
-        info["failed_column"] = failed
-        info["reason"] = (
-            "a pivot was not positive: theta (1 + eps) is below sigma_max^2 or within the margin"
-        )
-        return Certificate(math.inf, False, info)
+
+def _proven(
+    bound: _Margins, k: int, k_used: int | None, n: int, theta: float, info: dict[str, Any]
+) -> Certificate:
+    """The certificate of a factorisation that succeeded (step 5): the margin again with the
+    factor's own longest row where that is shorter than the a priori ``k``."""
+    margin = bound.margin
     if k_used is not None and k_used < k:  # the factor's own rows: a smaller k, measured
         info["row_count"] = k_used
-        g = _gamma(k_used + 1)
-        d_e = _up(g / (1.0 - g) * n * t + n * (k_used + 2) * _ETA)
-        margin = d_a + d_d + d_e
+        margin = bound.d_a + bound.d_d + _factor_error(k_used, n, bound.t)
         info["margin"] = margin / theta
-    upper = _up(math.sqrt(_up(s + margin))) + _up(d_w)
+    upper = _up(math.sqrt(_up(bound.shift + margin))) + _up(bound.d_w)
     info["reason"] = "proven"
-    return Certificate(upper, upper <= _up(math.sqrt(t)), info)
-
-
-# CHOLMOD called directly (the library cvxopt ships), for speed: building a cvxopt matrix
-# from triplets costs ~0.3 us an entry, longer than the factorisation on large layers. The
-# layouts below are CHOLMOD 3's (SuiteSparse 4.x/5.x); they are checked against the defaults
-# cholmod_start writes, and anything unexpected falls back to cvxopt's interface.
-_COMMON_BYTES = 1 << 16
-_SUPERNODAL, _PRINT, _NMETHODS = 48, 144, 168  # offsets in cholmod_common
-_METHOD0, _METHOD_BYTES, _ORDERING = 184, 168, 132
-_CHOLMOD: list[Any] = []
-
-
-def _cholmod_library(cvxopt: Any) -> Any:
-    """The CHOLMOD shared library shipped with cvxopt (already loaded by cvxopt.cholmod), or
-    None where it is not found or its layout is not the expected one."""
-    if _CHOLMOD:
-        return _CHOLMOD[0]
-    import ctypes
-    import glob
-    import os
-
-    import cvxopt.cholmod  # loads the libraries CHOLMOD depends on
-
-    lib = None
-    try:
-        folder = os.path.join(os.path.dirname(cvxopt.__file__), os.pardir, "cvxopt.libs")
-        found = sorted(glob.glob(os.path.join(folder, "libcholmod*.so*")))
-        if found:
-            lib = ctypes.CDLL(found[0])
-            ptr = ctypes.c_void_p
-            lib.cholmod_l_start.argtypes = [ptr]
-            lib.cholmod_l_finish.argtypes = [ptr]
-            lib.cholmod_l_analyze_p.argtypes = [ptr, ptr, ptr, ctypes.c_size_t, ptr]
-            lib.cholmod_l_analyze_p.restype = ptr
-            lib.cholmod_l_factorize.argtypes = [ptr, ptr, ptr]
-            lib.cholmod_l_free_factor.argtypes = [ptr, ptr]
-            common = ctypes.create_string_buffer(_COMMON_BYTES)
-            lib.cholmod_l_start(common)
-            raw = common.raw
-            expected = (
-                np.frombuffer(raw, np.float64, 1, 40)[0] == 40.0  # supernodal_switch
-                and np.frombuffer(raw, np.int32, 1, _SUPERNODAL)[0] == 1  # CHOLMOD_AUTO
-                and np.frombuffer(raw, np.int32, 1, _NMETHODS)[0] == 0
-                and [
-                    np.frombuffer(raw, np.int32, 1, _METHOD0 + _METHOD_BYTES * i + _ORDERING)[0]
-                    for i in range(4)
-                ] == [1, 2, 3, 4]  # GIVEN, AMD, METIS, NESDIS
-            )
-            lib.cholmod_l_finish(common)
-            if not expected:
-                lib = None
-    except (OSError, AttributeError):
-        lib = None
-    _CHOLMOD.append(lib)
-    return lib
-
-
-def _factor(
-    row: np.ndarray, col: np.ndarray, values: np.ndarray, perm: np.ndarray, n: int,
-    cvxopt: Any, times: dict[str, float],
-) -> tuple[int | None, int | None, int | None]:
-    """Supernodal Cholesky of the symmetric matrix whose lower triangle is ``(row, col,
-    values)`` (sorted by row, then column) in the order ``perm``.
-
-    Returns ``(failed_column, row_count, factor_nnz)``: ``failed_column`` None on success;
-    ``row_count`` the most entries in a row of the computed factor (None through cvxopt).
-    """  # fmt: skip
-    lib = _cholmod_library(cvxopt)
-    if lib is None:
-        return _factor_cvxopt(row, col, values, perm, n, cvxopt, times)
-    import ctypes
-
-    class Sparse(ctypes.Structure):
-        _fields_ = [
-            ("nrow", ctypes.c_size_t), ("ncol", ctypes.c_size_t), ("nzmax", ctypes.c_size_t),
-            ("p", ctypes.c_void_p), ("i", ctypes.c_void_p), ("nz", ctypes.c_void_p),
-            ("x", ctypes.c_void_p), ("z", ctypes.c_void_p), ("stype", ctypes.c_int),
-            ("itype", ctypes.c_int), ("xtype", ctypes.c_int), ("dtype", ctypes.c_int),
-            ("sorted", ctypes.c_int), ("packed", ctypes.c_int),
-        ]  # fmt: skip
-
-    start = time.perf_counter()
-    # The lower triangle by rows is the upper triangle by columns (A is symmetric).
-    colptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row, minlength=n), out=colptr[1:])
-    rowind = np.ascontiguousarray(col, dtype=np.int64)
-    x = np.ascontiguousarray(values, dtype=np.float64)
-    user = np.ascontiguousarray(perm, dtype=np.int64)
-    # stype 1 (upper triangle), itype CHOLMOD_LONG, xtype CHOLMOD_REAL, dtype CHOLMOD_DOUBLE
-    a = Sparse(
-        n, n, len(x), colptr.ctypes.data, rowind.ctypes.data, None, x.ctypes.data, None,
-        1, 2, 1, 0, 1, 1,
-    )  # fmt: skip
-    common = ctypes.create_string_buffer(_COMMON_BYTES)
-    lib.cholmod_l_start(common)
-    ctypes.c_int.from_buffer(common, _SUPERNODAL).value = 2  # CHOLMOD_SUPERNODAL
-    ctypes.c_int.from_buffer(common, _NMETHODS).value = 1  # method[0]: the given order
-    ctypes.c_int.from_buffer(common, _PRINT).value = 0
-    factor = ctypes.c_void_p(
-        lib.cholmod_l_analyze_p(ctypes.byref(a), user.ctypes.data, None, 0, common)
-    )
-    times["assemble"] += time.perf_counter() - start
-    try:
-        if not factor.value:
-            raise ConvMatError("CHOLMOD could not analyse the matrix (out of memory?)")
-        times["symbolic"] = time.perf_counter() - start
-        start = time.perf_counter()
-        lib.cholmod_l_factorize(ctypes.byref(a), factor, common)
-        times["numeric"] = time.perf_counter() - start
-
-        def field(offset: int, kind: Any = ctypes.c_size_t) -> Any:
-            return kind.from_address(factor.value + offset).value
-
-        size, minor, is_super = field(0), field(8), field(184, ctypes.c_int)
-        if size != n or not is_super:
-            raise ConvMatError(f"unexpected CHOLMOD factor (n={size}, supernodal={is_super})")
-        if minor < n:
-            return int(minor), None, None
-        nsuper, ssize, xsize = field(104), field(112), field(120)
-
-        def array(offset: int, length: int) -> np.ndarray:
-            pointer = ctypes.cast(field(offset, ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64))
-            return np.ctypeslib.as_array(pointer, (length,)).copy()
-
-        first, start_row, rows = array(144, nsuper + 1), array(152, nsuper + 1), array(168, ssize)
-        # Row counts of the stored factor: supernode j holds columns first[j]..first[j+1]-1
-        # and rows rows[start_row[j]:start_row[j+1]] (its own columns first).
-        ncols = np.diff(first)
-        height = np.diff(start_row)
-        which = np.repeat(np.arange(nsuper), height)
-        place = np.arange(ssize) - np.repeat(start_row[:-1], height)
-        width = ncols[which]
-        counts = np.bincount(rows, weights=np.minimum(place + 1, width), minlength=n)
-        return None, int(counts.max()), int(xsize)
-    finally:
-        pointer = ctypes.c_void_p(factor.value)
-        if pointer.value:
-            lib.cholmod_l_free_factor(ctypes.byref(pointer), common)
-        lib.cholmod_l_finish(common)
-
-
-def _factor_cvxopt(
-    row: np.ndarray, col: np.ndarray, values: np.ndarray, perm: np.ndarray, n: int,
-    cvxopt: Any, times: dict[str, float],
-) -> tuple[int | None, int | None, int | None]:
-    """:func:`_factor` through cvxopt's interface (no factor structure: the a priori k)."""
-    start = time.perf_counter()
-    m = cvxopt.spmatrix(
-        cvxopt.matrix(values), cvxopt.matrix(col.astype(np.int64)),
-        cvxopt.matrix(row.astype(np.int64)), (n, n),
-    )  # fmt: skip
-    times["assemble"] += time.perf_counter() - start
-    cholmod = cvxopt.cholmod
-    saved = dict(cholmod.options)
-    start = time.perf_counter()
-    try:
-        cholmod.options["supernodal"] = 2
-        factor = cholmod.symbolic(m, p=cvxopt.matrix(perm.astype(np.int64)), uplo="U")
-        times["symbolic"] = time.perf_counter() - start
-        start = time.perf_counter()
-        cholmod.numeric(m, factor)
-    except ArithmeticError as err:
-        return (int(err.args[0]) if err.args else -1), None, None
-    finally:
-        times["numeric"] = time.perf_counter() - start
-        cholmod.options.clear()
-        cholmod.options.update(saved)
-    return None, None, None
+    return Certificate(upper, upper <= _up(math.sqrt(bound.t)), info)

@@ -448,8 +448,27 @@ def lipschitz_report(
     >>> report.lower <= report.product <= report.upper  # a chain: the product of the uppers
     True
     """
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    shape, tol, method = _checked_report_arguments(
+        model, input_shape, tol, method, probes, iterations
+    )
+    records = _layer_norms(model, shape, tol, method, progress)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        upper, graph, factors, reasons = _graph_bound(model, shape, records, method)
+        lower, x, v, note = _empirical_lower(model, shape, probes, iterations, seed)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return LipschitzReport(tuple(records), shape, upper, lower, graph, factors, reasons, note,
+                           x, v)  # fmt: skip
 
+
+def _checked_report_arguments(
+    model: nn.Module, input_shape: Any, tol: float, method: Method, probes: int,
+    iterations: int,
+) -> tuple[tuple[int, ...], float, Method]:  # fmt: skip
+    """:func:`lipschitz_report`'s arguments checked: the input shape, ``tol`` and ``method``."""
     if not isinstance(model, nn.Module):
         raise ConvMatError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -466,37 +485,46 @@ def lipschitz_report(
     for name, value, least in (("probes", probes, 0), ("iterations", iterations, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConvMatError(f"{name} must be an int >= {least}, got {value!r}")
+    return shape, tol, method
+
+
+def _layer_norms(
+    model: nn.Module, shape: tuple[int, ...], tol: float, method: Method, progress: bool | None
+) -> list[LayerNorm]:
+    """The record of every conv and linear layer call, at the input size it sees, behind a
+    progress bar."""
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
     records = []
     bar = tqdm(_calls(model, shape), desc="operator norms", unit="layer",
                disable=None if progress is None else not progress, leave=False)  # fmt: skip
     for path, m, in_shape in bar:
         bar.set_postfix_str(path)
-        start = time.perf_counter()
-        reshaped = _reshaped_norm(m)
-        problem = _own_forward_problem(m)
-        if problem:
-            r, out_shape = _jacobian_norm(path, m, in_shape, tol, problem)
-            config = f"{in_shape[0]}->{out_shape[0]} own forward, linear"
-        elif isinstance(m, _CONV):
-            r = operator_norm(m, in_shape[1:], tol=tol, method=method)
-            config = _describe(m, in_shape)
-        else:  # a linear layer's matrix is its weight
-            slack = _DENSE_SLACK * max(reshaped, 1.0)
-            r = NormResult(reshaped, reshaped - slack, reshaped + slack, "dense")
-            config = _describe(m, in_shape)
-        seconds = time.perf_counter() - start
-        records.append(LayerNorm(path, type(m).__name__, config, in_shape, r.value, r.lower,
-                                 r.upper, r.method, reshaped, seconds, r.converged))  # fmt: skip
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        upper, graph, factors, reasons = _graph_bound(model, shape, records, method)
-        lower, x, v, note = _empirical_lower(model, shape, probes, iterations, seed)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-    return LipschitzReport(tuple(records), shape, upper, lower, graph, factors, reasons, note,
-                           x, v)  # fmt: skip
+        records.append(_layer_norm(path, m, in_shape, tol, method))
+    return records
+
+
+def _layer_norm(
+    path: str, m: nn.Module, in_shape: tuple[int, ...], tol: float, method: Method
+) -> LayerNorm:
+    """One layer's operator norm: a conv's by :func:`operator_norm`, a linear layer's from its
+    weight, a layer with its own forward on its Jacobian."""
+    start = time.perf_counter()
+    reshaped = _reshaped_norm(m)
+    problem = _own_forward_problem(m)
+    if problem:
+        r, out_shape = _jacobian_norm(path, m, in_shape, tol, problem)
+        config = f"{in_shape[0]}->{out_shape[0]} own forward, linear"
+    elif isinstance(m, _CONV):
+        r = operator_norm(m, in_shape[1:], tol=tol, method=method)
+        config = _describe(m, in_shape)
+    else:  # a linear layer's matrix is its weight
+        slack = _DENSE_SLACK * max(reshaped, 1.0)
+        r = NormResult(reshaped, reshaped - slack, reshaped + slack, "dense")
+        config = _describe(m, in_shape)
+    seconds = time.perf_counter() - start
+    return LayerNorm(path, type(m).__name__, config, in_shape, r.value, r.lower, r.upper,
+                     r.method, reshaped, seconds, r.converged)  # fmt: skip
 
 
 # -- the whole model: a Lipschitz bound along the traced graph --------------------------------

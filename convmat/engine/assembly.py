@@ -4,6 +4,7 @@ into the cached pattern and assemble the requested layout."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -170,21 +171,96 @@ def assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> 
     if layout == torch.strided:
         dense = weight_view.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
         return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)
+    return _SparseMatrix.apply(values.reshape(-1), pattern, layout)
+
+
+def _sparse(pattern: Pattern, values: torch.Tensor, layout: torch.layout) -> torch.Tensor:
+    """W in a sparse layout: the pattern's cached indices with ``values`` (``(nnz,)``, CSR
+    order, which is also the coalesced COO order)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly")
         if layout == torch.sparse_csr:
             return torch.sparse_csr_tensor(
-                pattern.crow(),
-                pattern.col(),
-                values.reshape(-1),
-                (rows, cols),
-                check_invariants=False,
+                pattern.crow(), pattern.col(), values, pattern.shape, check_invariants=False
             )
         return torch.sparse_coo_tensor(
-            pattern.coo_indices(),
-            values.reshape(-1),
-            (rows, cols),
-            is_coalesced=True,
+            pattern.coo_indices(), values, pattern.shape, is_coalesced=True,
             check_invariants=False,
-        )
+        )  # fmt: skip
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two index tensors hold the same entries (at once where they share memory)."""
+    if a.shape != b.shape:
+        return False
+    shared = a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
+    return shared or torch.equal(a, b)
+
+
+def _values_at(pattern: Pattern, matrix: torch.Tensor) -> torch.Tensor:
+    """The entries of a W-shaped ``matrix`` (any layout) at the pattern's non-zeros, ``(nnz,)``
+    in CSR order (zero where a sparse ``matrix`` stores nothing)."""
+    if matrix.layout == torch.strided:
+        view = matrix.reshape(pattern.row_channels, -1)
+        return view.gather(1, pattern.dense_index()).reshape(-1)
+    if matrix.layout == torch.sparse_csr:  # W's own indices, or go through COO
+        crow, col = matrix.crow_indices(), matrix.col_indices()
+        if _same(crow, pattern.crow()) and _same(col, pattern.col()):
+            return matrix.values()
+    coo = matrix if matrix.layout == torch.sparse_coo else matrix.to_sparse_coo()
+    coo = coo.coalesce()
+    indices, values = coo.indices(), coo.values()
+    target = pattern.coo_indices()
+    if _same(indices, target):
+        return values
+    # Other stored positions: match flat keys (both sorted: coalesced and CSR order).
+    cols = pattern.shape[1]
+    keys = indices[0] * cols + indices[1]
+    wanted = target[0] * cols + target[1]
+    if keys.numel() == 0:
+        return values.new_zeros(wanted.numel())
+    at = torch.searchsorted(keys, wanted).clamp_(max=keys.numel() - 1)
+    return torch.where(keys[at] == wanted, values[at], values.new_zeros(()))
+
+
+def _dense(pattern: Pattern, values: torch.Tensor) -> torch.Tensor:
+    """Dense W from its ``(nnz,)`` values (differentiable in ``values``)."""
+    rows, cols = pattern.shape
+    flat = values.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
+    per_channel = values.view(pattern.row_channels, -1)
+    return flat.scatter(1, pattern.dense_index(), per_channel).view(rows, cols)
+
+
+class _SparseMatrix(torch.autograd.Function):
+    """Sparse W from its values. Its backward gathers the gradient's entries at the pattern
+    (:class:`_PatternValues`, whose own backward is this one, or a dense scatter): derivatives
+    of every order are exact, whatever layout the gradient comes in."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, values: torch.Tensor, pattern: Pattern, layout: torch.layout
+    ) -> torch.Tensor:
+        ctx.pattern = pattern
+        return _sparse(pattern, values, layout)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        return _PatternValues.apply(grad, ctx.pattern), None, None
+
+
+class _PatternValues(torch.autograd.Function):
+    """The entries of a W-shaped matrix at W's non-zeros; the adjoint of :class:`_SparseMatrix`
+    (or of the dense scatter, for a dense matrix)."""
+
+    @staticmethod
+    def forward(ctx: Any, matrix: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+        ctx.pattern, ctx.layout = pattern, matrix.layout
+        return _values_at(pattern, matrix)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if ctx.layout == torch.strided:
+            return _dense(ctx.pattern, grad), None
+        layout = ctx.layout if ctx.layout == torch.sparse_csr else torch.sparse_coo
+        return _SparseMatrix.apply(grad, ctx.pattern, layout), None

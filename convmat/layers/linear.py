@@ -729,6 +729,19 @@ def to_mlp(
     >>> torch.allclose(mlp(x), cnn(x), atol=1e-12)
     True
     """
+    layers, input_shape = _checked_arguments(model, input_shape, sparse, dtype)
+    model_dtype, dtype, work, device = _dtypes(model, dtype, sparse)
+    with torch.no_grad():
+        shapes = _probe(layers, input_shape, sparse, model_dtype, device)
+        merged = _merged(layers, shapes, sparse, dtype, work, device)
+    return nn.Sequential(nn.Flatten(), *merged)
+
+
+def _checked_arguments(
+    model: nn.Module, input_shape: Any, sparse: bool, dtype: torch.dtype | None
+) -> tuple[list[tuple[str, nn.Module]], tuple[int, ...]]:
+    """:func:`to_mlp`'s arguments checked: the model's leaves (each supported, off the meta
+    device, in eval mode) and the input shape."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(sparse, bool):
@@ -750,6 +763,14 @@ def to_mlp(
         )
     for path, m in layers:
         _check_eval(path, m)
+    return layers, input_shape
+
+
+def _dtypes(
+    model: nn.Module, dtype: torch.dtype | None, sparse: bool
+) -> tuple[torch.dtype, torch.dtype, torch.dtype, torch.device]:
+    """The model's dtype, the result's, the one the matrices are merged in (the wider of the
+    two, at least float32, so nothing is rounded twice) and the model's device."""
     model_dtype, device = _model_dtype(model)
     if dtype is None:
         dtype = model_dtype
@@ -758,56 +779,70 @@ def to_mlp(
             f"dtype {dtype} with sparse=True on the CPU: torch has no sparse CSR product for it "
             f"there; pass dtype=torch.float32 (or sparse=False)"
         )
-    # Merge in the wider dtype (at least float32), so nothing is rounded twice.
     work = torch.promote_types(torch.promote_types(model_dtype, dtype), torch.float32)
-    with torch.no_grad():
-        shapes = _probe(layers, input_shape, sparse, model_dtype, device)
+    return model_dtype, dtype, work, device
 
-    out: list[nn.Module] = [nn.Flatten()]
+
+def _merged(
+    layers: list[tuple[str, nn.Module]],
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    sparse: bool,
+    dtype: torch.dtype,
+    work: torch.dtype,
+    device: torch.device,
+) -> list[nn.Module]:
+    """The layers after Flatten: each run of affine layers multiplied into one matrix (in
+    ``work``, the previous product dropped as soon as it is used), activations copied."""
+    out: list[nn.Module] = []
     pending: tuple[_Matrix, torch.Tensor | None] | None = None
-
-    def flush() -> None:
-        nonlocal pending
-        if pending is None:
-            return
-        W, b = pending
-        pending = None
-        if isinstance(W, _Diagonal):
-            n = W.shape[0]
-            if sparse:
-                index = torch.arange(n + 1, device=device)
-                W = _csr(index, index[:-1], W.d, (n, n))
-            else:
-                _check_matrix(n, n, None, work, device, "a BatchNorm standing alone")
-                W = torch.diag(W.d)
-        b = None if b is None else b.to(dtype)
-        if sparse:
-            if W.dtype != dtype:
-                W = _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
-            out.append(SparseLinear(W, b))
-            return
-        lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device="meta")
-        lin.weight = nn.Parameter(W.to(dtype))
-        if b is not None:
-            lin.bias = nn.Parameter(b)
-        out.append(lin)
-
-    with torch.no_grad():
-        for (path, m), (shape, out_shape) in zip(layers, shapes):
-            if isinstance(m, _ACTIVATIONS):
-                flush()
-                out.append(copy.deepcopy(m).to(dtype))
-                continue
-            if isinstance(m, _IDENTITY):
-                continue
-            W, b = _affine(path, m, shape, out_shape, sparse, work, device)
+    for (path, m), (shape, out_shape) in zip(layers, shapes):
+        if isinstance(m, _ACTIVATIONS):
             if pending is not None:
-                W0, b0 = pending
-                if b0 is not None:
-                    b = _apply(W, b0) if b is None else b + _apply(W, b0)
+                out.append(_linear_layer(*pending, sparse, dtype, work, device))
                 pending = None
-                W = _product(W, W0, work, device, f"{path} ({type(m).__name__})")
-                del W0
-            pending = (W, b)
-        flush()
-    return nn.Sequential(*out)
+            out.append(copy.deepcopy(m).to(dtype))
+            continue
+        if isinstance(m, _IDENTITY):
+            continue
+        W, b = _affine(path, m, shape, out_shape, sparse, work, device)
+        if pending is not None:
+            W0, b0 = pending
+            if b0 is not None:
+                b = _apply(W, b0) if b is None else b + _apply(W, b0)
+            pending = None
+            W = _product(W, W0, work, device, f"{path} ({type(m).__name__})")
+            del W0
+        pending = (W, b)
+    if pending is not None:
+        out.append(_linear_layer(*pending, sparse, dtype, work, device))
+    return out
+
+
+def _linear_layer(
+    W: _Matrix,
+    b: torch.Tensor | None,
+    sparse: bool,
+    dtype: torch.dtype,
+    work: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """One merged affine map as a layer: :class:`SparseLinear` or ``nn.Linear`` in ``dtype``
+    (a BatchNorm standing alone, held as its diagonal, formed as a matrix here)."""
+    if isinstance(W, _Diagonal):
+        n = W.shape[0]
+        if sparse:
+            index = torch.arange(n + 1, device=device)
+            W = _csr(index, index[:-1], W.d, (n, n))
+        else:
+            _check_matrix(n, n, None, work, device, "a BatchNorm standing alone")
+            W = torch.diag(W.d)
+    b = None if b is None else b.to(dtype)
+    if sparse:
+        if W.dtype != dtype:
+            W = _csr(W.crow_indices(), W.col_indices(), W.values().to(dtype), W.shape)
+        return SparseLinear(W, b)
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device="meta")
+    lin.weight = nn.Parameter(W.to(dtype))
+    if b is not None:
+        lin.bias = nn.Parameter(b)
+    return lin
