@@ -36,7 +36,15 @@ import torch.fx
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import Geometry, available_memory, plain_conv_problem
+from ..engine import (
+    Geometry,
+    adaptive_window,
+    available_memory,
+    most_reads,
+    ntuple,
+    plain_conv_problem,
+    reads,
+)
 from ..layers.linear import SparseLinear
 from .spectral import (
     _DENSE_SLACK,
@@ -622,17 +630,14 @@ _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout)
 def _overlap(in_size: int, out_size: int, kernel: int, stride: int, padding: int,
              dilation: int) -> int:  # fmt: skip
     """The most windows of a 1-D pooling that any input position belongs to."""
-    pos = (torch.arange(out_size)[:, None] * stride - padding
-           + dilation * torch.arange(kernel)[None, :]).flatten()  # fmt: skip
-    pos = pos[(pos >= 0) & (pos < in_size)]
-    return int(torch.bincount(pos, minlength=in_size).max()) if pos.numel() else 0
+    taps = torch.arange(kernel)[None, :]
+    return most_reads(reads(torch.arange(out_size)[:, None], taps, stride, dilation, padding),
+                      in_size)  # fmt: skip
 
 
 def _adaptive_overlap(in_size: int, out_size: int) -> int:
     """The most windows of a 1-D adaptive pooling that any input position belongs to."""
-    i = torch.arange(out_size)
-    start = (i * in_size) // out_size
-    end = -((-(i + 1) * in_size) // out_size)
+    start, end = adaptive_window(torch.arange(out_size), in_size, out_size)
     cover = (torch.arange(in_size)[None, :] >= start[:, None]) & (
         torch.arange(in_size)[None, :] < end[:, None]
     )
@@ -652,7 +657,7 @@ def _pool_matrix_norm(m: nn.Module, in_spatial: tuple[int, ...],
     adaptive = isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd)
     fn = getattr(nn.functional, f"{'adaptive_' if adaptive else ''}avg_pool{d}d")
     if not adaptive:
-        k, s, p = (nn.modules.utils._ntuple(d)(v) for v in (m.kernel_size, m.stride, m.padding))
+        k, s, p = (ntuple(getattr(m, a), d, a) for a in ("kernel_size", "stride", "padding"))
         override = getattr(m, "divisor_override", None)
     total = 1.0
     for i, n in enumerate(in_spatial):
@@ -678,8 +683,8 @@ def _pool(m: nn.Module, x: torch.Tensor, result: Any) -> tuple[float, str] | Non
     in_sp, out_sp = tuple(x.shape[2:]), tuple(result.shape[2:])
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         d = len(in_sp)
-        k, s, p, dl = (nn.modules.utils._ntuple(d)(v)
-                       for v in (m.kernel_size, m.stride, m.padding, m.dilation))  # fmt: skip
+        k, s, p, dl = (ntuple(getattr(m, a), d, a)
+                       for a in ("kernel_size", "stride", "padding", "dilation"))  # fmt: skip
         count = math.prod(_overlap(*a) for a in zip(in_sp, out_sp, k, s, p, dl))
         return math.sqrt(count), f"max pooling: sqrt(most windows per input entry = {count})"
     if isinstance(m, nn.modules.pooling._AdaptiveMaxPoolNd):
@@ -711,9 +716,9 @@ def _interpolate_norm(x: torch.Tensor, options: dict[str, Any]) -> float:
         eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, *one[:i], n, *one[i + 1 :])
         kw = dict(options)
         if size is not None:
-            kw["size"] = [*one[:i], nn.modules.utils._ntuple(d)(size)[i], *one[i + 1 :]]
+            kw["size"] = [*one[:i], ntuple(size, d, "size")[i], *one[i + 1 :]]
         if scale is not None:
-            sf = nn.modules.utils._ntuple(d)(scale)
+            sf = scale if isinstance(scale, list | tuple) else (scale,) * d
             kw["scale_factor"] = [1.0 * (j != i) or float(sf[i]) for j in range(d)]
         out = nn.functional.interpolate(eye, **kw)
         total *= _dense_upper(out.reshape(n, -1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._errors import ConvMatError
+from .axes import most_reads
 
 if TYPE_CHECKING:
     import torch
@@ -51,9 +52,7 @@ class PaddingMode:
         import torch  # here: the shape rules need no torch
 
         p, valid = self.source(torch.arange(-before, size + after), size)
-        if valid is not None:
-            p = p[valid]
-        return int(torch.bincount(p, minlength=size).max()) if p.numel() else 0
+        return most_reads(p if valid is None else p[valid], size)
 
     def __repr__(self) -> str:
         return f"PaddingMode({self.name!r})"
