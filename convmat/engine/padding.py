@@ -32,9 +32,11 @@ class PaddingMode:
         name: the ``padding_mode`` string of ``nn.Conv{N}d``.
         torch_pad_mode: the ``mode`` of ``torch.nn.functional.pad``.
         folds: padded positions read real inputs (their taps add onto those inputs in W).
+        label: its name in prose, before "padding" (``"zero padding"``).
     """
 
     name: str = ""
+    label: str = ""
     torch_pad_mode: str = ""
     folds: bool = True
 
@@ -59,14 +61,14 @@ class PaddingMode:
 
 
 class _Zeros(PaddingMode):
-    name, torch_pad_mode, folds = "zeros", "constant", False
+    name, torch_pad_mode, folds, label = "zeros", "constant", False, "zero"
 
     def source(self, position, size):
         return position, (position >= 0) & (position < size)
 
 
 class _Reflect(PaddingMode):
-    name = torch_pad_mode = "reflect"
+    name = torch_pad_mode = label = "reflect"
 
     def source(self, position, size):
         p = position.abs()
@@ -81,14 +83,14 @@ class _Reflect(PaddingMode):
 
 
 class _Replicate(PaddingMode):
-    name = torch_pad_mode = "replicate"
+    name = torch_pad_mode = label = "replicate"
 
     def source(self, position, size):
         return position.clamp(0, size - 1), None
 
 
 class _Circular(PaddingMode):
-    name = torch_pad_mode = "circular"
+    name = torch_pad_mode = label = "circular"
 
     def source(self, position, size):
         return position % size, None
