@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import operator
 import time
@@ -40,6 +39,7 @@ from ..engine import (
     Geometry,
     adaptive_window,
     available_memory,
+    cached,
     most_reads,
     ntuple,
     plain_conv_problem,
@@ -582,8 +582,22 @@ _AS_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
 }  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
+#: The cache owner of the activations' derivative bounds (see :func:`convmat.cache_info`).
+DERIVATIVE_OWNER = "derivative bound"
+
+
 def _derivative_sup(kind: str, approximate: str = "none") -> float:
+    """:func:`_derivative_sup_uncached`, kept in the engine's one cache (a float each, under
+    its byte budget and emptied by :func:`convmat.clear_cache`)."""
+    return cached(
+        (DERIVATIVE_OWNER, kind, approximate),
+        DERIVATIVE_OWNER,
+        lambda: _derivative_sup_uncached(kind, approximate),
+        lambda _: 8,  # one float64
+    )
+
+
+def _derivative_sup_uncached(kind: str, approximate: str = "none") -> float:
     """An upper bound on ``sup |f'|`` for GELU, SiLU or Mish: the largest ``|f'|`` on a grid
     of step ``h`` over ``[-40, 40]``, plus ``h max|f''|`` (twice what Taylor's theorem needs:
     ``f'`` moves by at most ``max|f''| h / 2`` from the nearest grid point, with ``max|f''|``
