@@ -26,7 +26,7 @@ import dataclasses
 import math
 import operator
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -915,72 +915,114 @@ class _Bound(torch.fx.Interpreter):
 
     def _function(self, n: torch.fx.Node, args: tuple, kwargs: dict,
                   result: Any) -> tuple[float, str, float]:  # fmt: skip
+        """The rule of a function or method node, looked up by its name in
+        :data:`_FUNCTION_RULES`."""
+        rule = _FUNCTION_RULES.get(_name(n.target))
+        found = rule(self, n, args, kwargs, result) if rule is not None else None
+        if found is None:
+            return math.inf, "no Lipschitz rule for this operation", math.inf
+        return found
+
+    # -- the rules of functions and methods (each: node, args, kwargs, result -> bound) -------
+
+    def _add(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        a, b = (*n.args, n.kwargs.get("other"))[:2]
+        va, vb = (*args, kwargs.get("other"))[:2]
+        alpha = abs(float(kwargs.get("alpha", 1)))
+        lip = self.L(a) * _spread(va, result) + alpha * self.L(b) * _spread(vb, result)
+        return 1.0, "sum: L(a) + L(b) (each times sqrt(copies) if broadcast)", lip
+
+    def _neg(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        return self._unary(n, 1.0, "negation")
+
+    def _product(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
         name = _name(n.target)
+        a, b = n.args[:2]
+        if self.L(a) and self.L(b):
+            return math.inf, "product of two tensors that depend on the input", math.inf
+        const = args[1] if self.L(a) else args[0]
+        if name in _DIV and not self.L(a):
+            return math.inf, "division by a tensor that depends on the input", math.inf
+        c = float(torch.as_tensor(const).double().abs().max())
+        c = 1 / float(torch.as_tensor(const).double().abs().min()) if name in _DIV else c
+        spread = _spread(args[0] if self.L(a) else args[1], result)
+        return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
+
+    def _cat(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        parts = n.args[0] if n.args else n.kwargs["tensors"]
+        return (
+            1.0,
+            "concatenation: sqrt(sum of squares)",
+            math.sqrt(sum(self.L(p) ** 2 for p in parts)),
+        )
+
+    def _reduce(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        name, x = _name(n.target), args[0] if args else None
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dims is None:
+            count = x.numel()
+        else:
+            dims = (dims,) if isinstance(dims, int) else dims
+            count = math.prod(x.shape[d] for d in dims)
+        factor = 1 / math.sqrt(count) if name == "mean" else math.sqrt(count)
+        return self._unary(n, factor, f"{name} over {count} entries")
+
+    def _moves(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        return self._unary(n, 1.0, "moves or selects entries")
+
+    def _copies(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
         x = args[0] if args else None
-        if name in _ADD:
-            a, b = (*n.args, n.kwargs.get("other"))[:2]
-            va, vb = (*args, kwargs.get("other"))[:2]
-            alpha = abs(float(kwargs.get("alpha", 1)))
-            lip = self.L(a) * _spread(va, result) + alpha * self.L(b) * _spread(vb, result)
-            return 1.0, "sum: L(a) + L(b) (each times sqrt(copies) if broadcast)", lip
-        if name in ("neg", "neg_"):
-            return self._unary(n, 1.0, "negation")
-        if name in _MUL | _DIV:
-            a, b = n.args[:2]
-            if self.L(a) and self.L(b):
-                return math.inf, "product of two tensors that depend on the input", math.inf
-            const = args[1] if self.L(a) else args[0]
-            if name in _DIV and not self.L(a):
-                return math.inf, "division by a tensor that depends on the input", math.inf
-            c = float(torch.as_tensor(const).double().abs().max())
-            c = 1 / float(torch.as_tensor(const).double().abs().min()) if name in _DIV else c
-            spread = _spread(args[0] if self.L(a) else args[1], result)
-            return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
-        if name in _CAT:
-            parts = n.args[0] if n.args else n.kwargs["tensors"]
-            return (
-                1.0,
-                "concatenation: sqrt(sum of squares)",
-                math.sqrt(sum(self.L(p) ** 2 for p in parts)),
-            )
-        if name in ("mean", "sum", "avg"):
-            dims = args[1] if len(args) > 1 else kwargs.get("dim")
-            if dims is None:
-                count = x.numel()
-            else:
-                dims = (dims,) if isinstance(dims, int) else dims
-                count = math.prod(x.shape[d] for d in dims)
-            factor = 1 / math.sqrt(count) if name == "mean" else math.sqrt(count)
-            return self._unary(n, factor, f"{name} over {count} entries")
-        if name in _SHAPE_OPS or (name == "flatten" and n.op == "call_function"):
-            return self._unary(n, 1.0, "moves or selects entries")
-        if name in ("expand", "expand_as", "repeat", "broadcast_to", "tile"):
-            return self._unary(n, _spread(x, result), "each entry copied: sqrt(copies)")
-        if name == "getitem":
-            index = n.args[1]
-            if isinstance(x, tuple | list) or _basic_index(index):
-                return self._unary(n, 1.0, "selects entries")
-            return math.inf, f"indexing with {index!r} may repeat entries", math.inf
-        if name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
-            if kwargs.get("training", args[2] if len(args) > 2 else True):
-                return math.inf, "dropout in training mode is random", math.inf
-            return self._unary(n, 1.0, "identity in eval mode")
-        if name in ("interpolate", "upsample"):
-            options = {**dict(zip(_INTERPOLATE, args[1:])), **kwargs}
-            if options.get("antialias"):
-                return math.inf, "antialiased resampling has no rule here", math.inf
-            rule = "exact norm of the resampling matrix"
-            return self._unary(n, _interpolate_norm(x, options), rule)
-        if name in _AS_MODULE:
-            cls, names = _AS_MODULE[name]
-            try:
-                m = cls(**dict(zip(names, args[1:])), **kwargs)
-            except TypeError as err:
-                return math.inf, f"could not read its arguments: {err}", math.inf
-            found = _activation(m) or _pool(m, x, result)
-            if found is not None:
-                return self._unary(n, *found)
-        return math.inf, "no Lipschitz rule for this operation", math.inf
+        return self._unary(n, _spread(x, result), "each entry copied: sqrt(copies)")
+
+    def _getitem(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        x, index = args[0] if args else None, n.args[1]
+        if isinstance(x, tuple | list) or _basic_index(index):
+            return self._unary(n, 1.0, "selects entries")
+        return math.inf, f"indexing with {index!r} may repeat entries", math.inf
+
+    def _dropout(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        if kwargs.get("training", args[2] if len(args) > 2 else True):
+            return math.inf, "dropout in training mode is random", math.inf
+        return self._unary(n, 1.0, "identity in eval mode")
+
+    def _resample(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        options = {**dict(zip(_INTERPOLATE, args[1:])), **kwargs}
+        if options.get("antialias"):
+            return math.inf, "antialiased resampling has no rule here", math.inf
+        rule = "exact norm of the resampling matrix"
+        return self._unary(n, _interpolate_norm(args[0], options), rule)
+
+    def _as_module(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found | None:
+        """The rule of the module the function is (``F.relu`` is ``nn.ReLU``); None if none."""
+        cls, names = _AS_MODULE[_name(n.target)]
+        try:
+            m = cls(**dict(zip(names, args[1:])), **kwargs)
+        except TypeError as err:
+            return math.inf, f"could not read its arguments: {err}", math.inf
+        found = _activation(m) or _pool(m, args[0] if args else None, result)
+        return self._unary(n, *found) if found is not None else None
+
+
+#: ``(factor, rule, Lipschitz bound of the node's output)``.
+_Found = tuple[float, str, float]
+
+#: The Lipschitz rule of every function and method the graph may call, by its name:
+#: ``target -> rule(bound, node, args, kwargs, result)``, which gives a :data:`_Found` (or None:
+#: no rule after all). A name not here has no rule.
+_FUNCTION_RULES: dict[str, Callable[..., _Found | None]] = {
+    **dict.fromkeys(_ADD, _Bound._add),
+    **dict.fromkeys(("neg", "neg_"), _Bound._neg),
+    **dict.fromkeys(_MUL | _DIV, _Bound._product),
+    **dict.fromkeys(_CAT, _Bound._cat),
+    **dict.fromkeys(("mean", "sum", "avg"), _Bound._reduce),
+    **dict.fromkeys(_SHAPE_OPS, _Bound._moves),
+    **dict.fromkeys(("expand", "expand_as", "repeat", "broadcast_to", "tile"), _Bound._copies),
+    "getitem": _Bound._getitem,
+    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"),
+                    _Bound._dropout),
+    **dict.fromkeys(("interpolate", "upsample"), _Bound._resample),
+    **dict.fromkeys(_AS_MODULE, _Bound._as_module),
+}  # fmt: skip
 
 
 def _spread(value: Any, result: torch.Tensor) -> float:
