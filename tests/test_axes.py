@@ -241,3 +241,12 @@ def test_padding_mode_names_are_the_registrys():
     assert tuple(re.findall(r'"(\w+)"', listed.group(1))) == tuple(PADDING_MODES)
     assert {m.label for m in PADDING_MODES.values()} == {"zero", "reflect", "replicate",
                                                          "circular"}  # fmt: skip
+
+
+def test_only_circular_padding_is_periodic():
+    """``periodic``: the padded input repeats the input, by torch's own padding."""
+    x = torch.arange(1.0, 6.0).reshape(1, 1, 5)
+    for name, mode in PADDING_MODES.items():
+        padded = F.pad(x, (5, 5), mode=mode.torch_pad_mode) if name != "reflect" else None
+        repeats = padded is not None and torch.equal(padded, x.repeat(1, 1, 3))
+        assert mode.periodic == repeats == (name == "circular"), name

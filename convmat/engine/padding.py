@@ -33,12 +33,14 @@ class PaddingMode:
         torch_pad_mode: the ``mode`` of ``torch.nn.functional.pad``.
         folds: padded positions read real inputs (their taps add onto those inputs in W).
         label: its name in prose, before "padding" (``"zero padding"``).
+        periodic: the padded input repeats the input (a convolution with it is circular).
     """
 
     name: str = ""
     label: str = ""
     torch_pad_mode: str = ""
     folds: bool = True
+    periodic: bool = False
 
     def source(self, position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The real input position each padded ``position`` reads (``-before .. size+after``),
@@ -91,6 +93,7 @@ class _Replicate(PaddingMode):
 
 class _Circular(PaddingMode):
     name = torch_pad_mode = label = "circular"
+    periodic = True
 
     def source(self, position, size):
         return position % size, None
