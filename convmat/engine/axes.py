@@ -22,7 +22,7 @@ their arguments do, and need no torch to import.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -40,11 +40,12 @@ __all__ = [
     "transposed_output_length",
 ]
 
-#: An int, a numpy integer array or a torch integer tensor: the rules broadcast over any of them.
-Index = TypeVar("Index", bound=Any)
+#: An int, a numpy integer array or a torch integer tensor: the rules broadcast over any of them
+#: (the result is of the broadest kind among the arguments).
+Index = Any
 
 
-def reads(output: Index, tap: Any, stride: int, dilation: int, before: int) -> Index:
+def reads(output: Index, tap: Index, stride: int, dilation: int, before: int) -> Index:
     """The input position that tap ``tap`` of output ``output`` reads: ``o * s + m * d - before``.
 
     Args:

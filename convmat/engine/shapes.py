@@ -251,15 +251,14 @@ class Geometry:
                 )
         n = max(len(v) if isinstance(v, tuple | list) else 1 for v in (input_size, kernel_size))
         k = ntuple(kernel_size, n, "kernel_size", 1)
-        common = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         if transposed:
             return conv_transpose_geometry(
-                (in_channels, out_channels // groups, *k), input_size,
-                output_padding=output_padding, **common,
+                (in_channels, out_channels // groups, *k), input_size, stride=stride,
+                padding=padding, output_padding=output_padding, groups=groups, dilation=dilation,
             )  # fmt: skip
         return conv_geometry(
-            (out_channels, in_channels // groups, *k), input_size, padding_mode=padding_mode,
-            **common,
+            (out_channels, in_channels // groups, *k), input_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode,
         )  # fmt: skip
 
     @property
