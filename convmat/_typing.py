@@ -16,5 +16,6 @@ Pads = tuple[tuple[int, int], ...]
 #: or one ``(before, after)`` pair per dimension.
 PaddingArg = int | tuple[int, ...] | tuple[tuple[int, int], ...] | Literal["valid", "same"]
 
-#: How the padded border is filled, as in ``nn.Conv{N}d(padding_mode=...)``.
+#: How the padded border is filled, as in ``nn.Conv{N}d(padding_mode=...)``: the names of the
+#: engine's registry ``convmat.engine.PADDING_MODES``, in its order (a test checks they agree).
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]

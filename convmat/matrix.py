@@ -16,6 +16,7 @@ from .engine import (
     Geometry,
     assemble,
     check_flip,
+    check_int,
     check_weight,
     conv_geometry,
     conv_transpose_geometry,
@@ -258,8 +259,7 @@ def conv2d_as_conv1d(
             f"{tuple(weight.shape)!r}"
         )
     c_out, c_in, kh, kw = weight.shape
-    if isinstance(input_height, bool) or not isinstance(input_height, int):
-        raise ConvMatError(f"input_height must be an int, got {input_height!r}")
+    input_height = check_int(input_height, "input_height")
     if input_height < 1:
         raise ConvMatError(f"input_height must be >= 1, got {input_height!r}")
     if isinstance(padding, str):

@@ -392,3 +392,26 @@ def test_double_frees_the_float32_matrices():
     assert got["held32"] > 100 * MiB  # 32 * 32 * 9 * 64^2 float32 values, and W^T ahead
     assert got["owners_after"] == []
     assert got["freed"] > 0.4 * got["held32"], got
+
+
+# -- what the analysis keeps: under the same budget ---------------------------------------------
+
+
+def test_derivative_bounds_are_in_the_one_cache():
+    """The activations' derivative bounds of the Lipschitz rules live in the one cache: reported
+    by cache_info, built once, emptied by clear_cache, and not kept under a budget of 0."""
+    from convmat.analysis.lipschitz import DERIVATIVE_OWNER, _derivative_sup
+
+    first = _derivative_sup("SiLU")
+    assert cache_info()[DERIVATIVE_OWNER] == {"entries": 1, "bytes": 8}
+    made = builds(DERIVATIVE_OWNER)
+    assert _derivative_sup("SiLU") == first and builds(DERIVATIVE_OWNER) == made
+    _derivative_sup("GELU", "tanh")
+    assert cache_info()[DERIVATIVE_OWNER] == {"entries": 2, "bytes": 16}
+    clear_cache()
+    assert DERIVATIVE_OWNER not in cache_info()
+    assert _derivative_sup("SiLU") == first and builds(DERIVATIVE_OWNER) == made + 2
+    clear_cache()
+    set_cache_budget(0)
+    assert _derivative_sup("SiLU") == first
+    assert DERIVATIVE_OWNER not in cache_info()

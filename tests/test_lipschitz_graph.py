@@ -437,3 +437,28 @@ def test_in_place_writes_and_repeated_outputs_are_counted():
 
     r = report(InPlace(), (2, 3))
     assert r.upper == pytest.approx(3 * math.sqrt(2), rel=1e-12)
+
+
+# -- the rules of functions: one table, target -> rule ------------------------------------------
+
+
+def test_function_rules_are_a_table(monkeypatch):
+    """A function node's rule is the table's entry for its name, and nothing else: without one
+    the bound is infinite; an entry added to the table is the rule that applies."""
+    from convmat.analysis import lipschitz
+
+    class Sine(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sin(3 * x)
+
+    assert "sin" not in lipschitz._FUNCTION_RULES
+    assert lipschitz._FUNCTION_RULES["relu"] is lipschitz._Bound._as_module
+    assert set(lipschitz._SHAPE_OPS) <= set(lipschitz._FUNCTION_RULES)
+    r = report(Sine(), (5,))
+    assert r.upper == math.inf and r.not_certified == ("sin (function sin): no Lipschitz rule "
+                                                       "for this operation",)  # fmt: skip
+    monkeypatch.setitem(lipschitz._FUNCTION_RULES, "sin",
+                        lambda bound, n, *_: bound._unary(n, 1.0, "|sin'| <= 1"))  # fmt: skip
+    r = report(Sine(), (5,))
+    assert r.upper == pytest.approx(3.0, rel=1e-12) and r.certified
+    assert [f.rule for f in r.factors] == ["times a constant: max |c|", "|sin'| <= 1"]

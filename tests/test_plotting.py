@@ -123,10 +123,10 @@ def test_complex_W_is_drawn_by_magnitude():
         (dict(source=torch.ones(2, 3), stride=2), r"a W tensor is drawn as it is"),
         (dict(source=torch.ones(2, 3, device="meta")), r"W is on the meta device"),
         (dict(source=torch.ones(0, 3)), r"at least one row and one column, got shape \(0, 3\)"),
-        (dict(source=torch.ones(2, 3), max_size=0), r"max_size must be a positive int, got 0"),
+        (dict(source=torch.ones(2, 3), max_size=0), r"max_size must be an int >= 1, got 0"),
         (
             dict(source=torch.ones(2, 3), max_size=True),
-            r"max_size must be a positive int, got True",
+            r"max_size must be an int >= 1, got True",
         ),
         (
             dict(source=nn.Conv1d(1, 1, 3), input_size=5, stride=2),
@@ -135,7 +135,7 @@ def test_complex_W_is_drawn_by_magnitude():
         (dict(input_size=5), r"kernel_size is needed"),
         (
             dict(input_size=5, kernel_size=2, in_channels=1.5),
-            r"in_channels must be a positive int, got 1.5",
+            r"in_channels must be an int >= 1, got 1.5",
         ),
     ],
 )
@@ -176,7 +176,7 @@ def test_animation_displays_inline_and_writes_atomically(tmp_path):
 @pytest.mark.parametrize("name", ["max_frames", "fps"])
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "3", None])
 def test_animate_frame_arguments(tmp_path, name, value):
-    allowed = "a positive int" if name == "max_frames" else "an int from 1 to 50"
+    allowed = "an int >= 1" if name == "max_frames" else "an int from 1 to 50"
     with pytest.raises(ConvMatError, match=rf"{name} must be {allowed}, got {value!r}"):
         animate(tmp_path / "a.gif", 6, 3, **{name: value})
     assert list(tmp_path.iterdir()) == []

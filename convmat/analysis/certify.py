@@ -24,7 +24,16 @@ import numpy as np
 import torch
 
 from .._errors import ConvMatError
-from ..engine import Geometry, assemble, check_allocation, check_weight, weight_view
+from ..engine import (
+    Geometry,
+    assemble,
+    check_allocation,
+    check_weight,
+    read_by,
+    reads,
+    tap_reading,
+    weight_view,
+)
 from .cholmod import factor, load_cvxopt
 
 __all__ = ["Certificate", "certify_upper", "nested_dissection"]
@@ -134,39 +143,37 @@ def _to_scipy(t: torch.Tensor) -> Any:
 def _gram_side(conv: Geometry) -> tuple[str, tuple[int, ...], int, tuple[int, ...]]:
     """The smaller Gram side: its name, grid, channels and coupling reach per dimension."""
     rows, cols = conv.matrix_shape
-    span = [(k - 1) * d for k, d in zip(conv.kernel_size, conv.dilation)]
     if rows <= cols:  # W W^T: output positions whose windows overlap
-        size = conv.output_size
-        reach = [sp // s for sp, s in zip(span, conv.stride)]
-        return "output", size, conv.out_channels, tuple(min(r, n - 1) for r, n in zip(reach, size))
-    size = conv.input_size
-    return "input", size, conv.in_channels, tuple(min(r, n - 1) for r, n in zip(span, size))
+        return "output", conv.output_size, conv.out_channels, conv.gram_reach("output")
+    return "input", conv.input_size, conv.in_channels, conv.gram_reach("input")
 
 
 def _axis_masks(conv: Geometry, side: str, d: int, reach: int) -> tuple[np.ndarray, np.ndarray]:
     """Along dimension ``d``: ``pos[x, delta, a]``, whether the Gram entry between positions
     ``x`` and ``x + delta`` (``delta`` in ``-reach..reach``, stored at ``delta + reach``) takes
     tap ``a`` at a valid place, and ``partner[delta, a]``, the tap ``b`` it pairs with (-1
-    where none)."""
+    where none). Zero padding: the places are the window rule's (:mod:`convmat.engine.axes`)."""
     k, s, dil = conv.kernel_size[d], conv.stride[d], conv.dilation[d]
     before = conv.padding[d][0]
     n_in, n_out = conv.input_size[d], conv.output_size[d]
     delta = np.arange(-reach, reach + 1)[:, None]
     a = np.arange(k)[None, :]
-    if side == "output":  # rows are output positions o; input place o s + a dil - before
-        shift = a * dil - delta * s  # b dil
+    # The place tap a of output 0 reads; the partner b reads the same place from output
+    # delta (output side), or the place delta further on from output 0 (input side).
+    place0 = reads(0, a, s, dil, before)
+    if side == "output":  # rows are output positions o, reading o s + a dil - before
         n = n_out
         x = np.arange(n)[:, None, None]
-        place = x * s + a[None] * dil - before
+        place = reads(x, a[None], s, dil, before)
         pos = (place >= 0) & (place < n_in)
-    else:  # rows are input positions i; output o = (i + before - a dil) / s
-        shift = a * dil + delta
+        b, exact = tap_reading(place0, delta, s, dil, before)
+    else:  # rows are input positions i, read by output (i + before - a dil) / s
         n = n_in
         x = np.arange(n)[:, None, None]
-        num = x + before - a[None] * dil
-        pos = (num % s == 0) & (num >= 0) & (num // s < n_out)
-    b = np.where(shift % dil == 0, shift // dil, -1)
-    partner = np.where((b >= 0) & (b < k), b, -1)
+        o, hit = read_by(x, a[None], s, dil, before)
+        pos = hit & (o >= 0) & (o < n_out)
+        b, exact = tap_reading(place0 + delta, 0, s, dil, before)
+    partner = np.where(exact & (b >= 0) & (b < k), b, -1)
     inside = (x + delta[None] >= 0) & (x + delta[None] < n)
     return pos & inside & (partner >= 0)[None], partner
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import operator
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,16 @@ import torch.fx
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import Geometry, available_memory, plain_conv_problem
+from ..engine import (
+    Geometry,
+    adaptive_window,
+    available_memory,
+    cached,
+    most_reads,
+    ntuple,
+    plain_conv_problem,
+    reads,
+)
 from ..layers.linear import SparseLinear
 from .spectral import (
     _DENSE_SLACK,
@@ -602,8 +610,22 @@ _AS_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
 }  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
+#: The cache owner of the activations' derivative bounds (see :func:`convmat.cache_info`).
+DERIVATIVE_OWNER = "derivative bound"
+
+
 def _derivative_sup(kind: str, approximate: str = "none") -> float:
+    """:func:`_derivative_sup_uncached`, kept in the engine's one cache (a float each, under
+    its byte budget and emptied by :func:`convmat.clear_cache`)."""
+    return cached(
+        (DERIVATIVE_OWNER, kind, approximate),
+        DERIVATIVE_OWNER,
+        lambda: _derivative_sup_uncached(kind, approximate),
+        lambda _: 8,  # one float64
+    )
+
+
+def _derivative_sup_uncached(kind: str, approximate: str = "none") -> float:
     """An upper bound on ``sup |f'|`` for GELU, SiLU or Mish: the largest ``|f'|`` on a grid
     of step ``h`` over ``[-40, 40]``, plus ``h max|f''|`` (twice what Taylor's theorem needs:
     ``f'`` moves by at most ``max|f''| h / 2`` from the nearest grid point, with ``max|f''|``
@@ -650,17 +672,14 @@ _DROPOUT = (nn.modules.dropout._DropoutNd, nn.AlphaDropout)
 def _overlap(in_size: int, out_size: int, kernel: int, stride: int, padding: int,
              dilation: int) -> int:  # fmt: skip
     """The most windows of a 1-D pooling that any input position belongs to."""
-    pos = (torch.arange(out_size)[:, None] * stride - padding
-           + dilation * torch.arange(kernel)[None, :]).flatten()  # fmt: skip
-    pos = pos[(pos >= 0) & (pos < in_size)]
-    return int(torch.bincount(pos, minlength=in_size).max()) if pos.numel() else 0
+    taps = torch.arange(kernel)[None, :]
+    return most_reads(reads(torch.arange(out_size)[:, None], taps, stride, dilation, padding),
+                      in_size)  # fmt: skip
 
 
 def _adaptive_overlap(in_size: int, out_size: int) -> int:
     """The most windows of a 1-D adaptive pooling that any input position belongs to."""
-    i = torch.arange(out_size)
-    start = (i * in_size) // out_size
-    end = -((-(i + 1) * in_size) // out_size)
+    start, end = adaptive_window(torch.arange(out_size), in_size, out_size)
     cover = (torch.arange(in_size)[None, :] >= start[:, None]) & (
         torch.arange(in_size)[None, :] < end[:, None]
     )
@@ -680,7 +699,7 @@ def _pool_matrix_norm(m: nn.Module, in_spatial: tuple[int, ...],
     adaptive = isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd)
     fn = getattr(nn.functional, f"{'adaptive_' if adaptive else ''}avg_pool{d}d")
     if not adaptive:
-        k, s, p = (nn.modules.utils._ntuple(d)(v) for v in (m.kernel_size, m.stride, m.padding))
+        k, s, p = (ntuple(getattr(m, a), d, a) for a in ("kernel_size", "stride", "padding"))
         override = getattr(m, "divisor_override", None)
     total = 1.0
     for i, n in enumerate(in_spatial):
@@ -706,8 +725,8 @@ def _pool(m: nn.Module, x: torch.Tensor, result: Any) -> tuple[float, str] | Non
     in_sp, out_sp = tuple(x.shape[2:]), tuple(result.shape[2:])
     if isinstance(m, nn.modules.pooling._MaxPoolNd):
         d = len(in_sp)
-        k, s, p, dl = (nn.modules.utils._ntuple(d)(v)
-                       for v in (m.kernel_size, m.stride, m.padding, m.dilation))  # fmt: skip
+        k, s, p, dl = (ntuple(getattr(m, a), d, a)
+                       for a in ("kernel_size", "stride", "padding", "dilation"))  # fmt: skip
         count = math.prod(_overlap(*a) for a in zip(in_sp, out_sp, k, s, p, dl))
         return math.sqrt(count), f"max pooling: sqrt(most windows per input entry = {count})"
     if isinstance(m, nn.modules.pooling._AdaptiveMaxPoolNd):
@@ -739,9 +758,9 @@ def _interpolate_norm(x: torch.Tensor, options: dict[str, Any]) -> float:
         eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, *one[:i], n, *one[i + 1 :])
         kw = dict(options)
         if size is not None:
-            kw["size"] = [*one[:i], nn.modules.utils._ntuple(d)(size)[i], *one[i + 1 :]]
+            kw["size"] = [*one[:i], ntuple(size, d, "size")[i], *one[i + 1 :]]
         if scale is not None:
-            sf = nn.modules.utils._ntuple(d)(scale)
+            sf = scale if isinstance(scale, list | tuple) else (scale,) * d
             kw["scale_factor"] = [1.0 * (j != i) or float(sf[i]) for j in range(d)]
         out = nn.functional.interpolate(eye, **kw)
         total *= _dense_upper(out.reshape(n, -1))
@@ -924,72 +943,114 @@ class _Bound(torch.fx.Interpreter):
 
     def _function(self, n: torch.fx.Node, args: tuple, kwargs: dict,
                   result: Any) -> tuple[float, str, float]:  # fmt: skip
+        """The rule of a function or method node, looked up by its name in
+        :data:`_FUNCTION_RULES`."""
+        rule = _FUNCTION_RULES.get(_name(n.target))
+        found = rule(self, n, args, kwargs, result) if rule is not None else None
+        if found is None:
+            return math.inf, "no Lipschitz rule for this operation", math.inf
+        return found
+
+    # -- the rules of functions and methods (each: node, args, kwargs, result -> bound) -------
+
+    def _add(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        a, b = (*n.args, n.kwargs.get("other"))[:2]
+        va, vb = (*args, kwargs.get("other"))[:2]
+        alpha = abs(float(kwargs.get("alpha", 1)))
+        lip = self.L(a) * _spread(va, result) + alpha * self.L(b) * _spread(vb, result)
+        return 1.0, "sum: L(a) + L(b) (each times sqrt(copies) if broadcast)", lip
+
+    def _neg(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        return self._unary(n, 1.0, "negation")
+
+    def _product(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
         name = _name(n.target)
+        a, b = n.args[:2]
+        if self.L(a) and self.L(b):
+            return math.inf, "product of two tensors that depend on the input", math.inf
+        const = args[1] if self.L(a) else args[0]
+        if name in _DIV and not self.L(a):
+            return math.inf, "division by a tensor that depends on the input", math.inf
+        c = float(torch.as_tensor(const).double().abs().max())
+        c = 1 / float(torch.as_tensor(const).double().abs().min()) if name in _DIV else c
+        spread = _spread(args[0] if self.L(a) else args[1], result)
+        return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
+
+    def _cat(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        parts = n.args[0] if n.args else n.kwargs["tensors"]
+        return (
+            1.0,
+            "concatenation: sqrt(sum of squares)",
+            math.sqrt(sum(self.L(p) ** 2 for p in parts)),
+        )
+
+    def _reduce(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        name, x = _name(n.target), args[0] if args else None
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dims is None:
+            count = x.numel()
+        else:
+            dims = (dims,) if isinstance(dims, int) else dims
+            count = math.prod(x.shape[d] for d in dims)
+        factor = 1 / math.sqrt(count) if name == "mean" else math.sqrt(count)
+        return self._unary(n, factor, f"{name} over {count} entries")
+
+    def _moves(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        return self._unary(n, 1.0, "moves or selects entries")
+
+    def _copies(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
         x = args[0] if args else None
-        if name in _ADD:
-            a, b = (*n.args, n.kwargs.get("other"))[:2]
-            va, vb = (*args, kwargs.get("other"))[:2]
-            alpha = abs(float(kwargs.get("alpha", 1)))
-            lip = self.L(a) * _spread(va, result) + alpha * self.L(b) * _spread(vb, result)
-            return 1.0, "sum: L(a) + L(b) (each times sqrt(copies) if broadcast)", lip
-        if name in ("neg", "neg_"):
-            return self._unary(n, 1.0, "negation")
-        if name in _MUL | _DIV:
-            a, b = n.args[:2]
-            if self.L(a) and self.L(b):
-                return math.inf, "product of two tensors that depend on the input", math.inf
-            const = args[1] if self.L(a) else args[0]
-            if name in _DIV and not self.L(a):
-                return math.inf, "division by a tensor that depends on the input", math.inf
-            c = float(torch.as_tensor(const).double().abs().max())
-            c = 1 / float(torch.as_tensor(const).double().abs().min()) if name in _DIV else c
-            spread = _spread(args[0] if self.L(a) else args[1], result)
-            return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
-        if name in _CAT:
-            parts = n.args[0] if n.args else n.kwargs["tensors"]
-            return (
-                1.0,
-                "concatenation: sqrt(sum of squares)",
-                math.sqrt(sum(self.L(p) ** 2 for p in parts)),
-            )
-        if name in ("mean", "sum", "avg"):
-            dims = args[1] if len(args) > 1 else kwargs.get("dim")
-            if dims is None:
-                count = x.numel()
-            else:
-                dims = (dims,) if isinstance(dims, int) else dims
-                count = math.prod(x.shape[d] for d in dims)
-            factor = 1 / math.sqrt(count) if name == "mean" else math.sqrt(count)
-            return self._unary(n, factor, f"{name} over {count} entries")
-        if name in _SHAPE_OPS or (name == "flatten" and n.op == "call_function"):
-            return self._unary(n, 1.0, "moves or selects entries")
-        if name in ("expand", "expand_as", "repeat", "broadcast_to", "tile"):
-            return self._unary(n, _spread(x, result), "each entry copied: sqrt(copies)")
-        if name == "getitem":
-            index = n.args[1]
-            if isinstance(x, tuple | list) or _basic_index(index):
-                return self._unary(n, 1.0, "selects entries")
-            return math.inf, f"indexing with {index!r} may repeat entries", math.inf
-        if name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
-            if kwargs.get("training", args[2] if len(args) > 2 else True):
-                return math.inf, "dropout in training mode is random", math.inf
-            return self._unary(n, 1.0, "identity in eval mode")
-        if name in ("interpolate", "upsample"):
-            options = {**dict(zip(_INTERPOLATE, args[1:])), **kwargs}
-            if options.get("antialias"):
-                return math.inf, "antialiased resampling has no rule here", math.inf
-            rule = "exact norm of the resampling matrix"
-            return self._unary(n, _interpolate_norm(x, options), rule)
-        if name in _AS_MODULE:
-            cls, names = _AS_MODULE[name]
-            try:
-                m = cls(**dict(zip(names, args[1:])), **kwargs)
-            except TypeError as err:
-                return math.inf, f"could not read its arguments: {err}", math.inf
-            found = _activation(m) or _pool(m, x, result)
-            if found is not None:
-                return self._unary(n, *found)
-        return math.inf, "no Lipschitz rule for this operation", math.inf
+        return self._unary(n, _spread(x, result), "each entry copied: sqrt(copies)")
+
+    def _getitem(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        x, index = args[0] if args else None, n.args[1]
+        if isinstance(x, tuple | list) or _basic_index(index):
+            return self._unary(n, 1.0, "selects entries")
+        return math.inf, f"indexing with {index!r} may repeat entries", math.inf
+
+    def _dropout(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        if kwargs.get("training", args[2] if len(args) > 2 else True):
+            return math.inf, "dropout in training mode is random", math.inf
+        return self._unary(n, 1.0, "identity in eval mode")
+
+    def _resample(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+        options = {**dict(zip(_INTERPOLATE, args[1:])), **kwargs}
+        if options.get("antialias"):
+            return math.inf, "antialiased resampling has no rule here", math.inf
+        rule = "exact norm of the resampling matrix"
+        return self._unary(n, _interpolate_norm(args[0], options), rule)
+
+    def _as_module(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found | None:
+        """The rule of the module the function is (``F.relu`` is ``nn.ReLU``); None if none."""
+        cls, names = _AS_MODULE[_name(n.target)]
+        try:
+            m = cls(**dict(zip(names, args[1:])), **kwargs)
+        except TypeError as err:
+            return math.inf, f"could not read its arguments: {err}", math.inf
+        found = _activation(m) or _pool(m, args[0] if args else None, result)
+        return self._unary(n, *found) if found is not None else None
+
+
+#: ``(factor, rule, Lipschitz bound of the node's output)``.
+_Found = tuple[float, str, float]
+
+#: The Lipschitz rule of every function and method the graph may call, by its name:
+#: ``target -> rule(bound, node, args, kwargs, result)``, which gives a :data:`_Found` (or None:
+#: no rule after all). A name not here has no rule.
+_FUNCTION_RULES: dict[str, Callable[..., _Found | None]] = {
+    **dict.fromkeys(_ADD, _Bound._add),
+    **dict.fromkeys(("neg", "neg_"), _Bound._neg),
+    **dict.fromkeys(_MUL | _DIV, _Bound._product),
+    **dict.fromkeys(_CAT, _Bound._cat),
+    **dict.fromkeys(("mean", "sum", "avg"), _Bound._reduce),
+    **dict.fromkeys(_SHAPE_OPS, _Bound._moves),
+    **dict.fromkeys(("expand", "expand_as", "repeat", "broadcast_to", "tile"), _Bound._copies),
+    "getitem": _Bound._getitem,
+    **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"),
+                    _Bound._dropout),
+    **dict.fromkeys(("interpolate", "upsample"), _Bound._resample),
+    **dict.fromkeys(_AS_MODULE, _Bound._as_module),
+}  # fmt: skip
 
 
 def _spread(value: Any, result: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._errors import ConvMatError
-from ..engine import Geometry
+from ..engine import Geometry, check_int
 from .operator import ConvOperator
 
 __all__ = ["ConvSpectralNorm", "spectral_norm"]
@@ -30,12 +30,6 @@ __all__ = ["ConvSpectralNorm", "spectral_norm"]
 #: kernel; the operator's spectrum is denser at its top, and each step costs one convolution of
 #: a single input and its adjoint).
 INIT_ITERATIONS = 50
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConvMatError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_positive(value: Any, name: str) -> float:
@@ -96,10 +90,10 @@ class ConvSpectralNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.geometry = geometry
-        self.n_power_iterations = _check_int(n_power_iterations, "n_power_iterations", 1)
+        self.n_power_iterations = check_int(n_power_iterations, "n_power_iterations", 1)
         self.bound = _check_positive(bound, "bound")
         self.eps = _check_positive(eps, "eps")
-        init_iterations = _check_int(init_iterations, "init_iterations", 0)
+        init_iterations = check_int(init_iterations, "init_iterations", 0)
         op = ConvOperator.from_geometry(weight.detach(), geometry)
         u = weight.new_empty(op.out_shape).normal_(0, 1)
         v = weight.new_empty(op.in_shape).normal_(0, 1)
@@ -243,10 +237,10 @@ def spectral_norm(
             f"name must be 'weight' (the convolution's kernel, whose operator norm is taken), "
             f"got {name!r}"
         )
-    n_power_iterations = _check_int(n_power_iterations, "n_power_iterations", 1)
+    n_power_iterations = check_int(n_power_iterations, "n_power_iterations", 1)
     bound = _check_positive(bound, "bound")
     eps = _check_positive(eps, "eps")
-    init_iterations = _check_int(init_iterations, "init_iterations", 0)
+    init_iterations = check_int(init_iterations, "init_iterations", 0)
     geometry = Geometry.from_module(module, input_size)
     weight: torch.Tensor = module.weight  # type: ignore[assignment]
     param = ConvSpectralNorm(

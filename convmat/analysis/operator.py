@@ -83,16 +83,12 @@ def _conv_adjoint(geo: Geometry, w: torch.Tensor, y: torch.Tensor, flipped: Any)
     """A convolution's W^T applied to ``(B, C_out, *output_size)``; ``flipped()`` gives the
     kernel transposed per group and flipped (used for stride 1 with zero padding)."""
     n = geo.ndim
-    natural = [
-        (o - 1) * s + d * (k - 1) + 1
-        for o, s, d, k in zip(geo.output_size, geo.stride, geo.dilation, geo.kernel_size)
-    ]
-    unread = [p - q for p, q in zip(geo.padded_size, natural)]  # padded positions no window reads
-    if geo.padding_mode == "zeros" and all(s == 1 for s in geo.stride):
+    # padded positions no window reads
+    unread = [p - q for p, q in zip(geo.padded_size, geo.natural_size)]
+    if not geo.mode.folds and all(s == 1 for s in geo.stride):
         # Stride 1: the adjoint is a correlation with the flipped, transposed kernel over y
         # padded by d*(k-1) - pad (negative pads crop); often faster than conv_transpose.
-        spans = [d * (k - 1) for d, k in zip(geo.dilation, geo.kernel_size)]
-        pads = tuple((s - b, s - a + u) for s, (b, a), u in zip(spans, geo.padding, unread))
+        pads = tuple((s - b, s - a + u) for s, (b, a), u in zip(geo.spans, geo.padding, unread))
         return _CONV[n](F.pad(y, flat_pads(pads)), flipped(), dilation=geo.dilation,
                         groups=geo.groups)  # fmt: skip
     # output_padding may exceed what conv_transpose accepts; zero-extend instead.

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._errors import ConvMatError
+from .axes import most_reads
 
 if TYPE_CHECKING:
     import torch
@@ -31,11 +32,12 @@ class PaddingMode:
         name: the ``padding_mode`` string of ``nn.Conv{N}d``.
         torch_pad_mode: the ``mode`` of ``torch.nn.functional.pad``.
         folds: padded positions read real inputs (their taps add onto those inputs in W).
-        periodic: the padded input is the input repeated (a convolution whose windows tile the
-            input is then a circular one).
+        label: its name in prose, before "padding" (``"zero padding"``).
+        periodic: the padded input repeats the input (a convolution with it is circular).
     """
 
     name: str = ""
+    label: str = ""
     torch_pad_mode: str = ""
     folds: bool = True
     periodic: bool = False
@@ -54,23 +56,21 @@ class PaddingMode:
         import torch  # here: the shape rules need no torch
 
         p, valid = self.source(torch.arange(-before, size + after), size)
-        if valid is not None:
-            p = p[valid]
-        return int(torch.bincount(p, minlength=size).max()) if p.numel() else 0
+        return most_reads(p if valid is None else p[valid], size)
 
     def __repr__(self) -> str:
         return f"PaddingMode({self.name!r})"
 
 
 class _Zeros(PaddingMode):
-    name, torch_pad_mode, folds = "zeros", "constant", False
+    name, torch_pad_mode, folds, label = "zeros", "constant", False, "zero"
 
     def source(self, position, size):
         return position, (position >= 0) & (position < size)
 
 
 class _Reflect(PaddingMode):
-    name = torch_pad_mode = "reflect"
+    name = torch_pad_mode = label = "reflect"
 
     def source(self, position, size):
         p = position.abs()
@@ -85,14 +85,14 @@ class _Reflect(PaddingMode):
 
 
 class _Replicate(PaddingMode):
-    name = torch_pad_mode = "replicate"
+    name = torch_pad_mode = label = "replicate"
 
     def source(self, position, size):
         return position.clamp(0, size - 1), None
 
 
 class _Circular(PaddingMode):
-    name = torch_pad_mode = "circular"
+    name = torch_pad_mode = label = "circular"
     periodic = True
 
     def source(self, position, size):

@@ -7,10 +7,11 @@ How the pattern is found, without a Python loop over positions, taps or channels
 
 1. **One axis at a time.** Along spatial dimension ``d`` every output position ``r`` reads the
    input positions ``c = r * s + m * dil - pad`` for taps ``m`` (for a transposed convolution the
-   same relation read the other way round). Zero padding drops the taps that fall outside the
-   input; reflect, replicate and circular padding map them back inside, where two taps may land
-   on the same input (they *fold*: their weights add up). Per output position the distinct input
-   positions are sorted into *slots*; this is an ``(R_d, k_d)`` problem, tiny next to W.
+   same relation read the other way round; :meth:`Geometry.taps` owns the rule). Zero padding
+   drops the taps that fall outside the input; reflect, replicate and circular padding map them
+   back inside, where two taps may land on the same input (they *fold*: their weights add up).
+   Per output position the distinct input positions are sorted into *slots*; this is an
+   ``(R_d, k_d)`` problem, tiny next to W.
 2. **The product over axes and input channels.** A row of W is ``(channel, r_1, ..., r_N)``; its
    non-zeros are the product of the slots of every axis with the input channels of its group.
    In C order ``(c_in, slot_1, ..., slot_N)`` their columns come out sorted and distinct, so CSR
@@ -78,20 +79,9 @@ class _Axis:
 
 
 def axis_taps(geo: Geometry, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input position read by every ``(output position, tap)`` of one axis, and its validity."""
-    k, s, d = geo.kernel_size[dim], geo.stride[dim], geo.dilation[dim]
-    before = geo.padding[dim][0]
-    size = geo.input_size[dim]
-    r = torch.arange(geo.output_size[dim], dtype=INDEX)[:, None]
-    m = torch.arange(k, dtype=INDEX)[None, :]
-    if geo.transposed:
-        # Output r of the transposed convolution is input r of the matching convolution;
-        # it receives x[n] through tap m exactly when n * s + m * d - before == r.
-        num = r + before - m * d
-        valid = (num % s == 0) & (num >= 0) & (num < size * s)
-        return torch.div(num, s, rounding_mode="floor"), valid
-    p, valid = geo.mode.source(r * s + m * d - before, size)
-    return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
+    """Input position read by every ``(output position, tap)`` of one axis, and its validity
+    (:meth:`Geometry.taps`, the one home of the window rule)."""
+    return geo.taps(dim)
 
 
 def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:

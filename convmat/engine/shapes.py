@@ -13,15 +13,22 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._errors import ConvMatError
 from .._typing import IntOrTuple, PaddingArg, Pads
+from . import axes
 from .padding import PADDING_MODES, PaddingMode
 from .padding import padding_mode as _mode
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "Geometry",
+    "check_count",
+    "check_int",
+    "check_shape",
     "conv_geometry",
     "conv_output_size",
     "conv_transpose_geometry",
@@ -92,6 +99,179 @@ class Geometry:
             False, self.out_channels, self.in_channels, self.groups, self.output_size,
             self.input_size, self.kernel_size, self.stride, self.dilation, self.padding,
         )  # fmt: skip
+
+    # -- the per-axis rules (engine/axes.py), asked of this geometry ----------------------------
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """How far the last tap of a window lies from its first, per dimension: ``d * (k - 1)``.
+
+        >>> conv_geometry((1, 1, 3), 8, dilation=2).spans
+        (4,)
+        """
+        return tuple(axes.span(k, d) for k, d in zip(self.kernel_size, self.dilation))
+
+    @property
+    def natural_size(self) -> tuple[int, ...]:
+        """The padded length the windows of a convolution read, per dimension:
+        ``(out - 1) * s + d * (k - 1) + 1`` (``padded_size`` may be longer; no window reads the
+        rest). For a transposed geometry, that of its input as the matching convolution's output.
+
+        Shape:
+            ``natural[d] <= padded_size[d]``.
+
+        >>> conv_geometry((1, 1, 3), 10, stride=2).natural_size, (10,)
+        ((9,), (10,))
+        """
+        conv = self.matching_conv
+        return tuple(
+            axes.natural_size(o, k, s, d)
+            for o, k, s, d in zip(conv.output_size, conv.kernel_size, conv.stride, conv.dilation)
+        )
+
+    def reads(self, dim: int, output: Any, tap: Any) -> Any:
+        """The input position (of the matching convolution, unpadded) that tap ``tap`` of output
+        ``output`` reads along dimension ``dim``: ``o * s + m * d - before``
+        (:func:`convmat.engine.axes.reads`; ints, numpy arrays or torch tensors, broadcast).
+
+        >>> conv_geometry((1, 1, 3), 8, stride=2, padding=1).reads(0, 3, 2)
+        7
+        """
+        return axes.reads(output, tap, self.stride[dim], self.dilation[dim], self.padding[dim][0])
+
+    def taps(
+        self, dim: int, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input position each tap of each output position adds into along dimension
+        ``dim``, and whether it adds into any: the padding mode maps a padded position to the
+        input it copies (zero padding drops it); a transposed convolution's output ``r``
+        receives input ``n`` through tap ``m`` where the matching convolution's output ``n``
+        reads ``r`` through it (:func:`convmat.engine.axes.read_by`).
+
+        Args:
+            dim: the spatial dimension.
+            positions: output positions (int64); every one by default.
+
+        Returns:
+            ``(input position, valid)``, where the position is meaningful only where valid.
+
+        Shape:
+            both ``(len(positions), kernel_size[dim])``.
+
+        >>> geo = conv_geometry((1, 1, 3), 4, padding=1, padding_mode="reflect")
+        >>> geo.taps(0)[0]
+        tensor([[1, 0, 1],
+                [0, 1, 2],
+                [1, 2, 3],
+                [2, 3, 2]])
+        """
+        import torch  # here: the shape rules need no torch
+
+        k, s, d = self.kernel_size[dim], self.stride[dim], self.dilation[dim]
+        before, size = self.padding[dim][0], self.input_size[dim]
+        if positions is None:
+            positions = torch.arange(self.output_size[dim], dtype=torch.int64)
+        r = positions[:, None]
+        m = torch.arange(k, dtype=torch.int64)[None, :]
+        if self.transposed:
+            n, exact = axes.read_by(r, m, s, d, before)
+            return n, exact & (n >= 0) & (n < size)
+        p, valid = self.mode.source(axes.reads(r, m, s, d, before), size)
+        return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
+
+    def gram_reach(self, side: Literal["input", "output"]) -> tuple[int, ...]:
+        """How far apart two positions of ``side`` (of this convolution) can be and still share
+        a position of the other side through zero padding, per dimension, at most the side's
+        size less one: the half-bandwidth of ``W^T W`` (``"input"``) or ``W W^T`` (``"output"``).
+
+        >>> conv_geometry((1, 1, 5), 9, stride=2).gram_reach("output")
+        (2,)
+        """
+        size = self.input_size if side == "input" else self.output_size
+        return tuple(
+            min(axes.coupling_reach(k, s, d, side), n - 1)
+            for k, s, d, n in zip(self.kernel_size, self.stride, self.dilation, size)
+        )
+
+    @property
+    def index_bound(self) -> int:
+        """A bound on every position and numerator the per-axis rules compute for this geometry
+        (``|o * s + m * d - before|`` and ``|r + before - m * d|``, on either side), to check
+        that they stay far inside int64.
+
+        >>> conv_geometry((1, 1, 3), 8).index_bound
+        17
+        """
+        return max(
+            (i + o) * s + k * d + b + a
+            for i, o, s, k, d, (b, a) in zip(self.input_size, self.output_size, self.stride,
+                                             self.kernel_size, self.dilation, self.padding)
+        )  # fmt: skip
+
+    @classmethod
+    def from_channels(
+        cls,
+        input_size: IntOrTuple,
+        kernel_size: IntOrTuple,
+        *,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        groups: int = 1,
+        stride: IntOrTuple = 1,
+        padding: PaddingArg = 0,
+        dilation: IntOrTuple = 1,
+        padding_mode: str = "zeros",
+        transposed: bool = False,
+        output_padding: IntOrTuple = 0,
+    ) -> Geometry:
+        """The geometry of a configuration given by its channel counts (no weight), with the
+        weight shape it implies (``(C_out, C_in // groups, *kernel)``, or ``(C_in, C_out //
+        groups, *kernel)`` transposed). The number of spatial dimensions is that of the longer
+        of ``input_size`` and ``kernel_size``.
+
+        Raises:
+            ConvMatError: a count that is not an int >= 1, channels not divisible by ``groups``,
+                or anything :func:`conv_geometry` / :func:`conv_transpose_geometry` refuse.
+
+        Shape:
+            ``matrix_shape = (out_channels * prod(output_size), in_channels * prod(input_size))``
+
+        >>> Geometry.from_channels(6, 3, in_channels=2, out_channels=4, groups=2).matrix_shape
+        (16, 12)
+        """
+        if not isinstance(transposed, bool):
+            raise ConvMatError(f"transposed must be True or False, got {transposed!r}")
+        in_channels = check_count(in_channels, "in_channels")
+        out_channels = check_count(out_channels, "out_channels")
+        groups = check_count(groups, "groups")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value % groups:
+                raise ConvMatError(
+                    f"{name} must be divisible by groups, got {name}={value} with groups={groups}"
+                )
+        n = max(len(v) if isinstance(v, tuple | list) else 1 for v in (input_size, kernel_size))
+        k = ntuple(kernel_size, n, "kernel_size", 1)
+        if transposed:
+            return conv_transpose_geometry(
+                (in_channels, out_channels // groups, *k), input_size, stride=stride,
+                padding=padding, output_padding=output_padding, groups=groups, dilation=dilation,
+            )  # fmt: skip
+        return conv_geometry(
+            (out_channels, in_channels // groups, *k), input_size, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode,
+        )  # fmt: skip
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the weight: ``(C_out, C_in // groups, *kernel)``, or transposed
+        ``(C_in, C_out // groups, *kernel)``.
+
+        >>> Geometry.from_channels(6, 3, in_channels=2, out_channels=4).weight_shape
+        (4, 2, 3)
+        """
+        if self.transposed:
+            return (self.in_channels, self.out_channels // self.groups, *self.kernel_size)
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     @classmethod
     def from_module(
@@ -198,16 +378,83 @@ def check_flip(flip: object) -> bool:
     return flip
 
 
-def _as_int(value: Any, name: str) -> int:
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int (a bool, a float or a str is refused), within ``minimum`` and
+    ``maximum`` where given: the one check of every integer argument.
+
+    Raises:
+        ConvMatError: ``"{name} must be an int >= 1, got 0"`` (``an int``, ``an int >= m`` or
+            ``an int from m to M``); ``"... must fit in a 64-bit integer"`` past torch's range.
+
+    Shape:
+        not applicable (a number).
+
+    >>> check_int(3, "groups", 1)
+    3
+    >>> check_int(0, "fps", 1, 60)
+    Traceback (most recent call last):
+    ...
+    convmat._errors.ConvMatError: fps must be an int from 1 to 60, got 0
+    """
+    if minimum is None:
+        allowed = "an int"
+    elif maximum is None:
+        allowed = f"an int >= {minimum}"
+    else:
+        allowed = f"an int from {minimum} to {maximum}"
     if isinstance(value, bool):
-        raise ConvMatError(f"{name} must be an int, got {value!r}")
+        raise ConvMatError(f"{name} must be {allowed}, got {value!r}")
     try:
         out = operator.index(value)
     except TypeError:
-        raise ConvMatError(f"{name} must be an int, got {value!r}") from None
+        raise ConvMatError(f"{name} must be {allowed}, got {value!r}") from None
+    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
+        raise ConvMatError(f"{name} must be {allowed}, got {value!r}")
     if abs(out) > _INT64_MAX:
         raise ConvMatError(f"{name} must fit in a 64-bit integer (as in torch), got {value!r}")
     return out
+
+
+def check_count(value: Any, name: str) -> int:
+    """A channel, group or iteration count: an int >= 1 (:func:`check_int`).
+
+    Shape:
+        not applicable (a number).
+
+    >>> check_count(4, "in_channels")
+    4
+    """
+    return check_int(value, name, 1)
+
+
+def check_shape(value: Any, name: str, allowed: str) -> tuple[int, ...]:
+    """A shape: a non-empty sequence of ints >= 1 (no bools, floats or strings), the one check
+    of every shape argument; its message says ``"{name} must be {allowed}, got {value!r}"``.
+
+    Shape:
+        the shape given, as a tuple.
+
+    >>> check_shape([3, 8, 8], "input_shape", "a tuple of ints >= 1")
+    (3, 8, 8)
+    """
+    message = f"{name} must be {allowed}, got {value!r}"
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        raise ConvMatError(message)
+    out = []
+    for v in value:
+        if isinstance(v, bool):
+            raise ConvMatError(message)
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise ConvMatError(message) from None
+    if any(v < 1 for v in out):
+        raise ConvMatError(message)
+    return tuple(out)
+
+
+def _as_int(value: Any, name: str) -> int:
+    return check_int(value, name)
 
 
 def ntuple(value: Any, n: int, name: str, minimum: int | None = None) -> tuple[int, ...]:
@@ -280,7 +527,7 @@ def _padding_pairs(
                     f"{stride!r}; use same_padding() for the (before, after) pads of a strided "
                     f"'SAME' convolution"
                 )
-            totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            totals = [axes.span(k, d) for k, d in zip(kernel_size, dilation)]
             return tuple((t // 2, t - t // 2) for t in totals)
         raise ConvMatError(f"padding must be {allowed}, got {padding!r}")
     if isinstance(padding, Sequence):
@@ -307,7 +554,7 @@ def _check_kernel_fits(
     input_size: tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...], pads: Pads
 ) -> None:
     for dim, (i, k, d, (b, a)) in enumerate(zip(input_size, kernel_size, dilation, pads)):
-        span = d * (k - 1) + 1
+        span = axes.span(k, d) + 1
         if span > i + b + a:
             raise ConvMatError(
                 f"kernel_size {k} with dilation {d} spans {span} elements, more than the padded "
@@ -317,7 +564,7 @@ def _check_kernel_fits(
 
 
 def _conv_out(i: int, k: int, s: int, d: int, pad: tuple[int, int]) -> int:
-    return (i + pad[0] + pad[1] - d * (k - 1) - 1) // s + 1
+    return axes.output_length(i, k, s, d, *pad)
 
 
 def _check_output_padding(
@@ -341,7 +588,7 @@ def _transpose_out(
     dilation: tuple[int, ...],
 ) -> tuple[int, ...]:
     out = tuple(
-        (i - 1) * s - b - a + d * (k - 1) + op + 1
+        axes.transposed_output_length(i, k, s, d, b, a, op)
         for i, k, s, (b, a), op, d in zip(
             input_size, kernel_size, stride, pads, output_padding, dilation
         )
@@ -467,7 +714,7 @@ def same_padding(
     i, k, s, d = _sizes(n, input_size, kernel_size, stride, dilation)
     pads = []
     for ii, kk, ss, dd in zip(i, k, s, d):
-        total = max((-(-ii // ss) - 1) * ss + dd * (kk - 1) + 1 - ii, 0)
+        total = max(axes.natural_size(-(-ii // ss), kk, ss, dd) - ii, 0)
         pads.append((total // 2, total - total // 2))
     return tuple(pads)
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import operator
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ from torch import nn
 
 from .._errors import ConvMatError
 from .._typing import IntOrTuple
-from ..engine import Geometry, check_allocation, ntuple
+from ..engine import Geometry, adaptive_window, check_allocation, check_shape, ntuple, reads
 from ..matrix import to_matrix
 
 __all__ = ["SparseLinear", "to_linear", "to_mlp"]
@@ -213,20 +211,11 @@ def _check_eval(path: str, m: nn.Module) -> None:
 
 
 def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
-    allowed = "a tuple (C, *spatial) of ints >= 1: the shape of one input, without the batch"
-    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
-        raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}")
-    out = []
-    for v in input_shape:
-        if isinstance(v, bool):
-            raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}")
-        try:
-            out.append(operator.index(v))
-        except TypeError:
-            raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}") from None
-    if not out or any(v < 1 for v in out):
-        raise ConvMatError(f"input_shape must be {allowed}, got {input_shape!r}")
-    return tuple(out)
+    return check_shape(
+        input_shape,
+        "input_shape",
+        "a tuple (C, *spatial) of ints >= 1: the shape of one input, without the batch",
+    )
 
 
 def _spatial_dims(m: nn.Module, kinds: tuple[type, ...]) -> int:
@@ -452,10 +441,11 @@ def _avgpool_axes(
     ps = ntuple(m.padding, n, "padding", 0)
     axes = []
     for size, o, k, s, p in zip(spatial, out, ks, ss, ps):
-        start = torch.arange(o, dtype=torch.int64) * s - p
+        r = torch.arange(o, dtype=torch.int64)
+        cols = reads(r[:, None], torch.arange(k, dtype=torch.int64)[None, :], s, 1, p)
+        start = cols[:, 0]
         end = torch.clamp(start + k, max=size + p)  # windows never reach past the padding
         lo, hi = start.clamp(min=0), end.clamp(max=size)
-        cols = start[:, None] + torch.arange(k, dtype=torch.int64)[None, :]
         valid = (cols >= lo[:, None]) & (cols < hi[:, None])
         count = end - start if m.count_include_pad else (hi - lo).clamp(min=0)
         axes.append((cols, valid, count))
@@ -469,9 +459,7 @@ def _adaptive_axes(
     ``[floor(o * in / out), ceil((o + 1) * in / out))``."""
     axes = []
     for size, o in zip(spatial, out):
-        r = torch.arange(o, dtype=torch.int64)
-        start = r * size // o
-        end = ((r + 1) * size + o - 1) // o
+        start, end = adaptive_window(torch.arange(o, dtype=torch.int64), size, o)
         width = int((end - start).max())
         cols = start[:, None] + torch.arange(width, dtype=torch.int64)[None, :]
         axes.append((cols, cols < end[:, None], end - start))

@@ -40,9 +40,7 @@ from .._errors import ConvMatError
 from ..engine import (
     PADDING_MODES,
     Geometry,
-    conv_geometry,
     conv_output_size,
-    conv_transpose_geometry,
     same_padding,
 )
 
@@ -206,18 +204,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 def _geometry(config: dict[str, Any]) -> Geometry:
     """The geometry alone: no pattern, no W."""
-    c = config
-    if c["transposed"]:
-        shape = (c["in_channels"], c["out_channels"] // c["groups"], *c["kernel_size"])
-        return conv_transpose_geometry(
-            shape, c["input_size"], stride=c["stride"], padding=c["padding"],
-            output_padding=c["output_padding"], groups=c["groups"], dilation=c["dilation"],
-        )  # fmt: skip
-    shape = (c["out_channels"], c["in_channels"] // c["groups"], *c["kernel_size"])
-    return conv_geometry(
-        shape, c["input_size"], stride=c["stride"], padding=c["padding"],
-        dilation=c["dilation"], groups=c["groups"], padding_mode=c["padding_mode"],
-    )  # fmt: skip
+    return Geometry.from_channels(**{k: v for k, v in config.items() if k != "flip"})
 
 
 def _size_lines(geo: Geometry) -> list[str]:

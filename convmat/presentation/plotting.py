@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import Geometry, check_allocation, conv_geometry, conv_transpose_geometry, ntuple
+from ..engine import Geometry, check_allocation, check_count, check_int
 from .symbolic import SymbolicMatrix, symbolic
 
 __all__ = ["Animation", "animate", "plot_matrix", "save_figure"]
@@ -70,15 +70,6 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     fig = figure_class(figsize=figsize)
     canvas_class(fig)  # attaches itself as fig.canvas; no pyplot, no backend
     return fig
-
-
-def _positive_int(value: Any, name: str, most: int | None = None) -> int:
-    allowed = "a positive int" if most is None else f"an int from 1 to {most}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConvMatError(f"{name} must be {allowed}, got {value!r}")
-    if value < 1 or (most is not None and value > most):
-        raise ConvMatError(f"{name} must be {allowed}, got {value!r}")
-    return value
 
 
 def _output_path(path: Any, suffixes: tuple[str, ...]) -> Path:
@@ -155,23 +146,7 @@ def _geometry(config: dict[str, Any]) -> Geometry:
         raise TypeError(f"plot_matrix() got unexpected keyword arguments {unknown!r}")
     if "kernel_size" not in config:
         raise ConvMatError("kernel_size is needed to draw W of a configuration")
-    size, kernel = config["input_size"], config["kernel_size"]
-    n = max(len(v) if isinstance(v, tuple | list) else 1 for v in (size, kernel))
-    k = ntuple(kernel, n, "kernel_size", 1)
-    cin, cout = config.get("in_channels", 1), config.get("out_channels", 1)
-    groups = config.get("groups", 1)
-    for name, value in (("in_channels", cin), ("out_channels", cout), ("groups", groups)):
-        _positive_int(value, name)
-    common = {key: config[key] for key in ("stride", "padding", "dilation") if key in config}
-    if config.get("transposed", False):
-        return conv_transpose_geometry(
-            (cin, cout // groups, *k), size, groups=groups,
-            output_padding=config.get("output_padding", 0), **common,
-        )  # fmt: skip
-    return conv_geometry(
-        (cout, cin // groups, *k), size, groups=groups,
-        padding_mode=config.get("padding_mode", "zeros"), **common,
-    )  # fmt: skip
+    return Geometry.from_channels(**{k: v for k, v in config.items() if k != "flip"})
 
 
 def _config_of(geo: Geometry) -> dict[str, Any]:
@@ -271,7 +246,7 @@ def plot_matrix(
     >>> plot_matrix(torch.ones(3, 4, dtype=torch.complex64)).axes[0].get_title()
     '|W| (magnitude of a complex W)'
     """
-    max_size = _positive_int(max_size, "max_size")
+    max_size = check_count(max_size, "max_size")
     sym = None
     if isinstance(source, torch.Tensor):
         if input_size is not None or config:
@@ -402,7 +377,7 @@ def animate(
         path: the GIF to write (ending in ``.gif``, in an existing directory), or None to write
             nothing.
         input_size, kernel_size, **config: as :func:`convmat.symbolic`.
-        max_frames: cap on the frames (the first positions are shown), a positive int.
+        max_frames: cap on the frames (the first positions are shown), an int >= 1.
         fps: frames per second, an int from 1 to 50.
 
     Returns:
@@ -421,8 +396,8 @@ def animate(
     2
     """
     target = None if path is None else _output_path(path, (".gif",))
-    max_frames = _positive_int(max_frames, "max_frames")
-    fps = _positive_int(fps, "fps", MAX_FPS)
+    max_frames = check_count(max_frames, "max_frames")
+    fps = check_int(fps, "fps", 1, MAX_FPS)
     from PIL import Image
 
     geo = _geometry({"input_size": input_size, "kernel_size": kernel_size, **config})
@@ -477,8 +452,9 @@ def _frame_drawer(
         # (spread by the dilation, moved by the stride).
         grid_size = geo.padded_size
         real = tuple(slice(b, b + i) for i, (b, _) in zip(geo.input_size, geo.padding))
-        mode = "zero" if geo.padding_mode == "zeros" else geo.padding_mode
-        left.set_title(f"padded input ({mode} padding blank), the kernel's taps dark", fontsize=10)
+        left.set_title(
+            f"padded input ({geo.mode.label} padding blank), the kernel's taps dark", fontsize=10
+        )
     shape2d = grid_size if geo.ndim == 2 else (1, grid_size[0])
     image = left.imshow(torch.zeros(shape2d).numpy(), cmap="Blues", vmin=0, vmax=1)
     left.set_xticks([])
@@ -493,11 +469,10 @@ def _frame_drawer(
         else:
             cells[real] = 0.25
             position = torch.unravel_index(torch.tensor(frame), geo.output_size)
+            # positions in the padded input: the window rule's, shifted by the pads before
             taps = [
-                p * s + torch.arange(k) * d
-                for p, s, k, d in zip(
-                    (int(p) for p in position), geo.stride, geo.kernel_size, geo.dilation
-                )
+                geo.reads(dim, int(p), torch.arange(k)) + b
+                for dim, (p, k, (b, _)) in enumerate(zip(position, geo.kernel_size, geo.padding))
             ]
             cells[torch.meshgrid(*taps, indexing="ij")] = 1
         image.set_data(cells.view(shape2d).numpy())

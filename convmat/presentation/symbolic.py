@@ -35,10 +35,7 @@ from ..engine import (
     Geometry,
     check_allocation,
     check_flip,
-    conv_geometry,
-    conv_transpose_geometry,
     get_pattern,
-    ntuple,
     weight_view,
 )
 
@@ -92,36 +89,6 @@ def _indices(values: Any, size: int, name: str, of: str) -> range | list[int]:
     return [_index(v, size, name, of) for v in values]
 
 
-def _count(value: Any, name: str) -> int:
-    """A channel or group count: an int >= 1."""
-    if isinstance(value, bool):
-        raise ConvMatError(f"{name} must be an int >= 1, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ConvMatError(f"{name} must be an int >= 1, got {value!r}") from None
-    if v < 1:
-        raise ConvMatError(f"{name} must be an int >= 1, got {value!r}")
-    return v
-
-
-def _reads(geo: Geometry, dim: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Along spatial axis ``dim``: the input position that tap ``m`` of each output position
-    adds into, and whether it adds into any (zero padding), as two ``(n, k)`` tensors."""
-    k, s, d = geo.kernel_size[dim], geo.stride[dim], geo.dilation[dim]
-    before = geo.padding[dim][0]
-    m = torch.arange(k, dtype=torch.int64)[None, :]
-    r = positions[:, None]
-    if geo.transposed:
-        # Output r of a transposed convolution is input r of the matching convolution: it
-        # receives input n through tap m exactly when that convolution's output n reads r.
-        num = r + before - m * d
-        n = torch.div(num, s, rounding_mode="floor")
-        return n, (n * s == num) & (n >= 0) & (n < geo.input_size[dim])
-    p, valid = geo.mode.source(r * s + m * d - before, geo.input_size[dim])
-    return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
-
-
 def _axis_taps(
     geo: Geometry, dim: int, positions: set[int], flip: bool = False
 ) -> dict[tuple[int, int], list[int]]:
@@ -129,7 +96,7 @@ def _axis_taps(
     positions; taps in ascending order (two or more where padding folds them together). With
     ``flip``, the taps of the flipped kernel: the window's tap ``m`` is its tap ``k - 1 - m``."""
     pos = torch.tensor(sorted(positions), dtype=torch.int64)
-    cols, valid = _reads(geo, dim, pos)
+    cols, valid = geo.taps(dim, pos)
     k = geo.kernel_size[dim]
     order = range(k - 1, -1, -1) if flip else range(k)  # so that the taps named ascend
     table: dict[tuple[int, int], list[int]] = {}
@@ -268,7 +235,7 @@ class SymbolicMatrix:
         # The columns: input channels of the group times the positions read on every axis.
         axes = []
         for d, r in enumerate(position):
-            read, valid = _reads(g, d, torch.tensor([r], dtype=torch.int64))
+            read, valid = g.taps(d, torch.tensor([r], dtype=torch.int64))
             axes.append(torch.unique(read[valid]))
         count = in_group * math.prod(a.numel() for a in axes)
         check_allocation(count * _LABEL_BYTES, _CPU, f"the names of the {count} inputs of a row")
@@ -450,33 +417,14 @@ def symbolic(
     if not isinstance(transposed, bool):
         raise ConvMatError(f"transposed must be True or False, got {transposed!r}")
     check_flip(flip)
-    in_channels = _count(in_channels, "in_channels")
-    out_channels = _count(out_channels, "out_channels")
-    groups = _count(groups, "groups")
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-        if value % groups:
-            raise ConvMatError(
-                f"{name} must be divisible by groups, got {name}={value} with groups={groups}"
-            )
-    n = max(len(v) if isinstance(v, tuple | list) else 1 for v in (input_size, kernel_size))
-    k = ntuple(kernel_size, n, "kernel_size", 1)
-    if transposed:
-        shape = (in_channels, out_channels // groups, *k)
-        geo = conv_transpose_geometry(shape, input_size, stride=stride, padding=padding,
-                                      output_padding=output_padding, groups=groups,
-                                      dilation=dilation)  # fmt: skip
-    else:
-        shape = (out_channels, in_channels // groups, *k)
-        geo = conv_geometry(shape, input_size, stride=stride, padding=padding, dilation=dilation,
-                            groups=groups, padding_mode=padding_mode)  # fmt: skip
-    reach = max(
-        (i + o) * s + kk * d + b + a
-        for i, o, s, kk, d, (b, a) in zip(geo.input_size, geo.output_size, geo.stride,
-                                         geo.kernel_size, geo.dilation, geo.padding)
+    geo = Geometry.from_channels(
+        input_size, kernel_size, in_channels=in_channels, out_channels=out_channels,
+        groups=groups, stride=stride, padding=padding, dilation=dilation,
+        padding_mode=padding_mode, transposed=transposed, output_padding=output_padding,
     )  # fmt: skip
-    if max(*geo.matrix_shape, reach) >= _INDEX_LIMIT:
+    if max(*geo.matrix_shape, geo.index_bound) >= _INDEX_LIMIT:
         raise ConvMatError(
             f"W of shape {geo.matrix_shape} is too large to label: its indices must stay below "
             f"2**62 (convmat.conv_output_size gives its sizes)"
         )
-    return SymbolicMatrix(geo, shape, flip=flip)
+    return SymbolicMatrix(geo, geo.weight_shape, flip=flip)
