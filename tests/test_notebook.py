@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import re
 from pathlib import Path
 
@@ -145,6 +146,9 @@ def test_committed_notebook_is_stored_executed(stored):
         cells = {c.id: c for c in stored.cells}
         assert text_of(cells[f"step{i}-code"]).count("checked:") == 1, step.title
         assert shown(cells[f"step{i}-picture"]) & {*IMAGES, "gif"}, step.title
+    for cell in code:  # printed output kept as one, however the kernel cut it into messages
+        kinds = [(out.output_type, out.get("name")) for out in cell.outputs]
+        assert all(a != b or a[0] != "stream" for a, b in itertools.pairwise(kinds)), cell.id
     text = NOTEBOOK.read_text(encoding="utf-8")
     assert not re.search(r"\b0x[0-9a-f]{6,}", text)  # no memory addresses in reprs
     assert '"execution": {' not in text and "iopub" not in text  # no timings

@@ -719,6 +719,23 @@ def _stored(output: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merged(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive stream outputs of one stream as one, as Jupyter shows them: how the kernel
+    cuts a cell's printing into messages depends on timing, so the file must not."""
+    merged: list[dict[str, Any]] = []
+    for out in outputs:
+        last = merged[-1] if merged else {}
+        if (
+            out["output_type"] == "stream"
+            and last.get("output_type") == "stream"
+            and (last["name"] == out["name"])
+        ):
+            last["text"] = "".join(last["text"] + out["text"]).splitlines(keepends=True)
+        else:
+            merged.append(out)
+    return merged
+
+
 def execute_notebook(
     nb: dict[str, Any] | None = None,
     *,
@@ -728,7 +745,8 @@ def execute_notebook(
     """Run a notebook (the tour's by default) in a fresh Jupyter kernel and return it with every
     cell's outputs and execution count, as the repository stores ``docs/tour.ipynb``.
 
-    Nothing that changes between runs is kept: no timings, and the notebook's metadata is the
+    Nothing that changes between runs is kept: no timings, consecutive printed outputs as one
+    (however the kernel cut them into messages), and the notebook's metadata is the
     given one plus the versions of the packages that draw the pictures
     (:func:`picture_versions`), so a second run of unchanged code gives the same file. Needs
     nbclient and ipykernel (``pip install -e ".[test]"``).
@@ -747,10 +765,10 @@ def execute_notebook(
     Shape:
         the cells of ``nb``.
 
-    >>> nb = {**notebook(), "cells": [_cell("code", "print(6 * 7)", "answer")]}
-    >>> out = execute_notebook(nb)["cells"][0]["outputs"][0]
-    >>> out["name"], out["text"]
-    ('stdout', ['42\\n'])
+    >>> code = "import time\\nprint(6)\\ntime.sleep(0.5)  # 6 goes out alone\\nprint(7)"
+    >>> nb = {**notebook(), "cells": [_cell("code", code, "answer")]}
+    >>> [(out["name"], out["text"]) for out in execute_notebook(nb)["cells"][0]["outputs"]]
+    [('stdout', ['6\\n', '7\\n'])]
     """
     try:
         import nbformat
@@ -777,7 +795,7 @@ def execute_notebook(
     for cell, ran in zip(result["cells"], node.cells):
         if cell["cell_type"] == "code":
             cell["execution_count"] = ran.get("execution_count")
-            cell["outputs"] = [_stored(out) for out in ran.get("outputs", [])]
+            cell["outputs"] = _merged([_stored(out) for out in ran.get("outputs", [])])
     result["metadata"] = {
         **source["metadata"],
         "convmat": {"outputs_made_with": picture_versions()},
