@@ -142,8 +142,8 @@ def test_committed_notebook_is_stored_executed(stored):
     picture is in the file; nothing in it changes from one run to the next."""
     code = [c for c in stored.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    cells = {c.id: c for c in stored.cells}
     for i, step in enumerate(steps(), 1):
-        cells = {c.id: c for c in stored.cells}
         assert text_of(cells[f"step{i}-code"]).count("checked:") == 1, step.title
         assert shown(cells[f"step{i}-picture"]) & {*IMAGES, "gif"}, step.title
     for cell in code:  # printed output kept as one, however the kernel cut it into messages

@@ -245,13 +245,14 @@ symbolic((3, 3), 2)""",
         "singular value of the kernel reshaped to a\nmatrix, `K = weight.reshape(out_channels, "
         "-1)`, the map from one window of the input to one\noutput pixel. W applies K at every "
         "position and the windows overlap (with a 3 x 3 kernel each\ninput pixel feeds up to 9 "
-        "outputs), so W can stretch more than one window does: for the circular\nconvolution "
-        "`||K|| <= ||W_circ|| <= sqrt(9) ||K||`. The zero-padded W is a block of the circular\n"
-        "convolution on the padded input (no window wraps around it), so `||W|| <= ||W_circ||`, "
-        "and `||W||`\ngrows with the input size, which K does not know. `operator_norm` gives "
-        "`||W||`,\n`singular_values(..., padding_mode='circular')` the enclosing circular "
-        "convolution's. After torch's\nspectral_norm this layer's norm is `||W|| / ||K||`, not "
-        "1; `convmat.spectral_norm(conv, input_size)`\ndivides by `||W||` instead.",
+        "outputs), so W can stretch more than one window does: for the stride-1\ncircular "
+        "convolution `||K|| <= ||W_circ|| <= sqrt(9) ||K||`. The zero-padded W is a block of "
+        "the\ncircular convolution on the padded input (no window wraps around it), so `||W|| <= "
+        "||W_circ||`,\nand `||W||` grows with the input size, which K does not know. "
+        "`operator_norm` gives `||W||`,\n`singular_values(..., padding_mode='circular')` the "
+        "enclosing circular convolution's. After\ntorch's spectral_norm this layer's norm is "
+        "`||W|| / ||K||`, not 1;\n`convmat.spectral_norm(conv, input_size)` divides by `||W||` "
+        "instead.",
         """\
 conv = torch.nn.Conv2d(2, 3, kernel_size=3, padding=1, bias=False).double()
 w = conv.weight.detach().clone()
@@ -310,9 +311,9 @@ symbolic(4, 3, stride=2, transposed=True)""",
         "the kernel,\nscaled by `x_i`, into the output, starting `stride` places after the "
         "previous input's copy, and\nthe output adds the copies up. Column i of `W.T` is that "
         "copy for `x_i = 1` (what\n`F.conv_transpose1d` makes of a one-hot input). With stride "
-        "2 and kernel 3 neighbouring copies\noverlap in one place, so every second output sums "
-        "two copies and the others one: that uneven\noverlap is where the checkerboard patterns "
-        "of upsampling by transposed convolutions come from.",
+        "2 and kernel 3 neighbouring copies\noverlap in one place: y3, y5 and y7 sum two copies, "
+        "the others one. That uneven overlap is\nwhere the checkerboard patterns of upsampling "
+        "by transposed convolutions come from.",
         """\
 x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.float64)  # one signal of 4
 WT = conv_transpose_matrix(w, 4, stride=2)  # w = [1, 2, 3] as above: 4 inputs -> 9 outputs
