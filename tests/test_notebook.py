@@ -212,6 +212,13 @@ def test_tour_has_the_steps_in_the_tutorials_order():
     assert [titles.index(t) for t in order] == sorted(titles.index(t) for t in order)
 
 
+def test_a_failing_cell_is_named(tmp_path):
+    nb = {**notebook(), "cells": [tour._cell("code", "print(1)", "fine"),
+                                  tour._cell("code", "1 / 0", "boom")]}  # fmt: skip
+    with pytest.raises(ConvMatError, match="cell 'boom' of the notebook failed: ZeroDivisionError"):
+        execute_notebook(nb, cwd=tmp_path)
+
+
 def test_generator_command(tmp_path, capsys):
     path = tmp_path / "tour.ipynb"
     assert tour.main(["--no-execute", str(path)]) == 0

@@ -726,10 +726,8 @@ def _merged(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: list[dict[str, Any]] = []
     for out in outputs:
         last = merged[-1] if merged else {}
-        if (
-            out["output_type"] == "stream"
-            and last.get("output_type") == "stream"
-            and (last["name"] == out["name"])
+        if out["output_type"] == last.get("output_type") == "stream" and (
+            out["name"] == last["name"]
         ):
             last["text"] = "".join(last["text"] + out["text"]).splitlines(keepends=True)
         else:
@@ -789,8 +787,15 @@ def execute_notebook(
         try:
             client.execute()
         except CellExecutionError as e:
+            errors = [
+                (cell.get("id"), out)
+                for cell in node.cells
+                for out in cell.get("outputs", [])
+                if out.get("output_type") == "error"
+            ]
+            cell_id, out = errors[0] if errors else (None, {"ename": type(e).__name__})
             raise ConvMatError(
-                f"a cell of the notebook failed: {str(e).strip().splitlines()[-1]}"
+                f"cell {cell_id!r} of the notebook failed: {out['ename']}: {out.get('evalue', e)}"
             ) from None
     result = copy.deepcopy(source)
     for cell, ran in zip(result["cells"], node.cells):
