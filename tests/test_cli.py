@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import subprocess
 import sys
 
@@ -111,9 +112,13 @@ def test_tour():
     assert r.returncode == 0, r.stderr
     titles = [s.title for s in steps()]
     positions = [r.stdout.index(t) for t in titles]
-    assert positions == sorted(positions) and len(titles) == 10
-    assert r.stdout.count("checked:") == 10
-    assert len(r.stdout.splitlines()) < 200
+    assert positions == sorted(positions) and len(titles) == 12
+    assert r.stdout.count("checked:") == 12
+    assert len(r.stdout.splitlines()) < 240
+    # The two steps beyond the tutorial show their numbers in text: the three norms side by
+    # side, and the input's scaled copies of the kernel adding up to the output.
+    assert re.search(r"^16 x 16 +0\.\d{4} +1\.\d{4} +1\.\d{4}$", r.stdout, re.MULTILINE)
+    assert "y = sum     1   2   5   4   9   6  13   8  12" in r.stdout
 
 
 @pytest.mark.parametrize(
