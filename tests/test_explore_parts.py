@@ -497,6 +497,13 @@ def test_model_page_against_the_models_layers(browser, tmp_path, monkeypatch, ca
         "return window.convmatExplorer.modelRows()")]  # fmt: skip
     assert chosen == [False] * 5 + [True, False]
     assert "&layer=5" in browser.execute_script("return location.hash")
+    # A link naming a layer opens on it; the page alone opens on the first it can draw.
+    _load(browser, page.as_uri() + "#layer=3")
+    rows = browser.execute_script("return window.convmatExplorer.modelRows()")
+    assert [r["chosen"] for r in rows] == [i == 3 for i in range(7)]
+    assert browser.execute_script("return window.convmatExplorer.getConfig()")["kernel"] == "1,1"
+    _load(browser, page.as_uri())
+    assert browser.execute_script("return window.convmatExplorer.extras().layer") == 0
 
 
 def test_model_layers_python_side(tmp_path, capsys):
