@@ -530,3 +530,129 @@ def test_model_layers_python_side(tmp_path, capsys):
         )  # fmt: skip
     assert main(["explore", "--weights", "w.pt", "--no-open"]) == 2
     assert "--weights needs --model" in capsys.readouterr().err
+
+
+# ---- the page's state, as a state machine ------------------------------------------------------
+
+_POOL = [
+    {"input": "5,5", "kernel": "3", "stride": "2", "padding": "1"},
+    {"input": "4", "kernel": "3", "stride": "2", "transposed": True, "output_padding": "1"},
+    {"input": "6", "kernel": "3", "padding": "1", "padding_mode": "reflect"},
+    {"input": "3,4", "kernel": "2", "in_channels": "2", "out_channels": "2", "groups": "2"},
+]
+
+
+def test_page_state_machine(browser):
+    """Steps, keys, clicks, Esc, values, new numbers, other settings and reloads, in any order:
+    the page's step, pin, lit row or column, values and link agree with a model of them."""
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    counts = []
+    for c in _POOL:
+        sym = symbolic(**_kwargs(_with_defaults(c)))
+        counts.append(sym.shape[1] if c.get("transposed") else sym.shape[0])
+    js = "return window.convmatExplorer"
+
+    class Page(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            # Another layer and back: no step, no pin; values off at seed 1.
+            browser.execute_script(js + ".setConfig(arguments[0])", _POOL[1])
+            browser.execute_script(js + ".setConfig(arguments[0])", _POOL[0])
+            browser.execute_script(js + ".setValues(false, 1)")
+            self.which, self.step, self.pinned, self.values, self.seed = 0, -1, None, False, 1
+
+        def _pin_of(self, i):
+            role = "in" if _POOL[self.which].get("transposed") else "out"
+            return {"role": role, ("col" if role == "in" else "row"): i}
+
+        @rule(which=st.integers(0, len(_POOL) - 1))
+        def other_settings(self, which):
+            browser.execute_script(js + ".setConfig(arguments[0])", _POOL[which])
+            if which != self.which:
+                self.which, self.step, self.pinned = which, -1, None
+
+        @rule(i=st.integers(-3, 40))
+        def step_to(self, i):
+            browser.execute_script(js + ".step(arguments[0])", i)
+            self.step = i % counts[self.which]
+            self.pinned = self._pin_of(self.step)
+
+        @rule(key=st.sampled_from(["ArrowRight", "ArrowLeft", "Escape"]))
+        def press(self, key):
+            browser.execute_script(
+                "document.dispatchEvent(new KeyboardEvent('keydown', {key: arguments[0]}))", key
+            )
+            n = counts[self.which]
+            if key == "Escape":
+                self.pinned = None
+                return
+            if key == "ArrowRight":
+                self.step = (self.step + 1) % n
+            else:  # from no step at all: the last
+                self.step = n - 1 if self.step < 0 else (self.step - 1) % n
+            self.pinned = self._pin_of(self.step)
+
+        @rule(r=st.integers(0, 40))
+        def click_output(self, r):
+            r %= counts[self.which] if not _POOL[self.which].get("transposed") else 8
+            browser.execute_script(
+                'document.querySelector(`#grid-out .cell[data-row="${arguments[0]}"]`).click()', r
+            )
+            pin = {"role": "out", "row": r}
+            if self.pinned == pin:
+                self.pinned = None
+            else:
+                self.pinned = pin
+                self.step = -1 if _POOL[self.which].get("transposed") else r
+
+        @rule()
+        def switch_values(self):
+            browser.execute_script("document.getElementById('values-on').click()")
+            self.values = not self.values
+
+        @rule()
+        def new_numbers(self):
+            browser.execute_script("document.getElementById('redraw').click()")
+            self.values, self.seed = True, self.seed + 1
+
+        @rule()
+        def reload(self):
+            _load(browser, browser.execute_script("return location.href"))
+            self.pinned = self._pin_of(self.step) if self.step >= 0 else None
+
+        @invariant()
+        def agrees(self):
+            lit, vals, link = browser.execute_script(
+                "const e = window.convmatExplorer;"
+                "return [e.highlighted(), e.values(), location.hash]"
+            )
+            assert (lit["step"], lit["pinned"]) == (self.step, self.pinned)
+            assert lit["steps"] == counts[self.which]
+            if self.pinned and self.pinned["role"] == "out":
+                assert lit["w_rows"] == [self.pinned["row"]]
+                assert lit["pinned_cells"] == ["y" + str(self.pinned["row"])]
+            elif self.pinned:
+                assert lit["w_cols"] == [self.pinned["col"]]
+                assert lit["pinned_cells"] == ["x" + str(self.pinned["col"])]
+            assert (vals["on"], vals["seed"]) == (self.values, self.seed)
+            assert ("&values=1" in link) == self.values
+            assert ("&step=" in link) == (self.step >= 0)
+
+    run = Page.TestCase
+    run.settings = settings(max_examples=8, stateful_step_count=10, deadline=None)
+    run().runTest()
+
+
+def _with_defaults(config):
+    """A pool entry with the page's defaults filled in (the JSON form of test_explore)."""
+    full = {"input": "8", "kernel": "3", "stride": "1", "dilation": "1", "padding": "0",
+            "padding_mode": "zeros", "in_channels": "1", "out_channels": "1", "groups": "1",
+            "transposed": False, "output_padding": "0", "flip": False, **config}  # fmt: skip
+    ints = lambda v: tuple(map(int, v.split(","))) if "," in v else int(v)  # noqa: E731
+    out = {k: ints(v) if isinstance(v, str) and k != "padding_mode" else v for k, v in full.items()}
+    for k in ("in_channels", "out_channels", "groups"):
+        out[k] = int(out[k])
+    return out
