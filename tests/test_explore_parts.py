@@ -98,7 +98,7 @@ def _circular_norm(weight, sym):
         for s, o, i, (b, a) in zip(g.stride, out_size, in_size, g.padding)
     )
     small = tuple(t // s for t, s in zip(torus, g.stride))
-    groups, cin_g, cout_g = g.groups, cin // g.groups, cout // g.groups
+    cin_g, cout_g = cin // g.groups, cout // g.groups
     rows, cols = math.prod(small), math.prod(torus)
     C = np.zeros((cout * rows, cin * cols))
     grids = np.meshgrid(*[np.arange(n) for n in small], indexing="ij")
@@ -116,7 +116,6 @@ def _circular_norm(weight, sym):
             for ci in range(cin_g):
                 c = grp * cin_g + ci
                 np.add.at(C, (o * rows + n_flat, c * cols + q_flat), w[(o, ci, *tap)])
-    del groups
     return float(np.linalg.svd(C, compute_uv=False)[0])
 
 
