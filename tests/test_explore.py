@@ -417,12 +417,18 @@ def test_large_input_and_screenshot(browser):
     _load(browser, explore.page_url(browser.page, big))
     lit = _hover(browser, '#grid-out .cell[data-row="4100"]')
     assert lit["w_rows"] == [4100] and len(lit["inputs"]) == 18
-    # The README's picture: a stride-2 transposed 2-D convolution with output padding 1.
+    # A stride-2 transposed 2-D convolution with output padding 1.
     shot = {"input": "4,4", "kernel": "3", "stride": "2", "padding": "1", "transposed": True,
             "output_padding": "1"}  # fmt: skip
     _load(browser, explore.page_url(browser.page, shot))
     lit = _hover(browser, '#grid-out .cell[data-row="27"]')  # y[0,3,3]
     assert lit["inputs"] == [5, 6, 9, 10] and lit["w_rows"] == [27]
+    # The README's picture: a stride-2 convolution with values on, stepped to y[0,1,1].
+    shot = {"input": "5,5", "kernel": "3", "stride": "2", "padding": "1"}
+    _load(browser, explore.page_url(browser.page, shot) + "&values=1&step=4")
+    lit = browser.execute_script("return window.convmatExplorer.highlighted()")
+    assert lit["w_rows"] == [4] and lit["pinned_cells"] == ["y4"]
+    assert lit["equation"].startswith("y[0,1,1] = w[0,0,0,0]·x[0,1,1] + w[0,0,0,1]·x[0,1,2]")
     browser.set_window_size(1300, 900)
     height = browser.execute_script("return document.body.scrollHeight")
     inner = browser.execute_script("return window.outerHeight - window.innerHeight")

@@ -3,18 +3,25 @@
 The page (``explorer.html`` beside this module: HTML, CSS and JavaScript in one file, no
 network) computes W itself with convmat's rules and messages, shows the padded input, the output
 and W side by side with hover links between them, the output-size formula with the numbers put
-in, the refusal torch would give, and the one line of PyTorch that builds the layer. Its
-configuration lives in the URL's fragment, so a link reproduces it. The test suite drives it in
-headless Chromium and checks its W against :func:`convmat.symbolic` and torch.
+in, the refusal torch would give, and the one line of PyTorch that builds the layer. It
+steps and plays the kernel over the input (a transposed layer's inputs scattering it), pins a
+cell on click, spells the hovered output's formula, fills x and the kernel with small integers and
+computes y, and plots W's singular values beside the number torch's ``spectral_norm`` divides by
+and the enclosing circular convolution's norm. Its configuration lives in the URL's fragment, so
+a link reproduces it. With ``--model`` it lists every convolution a model runs (found by forward
+pre-hooks), each with its W a click away. The test suite drives it in headless Chromium and checks
+it against :func:`convmat.symbolic`, dense SVD and torch.
 
 convmat explore --input 4,4 --kernel 3 --stride 2 --padding 1 --transposed --output-padding 1
 convmat explore -o page.html --no-open
+convmat explore --model torchvision.models:resnet18 --input 3,32,32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import tempfile
@@ -28,7 +35,10 @@ from urllib.parse import quote
 from .._errors import ConvMatError
 from ..engine import PADDING_MODES
 
-__all__ = ["FIELDS", "add_parser", "open_page", "page_html", "page_url", "run", "write_page"]
+__all__ = [
+    "FIELDS", "add_parser", "model_layers", "open_page", "page_html", "page_url", "run",
+    "write_page",
+]  # fmt: skip
 
 #: The page's settings, in the order of its form and its URL.
 FIELDS = (
@@ -37,6 +47,7 @@ FIELDS = (
 )  # fmt: skip
 _BOOLEANS = ("transposed", "flip")
 _PLACEHOLDER = "/*CONVMAT_CONFIG*/null"
+_MODEL_PLACEHOLDER = "/*CONVMAT_MODEL*/null"
 
 
 def _text(value: Any) -> str:
@@ -66,12 +77,16 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
-def page_html(config: Mapping[str, Any] | None = None) -> str:
+def page_html(
+    config: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None
+) -> str:
     """The page's HTML, opening on ``config`` (the page's defaults fill the rest).
 
     Args:
         config: settings by name (see :data:`FIELDS`), as ints, tuples or the form's text
             (``{"input": (6, 6), "padding": "1:2,0", "transposed": True}``).
+        model: a model's convolutions for the page to list: ``{"name": ..., "input_shape":
+            [...], "layers": model_layers(...)}`` (see :func:`model_layers`).
 
     Returns:
         One self-contained HTML document.
@@ -85,15 +100,24 @@ def page_html(config: Mapping[str, Any] | None = None) -> str:
     if _PLACEHOLDER not in source:  # pragma: no cover - a broken install
         raise ConvMatError("explorer.html has no configuration placeholder; reinstall convmat")
     embedded = json.dumps(settings).replace("</", "<\\/") if settings else "null"
-    return source.replace(_PLACEHOLDER, embedded, 1)
+    source = source.replace(_PLACEHOLDER, embedded, 1)
+    if model is not None:
+        listed = json.dumps(dict(model), allow_nan=False).replace("</", "<\\/")
+        source = source.replace(_MODEL_PLACEHOLDER, listed, 1)
+    return source
 
 
-def write_page(path: str | os.PathLike[str], config: Mapping[str, Any] | None = None) -> Path:
+def write_page(
+    path: str | os.PathLike[str],
+    config: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
+) -> Path:
     """Write the page to ``path`` (atomically: a reader never sees half a file).
 
     Args:
         path: where to write, usually ``*.html``.
         config: the settings it opens on (see :func:`page_html`).
+        model: a model's convolutions to list (see :func:`page_html`).
 
     Returns:
         The path written.
@@ -107,7 +131,7 @@ def write_page(path: str | os.PathLike[str], config: Mapping[str, Any] | None = 
     1
     """
     target = Path(path)
-    text = page_html(config)
+    text = page_html(config, model)
     tmp = None
     try:
         with tempfile.NamedTemporaryFile(
@@ -157,6 +181,134 @@ def open_page(config: Mapping[str, Any] | None = None) -> str:
     return url
 
 
+# A model's convolutions --------------------------------------------------------------------
+
+
+def _layer_record(path: str, module: Any, in_shape: tuple[int, ...],
+                  out_shape: tuple[int, ...]) -> dict[str, Any]:  # fmt: skip
+    """What the page lists about one call of a convolution module (see :func:`model_layers`)."""
+    from torch import nn
+
+    from ..engine import conv_geometry, conv_transpose_geometry
+    from .cli import _size_lines
+
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    spatial_in, spatial_out = in_shape[1:], out_shape[1:]
+    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+    common = dict(stride=tuple(module.stride), dilation=tuple(module.dilation),
+                  groups=module.groups)  # fmt: skip
+    config: dict[str, Any] = {
+        "input": spatial_in, "kernel": tuple(module.kernel_size), "padding": padding,
+        "in_channels": module.in_channels, "out_channels": module.out_channels,
+        "transposed": transposed, **common,
+    }  # fmt: skip
+    shape = tuple(module.weight.shape)
+    if transposed:
+        # The size the call produced (forward(x, output_size=...) may choose the padding).
+        output_padding = tuple(
+            o - ((i - 1) * s - 2 * p + d * (k - 1) + 1)
+            for o, i, s, p, d, k in zip(spatial_out, spatial_in, module.stride, padding,
+                                        module.dilation, module.kernel_size)
+        )  # fmt: skip
+        config["output_padding"] = output_padding
+        geo = conv_transpose_geometry(shape, spatial_in, padding=padding,
+                                      output_padding=output_padding, **common)  # fmt: skip
+    else:
+        config["padding_mode"] = module.padding_mode
+        geo = conv_geometry(shape, spatial_in, padding=padding,
+                            padding_mode=module.padding_mode, **common)  # fmt: skip
+    drawable = len(spatial_in) <= 2
+    return {
+        "path": path,
+        "module": f"{type(module).__name__}({module.extra_repr()})",
+        "input_shape": list(in_shape),
+        "output_shape": list(out_shape),
+        "weight_shape": list(shape),
+        "matrix_shape": list(geo.matrix_shape),
+        "formula": _size_lines(geo),
+        "config": _checked(config) if drawable else None,
+        "why": "" if drawable else f"a {len(spatial_in)}-D layer (the page draws 1-D and 2-D)",
+    }
+
+
+def model_layers(model: Any, input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Every call of a convolution module (``nn.ConvNd``, ``nn.ConvTransposeNd``) that ``model``
+    makes on one input, in order, with the input size it sees (found by forward pre-hooks on one
+    forward pass of zeros, in eval mode, without gradients).
+
+    Args:
+        model: an ``nn.Module``.
+        input_shape: one input's shape without the batch, e.g. ``(3, 32, 32)``.
+
+    Returns:
+        One dict per call: ``path`` (``"features.0"``; ``" (call 2)"`` when a module runs
+        again), ``module`` (its repr), ``input_shape`` and ``output_shape`` (without the batch),
+        ``weight_shape``, ``matrix_shape`` (W's), ``formula`` (the output size per dim and W's
+        shape, as ``convmat shape`` prints them), ``config`` (the page's settings for it; None
+        for 3-D layers, which the page does not draw) and ``why`` (why not, or ``""``).
+
+    Raises:
+        ConvMatError: if the model does not run on such an input, or one input would take more
+            than a quarter of the free memory.
+
+    Shape:
+        ``matrix_shape = (C_out * prod(output spatial), C_in * prod(input spatial))``.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    >>> [(l["path"], l["input_shape"], l["matrix_shape"]) for l in model_layers(net, (3, 8, 8))]
+    [('0', [3, 8, 8], [128, 192]), ('2', [8, 4, 4], [64, 128])]
+    """
+    import torch
+    from torch import nn
+
+    from ..engine import available_memory
+
+    shape = tuple(int(v) for v in input_shape)
+    seen: list[tuple[str, Any, tuple[int, ...]]] = []
+    done: list[tuple[int, ...]] = []
+    count: dict[str, int] = {}
+
+    def before(path: str, module: Any, args: tuple[Any, ...]) -> None:
+        count[path] = count.get(path, 0) + 1
+        name = (path or "(the model)") + ("" if count[path] == 1 else f" (call {count[path]})")
+        seen.append((name, module, tuple(args[0].shape[1:])))
+
+    def after(module: Any, args: tuple[Any, ...], result: Any) -> None:
+        done.append(tuple(result.shape[1:]))
+
+    convs = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    handles = [m.register_forward_pre_hook(lambda mod, args, path=p: before(path, mod, args))
+               for p, m in convs]  # fmt: skip
+    handles += [m.register_forward_hook(after) for _, m in convs]
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    free = available_memory(device)
+    if free is not None and needed > free // 4:
+        raise ConvMatError(
+            f"input shape {shape!r} needs {needed / 2**30:.1f} GiB for one input, more than a "
+            f"quarter of the {free / 2**30:.1f} GiB free"
+        )
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no batch statistics updated; one sample is enough
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape, dtype=dtype, device=device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConvMatError(
+            f"the model does not run on an input of shape {(1, *shape)!r}: {first}"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    return [_layer_record(p, m, i, o) for (p, m, i), o in zip(seen, done)]
+
+
 # The command ----------------------------------------------------------------------------------
 
 _INTS = re.compile(r"^\s*[+-]?\d+\s*(,\s*[+-]?\d+\s*)*$")
@@ -198,11 +350,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="an interactive page: the input, the output and W, linked by hover",
         description="Open (or write with -o) a self-contained page that draws a convolution "
         "as its matrix W. Every setting can be changed on the page; these options set where it "
-        "starts.",
+        "starts. With --model MODULE:FACTORY --input C,N[,N...] the page lists every convolution "
+        "of your model with the input size it sees, each W a click away.",
     )
     parser.add_argument("-o", "--output", help="write the page to this file (one HTML file)")
     parser.add_argument("--no-open", action="store_true", help="do not open a browser")
-    parser.add_argument("--input", type=_ints, help="spatial input size: 8 (1-D) or 6,7 (2-D)")
+    parser.add_argument("--input", type=_ints,
+                        help="spatial input size: 8 (1-D) or 6,7 (2-D); with --model, one "
+                        "input's shape without the batch: 3,32,32")  # fmt: skip
     parser.add_argument("--kernel", type=_ints, help="kernel size")
     parser.add_argument("--stride", type=_ints, help="step between windows")
     parser.add_argument("--dilation", type=_ints, help="spacing between kernel taps")
@@ -221,6 +376,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--flip", action="store_true", default=None, help="true convolution (flipped kernel)"
     )
+    parser.add_argument("--model", metavar="SPEC",
+                        help="list this model's convolutions: MODULE:FACTORY (an importable "
+                        "callable returning an nn.Module, or a module instance; MODULE may be a "
+                        ".py path) or a file saved with torch.save(model), as for convmat "
+                        "norm")  # fmt: skip
+    parser.add_argument("--weights", metavar="FILE",
+                        help="with --model: a state_dict file to load into the model")  # fmt: skip
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="with --model: load a saved model that needs classes outside "
+                        "torch.nn (runs code it names)")  # fmt: skip
     parser.set_defaults(run=run)
     return parser
 
@@ -244,15 +409,52 @@ def run(args: argparse.Namespace) -> None:
     wrote .../page.html
     """
     config = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    model = _model_listing(args, config) if getattr(args, "model", None) else None
+    if model is None and getattr(args, "weights", None):
+        raise ConvMatError("--weights needs --model (the model to load them into)")
+    if model is not None:
+        config = {}
     if args.output:
-        path = write_page(args.output, config)
+        path = write_page(args.output, config, model)
     else:
         path = write_page(Path(tempfile.mkdtemp(prefix="convmat-explore-")) / "explorer.html",
-                          config)  # fmt: skip
+                          config, model)  # fmt: skip
     url = page_url(path, config)
+    if model is not None:
+        print(f"{len(model['layers'])} convolution call(s) in {args.model}")
     print(f"wrote {path}")
     if not args.no_open:
         if webbrowser.open(url):
             print(f"opened {url}")
         else:
             print(f"no browser found; open {url}")
+
+
+def _model_listing(args: argparse.Namespace, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``--model`` and ``--input C,N[,N...]``: the model's convolutions for the page."""
+    from .cli import _load_model
+
+    others = sorted(k for k in config if k != "input")
+    if others:
+        names = ", ".join("--" + k.replace("_", "-") for k in others)
+        raise ConvMatError(
+            f"{names} set one layer; with --model the page takes every layer's settings from "
+            f"the model (drop {names})"
+        )
+    if args.input is None:
+        raise ConvMatError("--model needs --input: one input's shape without the batch, e.g. "
+                           "3,32,32")  # fmt: skip
+    shape = tuple(int(v) for v in args.input.split(","))
+    if len(shape) < 2 or min(shape) < 1:
+        raise ConvMatError(
+            f"--input must be C,N[,N...] with --model (channels, then the spatial size; every "
+            f"value >= 1), got {args.input!r}"
+        )
+    model = _load_model(args.model, args.weights, args.trust_pickle)
+    layers = model_layers(model, shape)
+    if not layers:
+        raise ConvMatError(
+            f"--model {args.model!r} runs no convolution (nn.ConvNd or nn.ConvTransposeNd) on an "
+            f"input of shape {shape!r}: nothing to explore"
+        )
+    return {"name": args.model, "input_shape": list(shape), "layers": layers}
