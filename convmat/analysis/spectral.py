@@ -481,7 +481,7 @@ def _rough_vectors(
     found: list[torch.Tensor] = []
     for index in range(min(passes, n)):
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
-        if index == 0 and first is not None:
+        if index == 0 and first is not None and bool(first.any()):
             start = first.reshape(-1).to(torch.float64)
         if found:
             prior = torch.stack(found)

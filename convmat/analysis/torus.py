@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Geometry, available_memory, check_allocation
+from ..engine import Geometry, available_memory, check_allocation, reads
 
 #: Relative room of an exact norm: the level is the largest eigenvalue found times ``1 + SLACK``
 #: (far above what the rounding of double-precision Cholesky tests costs for a few thousand
@@ -60,10 +60,12 @@ _FREE_UNKNOWN = 2**31
 def tap_shifts(
     kernel: list[int], geo: Geometry, before: tuple[int, ...]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Every tap's offset ``q = m*d - before = s*t + r`` split into its phase ``r`` (one flat
+    """Every tap's offset ``q = m*d - before = s*t + r`` (what output 0 reads,
+    :func:`convmat.engine.reads`) split into its phase ``r`` (one flat
     index over the stride's phases) and its shift ``t`` on the small torus (one tensor per
     dimension, not reduced modulo anything), taps in C order."""
-    offsets = [torch.arange(k) * d - b for k, d, b in zip(kernel, geo.dilation, before)]
+    offsets = [reads(0, torch.arange(k), s, d, b)
+               for k, s, d, b in zip(kernel, geo.stride, geo.dilation, before)]  # fmt: skip
     grids = torch.meshgrid(*offsets, indexing="ij")
     r_flat = torch.zeros((), dtype=torch.long)
     shifts = []
