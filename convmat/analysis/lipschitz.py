@@ -37,7 +37,7 @@ from torch import nn
 
 from .._errors import ConvMatError
 from ..engine import Geometry, available_memory, plain_conv_problem
-from ..layers.linear import SparseLinear
+from ..layers import SparseLinear
 from .spectral import (
     _DENSE_SLACK,
     Method,

@@ -321,9 +321,9 @@ def _safe_classes() -> list[Any]:
     """Module classes that a weights_only load may rebuild: torch.nn's and convmat's."""
     import torch.nn
 
-    from ..layers import linear, nn
+    from .. import layers
 
-    found = [*vars(torch.nn).values(), *vars(nn).values(), *vars(linear).values()]
+    found = [*vars(torch.nn).values(), *(getattr(layers, name) for name in layers.__all__)]
     return [c for c in found if inspect.isclass(c) and issubclass(c, torch.nn.Module)]
 
 
@@ -498,7 +498,7 @@ def _finite_or_null(data: Any) -> Any:
 
 
 def _cmd_norm(args: argparse.Namespace) -> None:
-    from ..analysis.lipschitz import lipschitz_report
+    from ..analysis import lipschitz_report
 
     model = _load_model(args.model, args.weights, args.trust_pickle)
     report = lipschitz_report(model, args.input, tol=args.tol, probes=args.probes)
