@@ -90,8 +90,8 @@ def axis_taps(geo: Geometry, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         num = r + before - m * d
         valid = (num % s == 0) & (num >= 0) & (num < size * s)
         return torch.div(num, s, rounding_mode="floor"), valid
-    p, valid = geo.mode.source(r * s + m * d - before, size)
-    return p, torch.ones_like(p, dtype=torch.bool) if valid is None else valid
+    p, reads = geo.mode.source(r * s + m * d - before, size)
+    return p, torch.ones_like(p, dtype=torch.bool) if reads is None else reads
 
 
 def _axis(cols: torch.Tensor, valid: torch.Tensor) -> _Axis:
@@ -455,7 +455,8 @@ def build_pattern(geo: Geometry, plan: PatternPlan | None = None) -> Pattern:
 
 def cached_pattern(geo: Geometry, device: torch.device) -> Pattern | None:
     """The pattern of ``geo`` on ``device`` if the cache holds it (marked as used), else None."""
-    return lookup(("pattern", geo, device))
+    held: Pattern | None = lookup(("pattern", geo, device))
+    return held
 
 
 def pattern_nnz(geo: Geometry, device: torch.device | None = None) -> int:
