@@ -187,7 +187,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             f"--padding-mode must be 'zeros' for a transposed convolution, got "
             f"{args.padding_mode!r}"
         )
-    each = lambda v: tuple(v) * n if len(v) == 1 else tuple(v)  # noqa: E731 - one value for all
+
+    def each(v: Sequence[int]) -> tuple[int, ...]:  # one value for all, or one per dimension
+        return tuple(v) * n if len(v) == 1 else tuple(v)
+
     padding = args.padding
     if isinstance(padding, tuple) and len(padding) == 1:
         padding = (padding[0],) * n
@@ -528,7 +531,7 @@ def _cmd_tour(args: argparse.Namespace) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit status 2) instead of usage text."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         print(f"{self.prog}: error: {_one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
