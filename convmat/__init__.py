@@ -12,15 +12,17 @@ from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-#: Where each public name lives; imported on first use (``import convmat`` stays light).
+#: Which package's interface gives each public name; imported on first use (``import convmat``
+#: stays light). ``symbolic`` is read from its module, whose name it shares (see
+#: :mod:`convmat.presentation`).
 _WHERE = {
     "ConvMatError": "._errors",
-    "ConvOperator": ".analysis.operator",
-    "LayerNorm": ".analysis.lipschitz",
-    "LipschitzReport": ".analysis.lipschitz",
-    "NormResult": ".analysis.spectral",
-    "SymbolicMatrix": ".presentation.symbolic",
-    "animate": ".presentation.plotting",
+    "ConvOperator": ".analysis",
+    "LayerNorm": ".analysis",
+    "LipschitzReport": ".analysis",
+    "NormResult": ".analysis",
+    "SymbolicMatrix": ".presentation",
+    "animate": ".presentation",
     "cache_budget": ".engine",
     "cache_info": ".engine",
     "clear_cache": ".engine",
@@ -29,28 +31,35 @@ _WHERE = {
     "conv_output_size": ".engine",
     "conv_transpose_matrix": ".matrix",
     "conv_transpose_output_size": ".engine",
-    "dottest": ".analysis.operator",
-    "lipschitz_report": ".analysis.lipschitz",
-    "operator_norm": ".analysis.spectral",
-    "plot_matrix": ".presentation.plotting",
+    "dottest": ".analysis",
+    "lipschitz_report": ".analysis",
+    "operator_norm": ".analysis",
+    "plot_matrix": ".presentation",
     "same_padding": ".engine",
     "set_cache_budget": ".engine",
-    "singular_values": ".analysis.spectral",
-    "spectral_norm": ".analysis.normalize",
+    "singular_values": ".analysis",
+    "spectral_norm": ".analysis",
     "symbolic": ".presentation.symbolic",
-    "to_linear": ".layers.linear",
+    "to_linear": ".layers",
     "to_matrix": ".matrix",
-    "to_mlp": ".layers.linear",
+    "to_mlp": ".layers",
 }
 
 __getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
 
 if TYPE_CHECKING:  # what IDEs and type checkers see
     from ._errors import ConvMatError
-    from .analysis.lipschitz import LayerNorm, LipschitzReport, lipschitz_report
-    from .analysis.normalize import spectral_norm
-    from .analysis.operator import ConvOperator, dottest
-    from .analysis.spectral import NormResult, operator_norm, singular_values
+    from .analysis import (
+        ConvOperator,
+        LayerNorm,
+        LipschitzReport,
+        NormResult,
+        dottest,
+        lipschitz_report,
+        operator_norm,
+        singular_values,
+        spectral_norm,
+    )
     from .engine import (
         cache_budget,
         cache_info,
@@ -60,10 +69,10 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
         same_padding,
         set_cache_budget,
     )
-    from .layers.linear import to_linear, to_mlp
+    from .layers import to_linear, to_mlp
     from .matrix import conv2d_as_conv1d, conv_matrix, conv_transpose_matrix, to_matrix
-    from .presentation.plotting import animate, plot_matrix
-    from .presentation.symbolic import SymbolicMatrix, symbolic
+    from .presentation import SymbolicMatrix, animate, plot_matrix
+    from .presentation.symbolic import symbolic
 
 
 __all__ = [

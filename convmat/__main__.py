@@ -2,6 +2,6 @@
 
 import sys
 
-from .presentation.cli import main
+from .presentation import main
 
 sys.exit(main())

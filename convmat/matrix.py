@@ -7,6 +7,8 @@ per configuration and device; only the kernel values are gathered).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -265,7 +267,7 @@ def conv2d_as_conv1d(
     if isinstance(padding, str):
         raise ConvMatError(f"padding must be an int or a (height, width) tuple, got {padding!r}")
 
-    def pair(value: object, name: str) -> tuple[object, object]:
+    def pair(value: Any, name: str) -> tuple[Any, Any]:
         if isinstance(value, tuple | list):
             if len(value) != 2:
                 raise ConvMatError(
@@ -280,16 +282,16 @@ def conv2d_as_conv1d(
     # included), on the narrowest input width the kernel fits in.
     width = _as_size(parts[2][1]) * (kw - 1) + 1
     conv_geometry(weight.shape, (input_height, width), stride=stride, padding=padding,
-                  dilation=dilation)  # type: ignore[arg-type]  # fmt: skip
-    stride, padding, dilation = (p[0] for p in parts)
+                  dilation=dilation)  # fmt: skip
+    height = [p[0] for p in parts]  # the height-direction stride, padding, dilation
     # Rows (co, kw, h_out) x columns (ci, h): the height matrix of every kernel column.
     columns = weight.permute(0, 3, 1, 2).reshape(c_out * kw, c_in, kh)
     rows = conv_matrix(
         columns,
         input_height,
-        stride=stride,  # type: ignore[arg-type]
-        padding=(padding,),  # type: ignore[arg-type]
-        dilation=dilation,  # type: ignore[arg-type]
+        stride=height[0],
+        padding=(height[1],),
+        dilation=height[2],
     )
     h_out = rows.shape[0] // (c_out * kw)
     per = rows.view(c_out, kw, h_out, c_in * input_height).permute(0, 2, 3, 1)

@@ -12,7 +12,7 @@ __all__ = [*_layers, "spectral_norm"]  # noqa: F405 (spectral_norm: by __getattr
 
 def __getattr__(name: str) -> Any:
     if name == "spectral_norm":
-        from .analysis.normalize import spectral_norm
+        from .analysis import spectral_norm
 
         return spectral_norm
     raise AttributeError(f"module 'convmat.nn' has no attribute {name!r}")

@@ -18,7 +18,6 @@ from convmat.engine import (
     cache_budget,
     cache_info,
     cached,
-    cached_bytes,
     clear_cache,
     conv_geometry,
     conv_transpose_geometry,
@@ -32,7 +31,7 @@ from convmat.engine import (
     tensor_bytes,
     weight_view,
 )
-from convmat.engine.cache import builds, parse_bytes
+from convmat.engine.cache import builds, cached_bytes, parse_bytes
 
 from .memory_helpers import run_snippet
 
@@ -322,7 +321,8 @@ def test_threads_building_while_entries_are_evicted(references, budget):
 LAYER_SNIPPET = """
 import resource
 import torch.nn.functional as F
-from convmat.engine import cache_budget, cache_info, cached_bytes
+from convmat.engine import cache_budget, cache_info
+from convmat.engine.cache import cached_bytes
 from convmat.nn import MatrixConv2d
 
 def rss():
@@ -364,7 +364,8 @@ def test_layer_on_fifty_input_sizes_stays_within_the_budget():
 
 DOUBLE_SNIPPET = """
 import gc, os
-from convmat.engine import cache_info, cached_bytes
+from convmat.engine import cache_info
+from convmat.engine.cache import cached_bytes
 from convmat.nn import MatrixConv2d
 
 def resident():

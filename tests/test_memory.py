@@ -12,7 +12,6 @@ from hypothesis import given
 from convmat import ConvMatError, conv_matrix, conv_transpose_matrix
 from convmat.engine import (
     cache_info,
-    cached_bytes,
     check_allocation,
     clear_cache,
     conv_geometry,
@@ -24,7 +23,7 @@ from convmat.engine import (
     store,
     tap_table,
 )
-from convmat.engine.cache import builds, cache_budget
+from convmat.engine.cache import builds, cache_budget, cached_bytes
 from convmat.engine.memory import MemoryLimit, memory_limit, memory_limits, total_memory
 from convmat.engine.pattern import build_pattern, plan_pattern
 

@@ -81,10 +81,13 @@ def test_converged_sigma_is_the_operator_norm(drawn, bound):
     values = convmat.singular_values(weight, size, **config)
     top = float(values[0])
     assume(top > 1e-6)
-    # Power iteration converges at the rate (s2/s1)^2 per step, sigma twice as fast. 2000 steps
-    # reach 1e-6 unless 0.995 < s2/s1 < 1 - 1e-7 (and above that, sigma is within 1e-7 anyway).
-    ratio = float(values[1]) / top if values.numel() > 1 else 0.0
-    assume(ratio < 0.995 or ratio > 1 - 1e-7)
+    # Power iteration converges to the top singular space at the rate (s/s1)^2 per step, s the
+    # largest singular value below s1 (a repeated s1 is no obstacle: sigma is s1 anywhere in its
+    # space), sigma twice as fast; 2000 steps reach 1e-6 while s/s1 < 0.995. Values within 1e-7
+    # of s1 count as s1 (sigma is within 1e-7 of it there anyway).
+    below = values[values < top * (1 - 1e-7)]
+    ratio = float(below[0]) / top if below.numel() else 0.0
+    assume(ratio < 0.995)
     spectral_norm(module, size, n_power_iterations=50, bound=bound)
     _train_forwards(module, size, 40)
     param = _param(module)

@@ -28,7 +28,7 @@ import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -45,7 +45,7 @@ from ..engine import (
     plain_conv_problem,
     reads,
 )
-from ..layers.linear import SparseLinear
+from ..layers import SparseLinear
 from .spectral import (
     _DENSE_SLACK,
     Method,
@@ -298,7 +298,7 @@ def _jacobian_norm(
     zero = torch.zeros(1, *in_shape, dtype=torch.float64, device=device)
 
     with torch.no_grad():
-        offset = f(zero)  # the bias part: f is affine if it is linear after this
+        offset: torch.Tensor = f(zero)  # the bias part: f is affine if it is linear after this
         gen = torch.Generator(device=device).manual_seed(0)
         x, y = (torch.randn(1, *in_shape, dtype=torch.float64, device=device, generator=gen)
                 for _ in range(2))  # fmt: skip
@@ -315,7 +315,8 @@ def _jacobian_norm(
         )
 
     def linear(v: torch.Tensor) -> torch.Tensor:
-        return f(v) - offset
+        out: torch.Tensor = f(v)
+        return out - offset
 
     n = math.prod(in_shape)
 
@@ -323,8 +324,9 @@ def _jacobian_norm(
         V = block.reshape(-1, *in_shape)
         base = torch.zeros_like(V)
         jv = torch.func.jvp(lambda t: f(t) - offset, (base,), (V,))[1]
-        _, pull = torch.func.vjp(lambda t: f(t) - offset, base)
-        return pull(jv)[0].reshape(block.shape[0], n)
+        pull = torch.func.vjp(lambda t: f(t) - offset, base)[1]
+        out: torch.Tensor = pull(jv)[0]
+        return out.reshape(block.shape[0], n)
 
     with torch.no_grad():
         vector, converged, error = _gram_top(gram, n, tol, device)
@@ -489,7 +491,7 @@ def _checked_report_arguments(
     if not shape or any(v < 1 for v in shape):
         raise ConvMatError(f"input_shape must be positive sizes, got {input_shape!r}")
     tol = _check_tol(tol)
-    method = _check_method(method)
+    method = cast(Method, _check_method(method))
     for name, value, least in (("probes", probes, 0), ("iterations", iterations, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConvMatError(f"{name} must be an int >= {least}, got {value!r}")
@@ -633,6 +635,7 @@ def _derivative_sup_uncached(kind: str, approximate: str = "none") -> float:
     below the sup inside. Values: GELU 1.12906, GELU(tanh) 1.12927, SiLU 1.09984,
     Mish 1.08849 (each a few 1e-5 above the true sup)."""
     h = 1e-4
+    f: Callable[[torch.Tensor], torch.Tensor]
     f = {"GELU": lambda v: nn.functional.gelu(v, approximate=approximate),
          "SiLU": nn.functional.silu, "Mish": nn.functional.mish}[kind]  # fmt: skip
     with torch.enable_grad():
@@ -767,7 +770,7 @@ def _interpolate_norm(x: torch.Tensor, options: dict[str, Any]) -> float:
     return total
 
 
-def _bn_scale(m: nn.Module) -> torch.Tensor | None:
+def _bn_scale(m: nn.modules.batchnorm._BatchNorm) -> torch.Tensor | None:
     """``gamma / sqrt(running_var + eps)`` of a BatchNorm in eval mode (None: batch stats)."""
     if m.training or m.running_var is None:
         return None
@@ -854,7 +857,7 @@ class _Bound(torch.fx.Interpreter):
     def _in_place(self, n: torch.fx.Node) -> bool:
         """Whether ``n`` writes its result into its first input."""
         if n.op == "call_module":
-            return bool(getattr(self.module.get_submodule(n.target), "inplace", False))
+            return bool(getattr(self.module.get_submodule(cast(str, n.target)), "inplace", False))
         name = _name(n.target)
         return (
             (n.op == "call_method" and name.endswith("_"))
@@ -863,14 +866,14 @@ class _Bound(torch.fx.Interpreter):
         )
 
     def _target(self, n: torch.fx.Node) -> str:
-        return n.target if n.op == "call_module" else _name(n.target)
+        return cast(str, n.target) if n.op == "call_module" else _name(n.target)
 
     def _kind(self, n: torch.fx.Node) -> str:
         if n.op == "call_module":
-            return type(self.module.get_submodule(n.target)).__name__
+            return type(self.module.get_submodule(cast(str, n.target))).__name__
         return f"{'method' if n.op == 'call_method' else 'function'} {_name(n.target)}"
 
-    def _rule(self, n: torch.fx.Node, args: tuple, kwargs: dict,
+    def _rule(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
               result: Any) -> tuple[float, str, float]:  # fmt: skip
         """``(factor, rule, Lipschitz bound of n's output)``."""
         ins = n.all_input_nodes
@@ -903,10 +906,13 @@ class _Bound(torch.fx.Interpreter):
         src = n.args[0] if n.args else next(iter(n.kwargs.values()))
         return factor, rule, factor * self.L(src) if factor else 0.0
 
-    def _module(self, n: torch.fx.Node, args: tuple, result: Any) -> tuple[float, str, float]:
-        m = self.module.get_submodule(n.target)
+    def _module(
+        self, n: torch.fx.Node, args: tuple[Any, ...], result: Any
+    ) -> tuple[float, str, float]:
+        target = cast(str, n.target)  # a module's qualified name
+        m = self.module.get_submodule(target)
         if isinstance(m, _LAYERS):
-            queue = self.queue.get(n.target)
+            queue = self.queue.get(target)
             if not queue:
                 return math.inf, "no record of this layer's call", math.inf
             r = queue.pop(0)
@@ -923,7 +929,9 @@ class _Bound(torch.fx.Interpreter):
             return self._unary(n, *found)
         return math.inf, "no Lipschitz rule for this module", math.inf
 
-    def _batchnorm(self, n: torch.fx.Node, m: nn.Module) -> tuple[float, str, float]:
+    def _batchnorm(
+        self, n: torch.fx.Node, m: nn.modules.batchnorm._BatchNorm
+    ) -> tuple[float, str, float]:
         scale = _bn_scale(m)
         if scale is None:
             return math.inf, "uses batch statistics (no running statistics)", math.inf
@@ -932,7 +940,7 @@ class _Bound(torch.fx.Interpreter):
             isinstance(src, torch.fx.Node)
             and src.op == "call_module"
             and len(src.users) == 1
-            and isinstance(layer := self.module.get_submodule(src.target), _LAYERS)
+            and isinstance(layer := self.module.get_submodule(cast(str, src.target)), _LAYERS)
             and not _own_forward_problem(layer)
             and (not isinstance(layer, nn.Linear) or len(self.shapes[src]) == 1)
         ):
@@ -941,7 +949,7 @@ class _Bound(torch.fx.Interpreter):
             return upper, rule, upper * self.L(src.args[0])  # fmt: skip
         return self._unary(n, float(scale.abs().max()), "max |gamma / sqrt(var + eps)|")
 
-    def _function(self, n: torch.fx.Node, args: tuple, kwargs: dict,
+    def _function(self, n: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
                   result: Any) -> tuple[float, str, float]:  # fmt: skip
         """The rule of a function or method node, looked up by its name in
         :data:`_FUNCTION_RULES`."""
@@ -1118,7 +1126,8 @@ def _empirical_lower(
 
     def image(f: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``J(x) v / ||v||`` of the model copy ``f``."""
-        return torch.func.jvp(lambda u: _outputs(f(u)), (x,), (v / v.norm(),))[1]
+        out: torch.Tensor = torch.func.jvp(lambda u: _outputs(f(u)), (x,), (v / v.norm(),))[1]
+        return out
 
     gen = torch.Generator(device=device).manual_seed(seed)
     best: tuple[float, torch.Tensor | None, torch.Tensor | None] = (0.0, None, None)
@@ -1127,7 +1136,7 @@ def _empirical_lower(
             x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             v = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             x32, v32 = x.float(), v.float()
-            _, pull = torch.func.vjp(lambda u: _outputs(fast(u)), x32)
+            pull = torch.func.vjp(lambda u: _outputs(fast(u)), x32)[1]
             for _ in range(iterations):
                 w = pull(image(fast, x32, v32))[0]
                 if not 0 < float(w.norm()) < math.inf:  # zero, or beyond float32's range

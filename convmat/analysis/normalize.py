@@ -44,7 +44,8 @@ def _check_positive(value: Any, name: str) -> float:
 
 def _normalized(t: torch.Tensor, eps: float) -> torch.Tensor:
     """``t / max(||t||, eps)`` over the whole tensor (as ``F.normalize`` on the flat vector)."""
-    return t / torch.linalg.vector_norm(t).clamp_min(eps)
+    norm: torch.Tensor = torch.linalg.vector_norm(t)
+    return t / norm.clamp_min(eps)
 
 
 class ConvSpectralNorm(nn.Module):
@@ -78,6 +79,9 @@ class ConvSpectralNorm(nn.Module):
     >>> param._u.shape, param._v.shape
     (torch.Size([1, 8]), torch.Size([1, 8]))
     """
+
+    _u: torch.Tensor  # buffers, registered in __init__
+    _v: torch.Tensor
 
     def __init__(
         self,
@@ -141,7 +145,7 @@ class ConvSpectralNorm(nn.Module):
 
     # Eager under torch.compile: the operator's cache (a lock, a comparison of kernel values)
     # cannot be traced, and tracing up to it costs far more than the few small convolutions here.
-    @torch.compiler.disable(reason="convmat's ConvOperator keeps a kernel cache behind a lock")
+    @torch.compiler.disable(reason="convmat's ConvOperator keeps a kernel cache behind a lock")  # type: ignore[untyped-decorator]
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._power_method(weight, self.n_power_iterations)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -100,7 +100,8 @@ def _conv_adjoint(geo: Geometry, w: torch.Tensor, y: torch.Tensor, flipped: Any)
     # (linear) padding itself.
     probe = t.new_zeros((t.shape[0], geo.in_channels, *geo.input_size))
     vjp = torch.func.vjp(lambda v: F.pad(v, geo.pad_args, mode=geo.mode.torch_pad_mode), probe)[1]
-    return vjp(t)[0]
+    adjoint: torch.Tensor = vjp(t)[0]
+    return adjoint
 
 
 class ConvOperator:
@@ -209,7 +210,8 @@ class ConvOperator:
         (6, 5)
         """
         geo = Geometry.from_module(module, input_size)
-        return cls.from_geometry(module.weight.detach(), geo)  # type: ignore[arg-type]
+        weight = cast(torch.Tensor, module.weight)  # a convolution's (from_module checked it)
+        return cls.from_geometry(weight.detach(), geo)
 
     def with_weight(self, weight: torch.Tensor, *, flip: bool = False) -> ConvOperator:
         """The same operator (geometry, adjointness) with another kernel of the same shape.
@@ -297,7 +299,7 @@ class ConvOperator:
             return self._flip(w)
         owner = self._token.owner
         key = (FLIPPED_OWNER, owner)
-        hit = lookup(key)
+        hit: tuple[torch.Tensor, torch.Tensor] | None = lookup(key)
         if hit is not None:
             copy, flipped = hit
             if (copy.dtype == w.dtype and copy.device == w.device and copy.shape == w.shape

@@ -1,7 +1,12 @@
 """The engine: shape rules, padding modes, W's index pattern, assembly, the memory guard and the
 one cache. Nothing here imports the layers, the analysis or the presentation.
 
-The names below are the engine's interface; the other packages use only these.
+The names below are the engine's interface; the other packages use only these (a contract in
+``pyproject.toml``, checked by ``tests/test_layers_contract.py``). The cache's own workings
+(making room for the memory guard, its counters, parsing the budget) stay inside the engine;
+what it offers the other packages is the budget itself: :func:`cached`, or :func:`lookup`,
+:func:`store` and :func:`discard` for entries checked against the values they were built from,
+with :func:`tensor_bytes` to size them.
 """
 
 from typing import TYPE_CHECKING
@@ -13,9 +18,7 @@ from .._lazy import lazy_attributes
 _WHERE = {
     "BlockPattern": ".blocks",
     "Geometry": ".shapes",
-    "INDEX": ".pattern",
     "LAYOUTS": ".assembly",
-    "MemoryLimit": ".memory",
     "PADDING_MODES": ".padding",
     "PaddingMode": ".padding",
     "Pattern": ".pattern",
@@ -23,17 +26,13 @@ _WHERE = {
     "assemble": ".assembly",
     "available_memory": ".memory",
     "block_size": ".blocks",
-    "builds": ".cache",
     "cache_budget": ".cache",
     "cache_info": ".cache",
     "cached": ".cache",
-    "cached_bytes": ".cache",
-    "cached_pattern": ".pattern",
     "check_allocation": ".memory",
     "check_count": ".shapes",
     "check_flip": ".shapes",
     "check_int": ".shapes",
-    "check_layout": ".assembly",
     "check_matrix_memory": ".assembly",
     "check_shape": ".shapes",
     "check_weight": ".assembly",
@@ -45,13 +44,9 @@ _WHERE = {
     "coupling_reach": ".axes",
     "discard": ".cache",
     "flat_pads": ".shapes",
-    "format_bytes": ".memory",
     "get_block_pattern": ".blocks",
     "get_pattern": ".pattern",
     "lookup": ".cache",
-    "make_room": ".cache",
-    "memory_limit": ".memory",
-    "memory_limits": ".memory",
     "most_reads": ".axes",
     "natural_size": ".axes",
     "ntuple": ".shapes",
@@ -59,10 +54,7 @@ _WHERE = {
     "output_length": ".axes",
     "output_padding_for": ".shapes",
     "padding_mode": ".padding",
-    "parse_bytes": ".cache",
-    "pattern_nnz": ".pattern",
     "plain_conv_problem": ".shapes",
-    "plan_pattern": ".pattern",
     "read_by": ".axes",
     "reads": ".axes",
     "same_padding": ".shapes",
@@ -72,7 +64,6 @@ _WHERE = {
     "tap_reading": ".axes",
     "tap_table": ".blocks",
     "tensor_bytes": ".cache",
-    "total_memory": ".memory",
     "transposed_output_length": ".axes",
     "weight_view": ".assembly",
 }
@@ -83,7 +74,6 @@ if TYPE_CHECKING:
     from .assembly import (
         LAYOUTS,
         assemble,
-        check_layout,
         check_matrix_memory,
         check_weight,
         oriented,
@@ -103,31 +93,19 @@ if TYPE_CHECKING:
     )
     from .blocks import BlockPattern, block_size, get_block_pattern, tap_table
     from .cache import (
-        builds,
         cache_budget,
         cache_info,
         cached,
-        cached_bytes,
         clear_cache,
         discard,
         lookup,
-        make_room,
-        parse_bytes,
         set_cache_budget,
         store,
         tensor_bytes,
     )
-    from .memory import (
-        MemoryLimit,
-        available_memory,
-        check_allocation,
-        format_bytes,
-        memory_limit,
-        memory_limits,
-        total_memory,
-    )
+    from .memory import available_memory, check_allocation
     from .padding import PADDING_MODES, PaddingMode, padding_mode
-    from .pattern import INDEX, Pattern, cached_pattern, get_pattern, pattern_nnz, plan_pattern
+    from .pattern import Pattern, get_pattern
     from .shapes import (
         Geometry,
         check_count,
@@ -146,29 +124,23 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "INDEX",
     "LAYOUTS",
     "PADDING_MODES",
     "BlockPattern",
     "Geometry",
-    "MemoryLimit",
     "PaddingMode",
     "Pattern",
     "adaptive_window",
     "assemble",
     "available_memory",
     "block_size",
-    "builds",
     "cache_budget",
     "cache_info",
     "cached",
-    "cached_bytes",
-    "cached_pattern",
     "check_allocation",
     "check_count",
     "check_flip",
     "check_int",
-    "check_layout",
     "check_matrix_memory",
     "check_shape",
     "check_weight",
@@ -180,13 +152,9 @@ __all__ = [
     "coupling_reach",
     "discard",
     "flat_pads",
-    "format_bytes",
     "get_block_pattern",
     "get_pattern",
     "lookup",
-    "make_room",
-    "memory_limit",
-    "memory_limits",
     "most_reads",
     "natural_size",
     "ntuple",
@@ -194,10 +162,7 @@ __all__ = [
     "output_length",
     "output_padding_for",
     "padding_mode",
-    "parse_bytes",
-    "pattern_nnz",
     "plain_conv_problem",
-    "plan_pattern",
     "read_by",
     "reads",
     "same_padding",
@@ -207,7 +172,6 @@ __all__ = [
     "tap_reading",
     "tap_table",
     "tensor_bytes",
-    "total_memory",
     "transposed_output_length",
     "weight_view",
 ]

@@ -49,7 +49,7 @@ def check_layout(layout: object) -> torch.layout:
         raise ConvMatError(
             f"layout must be torch.strided, torch.sparse_coo or torch.sparse_csr, got {layout!r}"
         )
-    return layout  # type: ignore[return-value]
+    return layout
 
 
 def check_matrix_memory(
@@ -139,7 +139,7 @@ def _meta_matrix(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout)
         return weight_view.new_zeros((rows, cols)) + tie
     nnz = plan_pattern(geo).nnz
     values = weight_view.new_zeros(nnz) + tie
-    meta = {"dtype": INDEX, "device": weight_view.device}
+    meta: dict[str, Any] = {"dtype": INDEX, "device": weight_view.device}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         if layout == torch.sparse_csr:

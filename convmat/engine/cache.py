@@ -218,7 +218,8 @@ def cached(key: Hashable, owner: str, build: Callable[[], T], size: Callable[[T]
         hit = _CACHE.entries.get(key)
         if hit is not None:
             _CACHE.entries.move_to_end(key)
-            return hit.value
+            kept: T = hit.value
+            return kept
         _CACHE.limit()  # a bad CONVMAT_CACHE_BYTES is reported before anything is built
     value = build()
     nbytes = int(size(value))

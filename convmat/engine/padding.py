@@ -65,18 +65,18 @@ class PaddingMode:
 class _Zeros(PaddingMode):
     name, torch_pad_mode, folds, label = "zeros", "constant", False, "zero"
 
-    def source(self, position, size):
+    def source(self, position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return position, (position >= 0) & (position < size)
 
 
 class _Reflect(PaddingMode):
     name = torch_pad_mode = label = "reflect"
 
-    def source(self, position, size):
+    def source(self, position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = position.abs()
         return (2 * (size - 1) - p).where(p >= size, p), None
 
-    def check(self, size, before, after, dim, raw):
+    def check(self, size: int, before: int, after: int, dim: int, raw: object) -> None:
         if max(before, after) >= size:
             raise ConvMatError(
                 f"reflect padding must be smaller than the input in every dimension, got "
@@ -87,7 +87,7 @@ class _Reflect(PaddingMode):
 class _Replicate(PaddingMode):
     name = torch_pad_mode = label = "replicate"
 
-    def source(self, position, size):
+    def source(self, position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return position.clamp(0, size - 1), None
 
 
@@ -95,10 +95,10 @@ class _Circular(PaddingMode):
     name = torch_pad_mode = label = "circular"
     periodic = True
 
-    def source(self, position, size):
+    def source(self, position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return position % size, None
 
-    def check(self, size, before, after, dim, raw):
+    def check(self, size: int, before: int, after: int, dim: int, raw: object) -> None:
         if max(before, after) > size:
             raise ConvMatError(
                 f"circular padding must be at most the input size in every dimension (it may "

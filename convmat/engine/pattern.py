@@ -445,7 +445,8 @@ def build_pattern(geo: Geometry, plan: PatternPlan | None = None) -> Pattern:
 
 def cached_pattern(geo: Geometry, device: torch.device) -> Pattern | None:
     """The pattern of ``geo`` on ``device`` if the cache holds it (marked as used), else None."""
-    return lookup(("pattern", geo, device))
+    held: Pattern | None = lookup(("pattern", geo, device))
+    return held
 
 
 def pattern_nnz(geo: Geometry, device: torch.device | None = None) -> int:

@@ -46,7 +46,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ from ..engine import (
     weight_view,
 )
 from ..matrix import conv_matrix, to_matrix
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "Conv1D",
@@ -378,7 +381,7 @@ class _MatrixConvNd(_ConvNd):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy (deepcopy, pickle) holds its own cache entries.
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]  # torch's, unannotated
         self._claim_cache_owner()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
@@ -386,10 +389,11 @@ class _MatrixConvNd(_ConvNd):
         owner = self.__dict__.get("_cache_owner")
         if owner is not None:
             discard(owner)
-        return super()._apply(fn, recurse)
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch's
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, layout={self.layout!r}"
+        base: str = super().extra_repr()  # type: ignore[no-untyped-call]  # torch's
+        return f"{base}, layout={self.layout!r}"
 
     # -- the matrix ------------------------------------------------------------------------
     def _geometry(self, input_size: tuple[int, ...], output_padding: Any = None) -> Geometry:
@@ -403,7 +407,7 @@ class _MatrixConvNd(_ConvNd):
         equal values, else a new one (stored in the cache under this layer's name)."""
         w = self.weight
         key = ("layer matrix", self._cache_owner, geo, w.device, w.dtype, self.layout)
-        op = lookup(key)
+        op: _LayerMatrix | None = lookup(key)
         if op is not None and torch.equal(op.source, w):
             return op
         with torch.no_grad():
@@ -489,7 +493,7 @@ class _MatrixConvNd(_ConvNd):
         if output_size is not None:
             output_padding = output_padding_for(
                 spatial, tuple(output_size)[-n:], self.kernel_size, self.stride,
-                self.padding, self.dilation,
+                cast(PaddingArg, self.padding), self.dilation,
             )  # fmt: skip
         geo = self._geometry(spatial, output_padding)
         batch, w = x.shape[0], self.weight
@@ -510,7 +514,9 @@ class _MatrixConvNd(_ConvNd):
 
     # -- conversion ------------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: nn.Module, *, layout: LayerLayout | torch.layout = "blocks"):
+    def from_module(
+        cls, module: nn.Module, *, layout: LayerLayout | torch.layout = "blocks"
+    ) -> Self:
         """The matrix twin of a torch layer, with copies of its parameters (sharing nothing).
 
         Args:
@@ -531,7 +537,8 @@ class _MatrixConvNd(_ConvNd):
         problem = plain_conv_problem(module)
         if problem:
             raise ConvMatError(f"module ({type(module).__name__}) {problem}")
-        twin: Any = cls(**_constructor_args(module), layout=layout)
+        make: Callable[..., Self] = cls  # each layer's constructor takes layout=
+        twin = make(**_constructor_args(module), layout=layout)
         twin.load_state_dict(module.state_dict())
         return twin
 
@@ -551,7 +558,7 @@ class _MatrixConvNd(_ConvNd):
                 pairs = None
             else:
                 args["padding"], args["padding_mode"] = 0, "zeros"
-        layer: Any = self._torch_class(**args)
+        layer: nn.Module = self._torch_class(**args)
         layer.load_state_dict(self.state_dict())
         if pairs is None:
             return layer
@@ -610,7 +617,7 @@ class MatrixConv1d(_MatrixConvNd, nn.Conv1d):
         )
         nn.Conv1d.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding,  # type: ignore[arg-type]
-            dilation, groups, bias, padding_mode, device, dtype,
+            dilation, groups, bias, padding_mode, device, dtype,  # type: ignore[arg-type]
         )  # fmt: skip
         self._init_matrix(name)
 
@@ -669,7 +676,7 @@ class MatrixConv2d(_MatrixConvNd, nn.Conv2d):
         )
         nn.Conv2d.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding,  # type: ignore[arg-type]
-            dilation, groups, bias, padding_mode, device, dtype,
+            dilation, groups, bias, padding_mode, device, dtype,  # type: ignore[arg-type]
         )  # fmt: skip
         self._init_matrix(name)
 
@@ -724,7 +731,7 @@ class MatrixConv3d(_MatrixConvNd, nn.Conv3d):
         )
         nn.Conv3d.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding,  # type: ignore[arg-type]
-            dilation, groups, bias, padding_mode, device, dtype,
+            dilation, groups, bias, padding_mode, device, dtype,  # type: ignore[arg-type]
         )  # fmt: skip
         self._init_matrix(name)
 

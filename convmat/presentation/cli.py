@@ -185,7 +185,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             f"--padding-mode must be 'zeros' for a transposed convolution, got "
             f"{args.padding_mode!r}"
         )
-    each = lambda v: tuple(v) * n if len(v) == 1 else tuple(v)  # noqa: E731 - one value for all
+
+    def each(v: Sequence[int]) -> tuple[int, ...]:  # one value for all, or one per dimension
+        return tuple(v) * n if len(v) == 1 else tuple(v)
+
     padding = args.padding
     if isinstance(padding, tuple) and len(padding) == 1:
         padding = (padding[0],) * n
@@ -308,9 +311,9 @@ def _safe_classes() -> list[Any]:
     """Module classes that a weights_only load may rebuild: torch.nn's and convmat's."""
     import torch.nn
 
-    from ..layers import linear, nn
+    from .. import layers
 
-    found = [*vars(torch.nn).values(), *vars(nn).values(), *vars(linear).values()]
+    found = [*vars(torch.nn).values(), *(getattr(layers, name) for name in layers.__all__)]
     return [c for c in found if inspect.isclass(c) and issubclass(c, torch.nn.Module)]
 
 
@@ -485,7 +488,7 @@ def _finite_or_null(data: Any) -> Any:
 
 
 def _cmd_norm(args: argparse.Namespace) -> None:
-    from ..analysis.lipschitz import lipschitz_report
+    from ..analysis import lipschitz_report
 
     model = _load_model(args.model, args.weights, args.trust_pickle)
     report = lipschitz_report(model, args.input, tol=args.tol, probes=args.probes)
@@ -515,7 +518,7 @@ def _cmd_tour(args: argparse.Namespace) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (exit status 2) instead of usage text."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         print(f"{self.prog}: error: {_one_line(message)}", file=sys.stderr)
         sys.exit(2)
 

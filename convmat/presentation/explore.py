@@ -345,7 +345,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     >>> args.input, args.padding, args.run is run
     ('6,6', '1:0,2', True)
     """
-    parser = subparsers.add_parser(
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "explore",
         help="an interactive page: the input, the output and W, linked by hover",
         description="Open (or write with -o) a self-contained page that draws a convolution "

@@ -24,6 +24,7 @@ import html
 import itertools
 import math
 import operator
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -165,7 +166,7 @@ class SymbolicMatrix:
     # -- entries on demand ----------------------------------------------------------------
 
     def labels(
-        self, rows: list[int] | None = None, cols: list[int] | None = None
+        self, rows: Sequence[int] | None = None, cols: Sequence[int] | None = None
     ) -> list[list[str]]:
         """The labels of the given rows and columns (all by default; ``"0"`` for zeros).
 

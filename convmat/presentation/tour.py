@@ -411,7 +411,9 @@ def run_step(code: str, namespace: dict[str, Any]) -> str:
     """
     namespace.setdefault("display", _display)
     tree = ast.parse(code)
-    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    last = tail if tree.body and isinstance(tail := tree.body[-1], ast.Expr) else None
+    if last is not None:
+        tree.body.pop()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(tree, "<tour>", "exec"), namespace)
