@@ -246,6 +246,11 @@ ROWS: list[tuple[list[str], str]] = [
     (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--tol", "inf"), "--tol: must be"),
     (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--tol", "0"), "--tol: must be"),
     (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--tol", "x"), "--tol: expected"),
+    (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--width", "1"), "--width: must be"),
+    (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--width", "0"), "--width: must be"),
+    (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--width", "x"), "--width: expected"),
+    (_norm("--model", "factories.py:conv", "--input", "1,5,5", "--width", "1e-3", "--tol", "1e-3"),
+     "not allowed with argument"),
     (_norm("--model", "factories.py:conv", "--input", "0"), "--input: expected"),
     (_norm("--model", "factories.py:conv", "--input", BIG), "is too large"),
 ]  # fmt: skip

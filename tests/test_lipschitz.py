@@ -304,6 +304,43 @@ def test_norm_command_from_a_factory():
     assert "layer2.down.0" in table.stdout and "product of layer norms" in table.stdout
 
 
+@pytest.mark.parametrize("width", [1e-1, 1e-3])
+def test_a_report_to_a_width_brackets_every_layer(width):
+    """``lipschitz_report(width=)``: every conv layer's interval holds its dense SVD norm and
+    is no wider than asked where reached; the model's bound stays certified (at least the
+    product of the layers' lower ends along this chain, at most the default report's bound
+    times the widths' room)."""
+    model = small_resnet()
+    report = lipschitz_report(model, (3, 12, 12), width=width, progress=False)
+    exact = lipschitz_report(model, (3, 12, 12), progress=False)
+    assert [r.path for r in report] == [r.path for r in exact]
+    for r, e in zip(report, exact):
+        dense = e.norm
+        assert r.lower <= dense * (1 + 1e-9) and dense <= r.upper * (1 + 1e-12)
+        if r.converged:
+            assert r.upper <= r.lower * (1 + width) * (1 + 1e-12)
+    assert exact.upper <= report.upper * (1 + 1e-9)
+    assert report.upper <= exact.upper * (1 + width) ** len(report)
+
+
+def test_a_report_refuses_tol_and_width_together():
+    with pytest.raises(ConvMatError, match=r"not both"):
+        lipschitz_report(small_resnet(), (3, 12, 12), tol=1e-3, width=1e-3, progress=False)
+    with pytest.raises(ConvMatError, match=r"width must be a number"):
+        lipschitz_report(small_resnet(), (3, 12, 12), width=0, progress=False)
+
+
+def test_norm_command_to_a_width():
+    r = norm("--model", "tests.test_lipschitz:small_resnet", "--input", "3,12,12", "--json",
+             "--width", "1e-2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    expected = lipschitz_report(small_resnet(), (3, 12, 12), width=1e-2, progress=False)
+    for d, e in zip(data["layers"], expected):
+        assert d["norm"] == pytest.approx(e.norm, rel=1e-12)
+        assert d["upper"] == pytest.approx(e.upper, rel=1e-12)
+
+
 def test_norm_command_from_saved_files(tmp_path):
     plain = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
     torch.save(plain, tmp_path / "plain.pt")

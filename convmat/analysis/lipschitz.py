@@ -51,8 +51,8 @@ from .spectral import (
     Method,
     NormResult,
     _certified_upper,
+    _check_accuracy,
     _check_method,
-    _check_tol,
     _gram_top,
     operator_norm,
 )
@@ -63,6 +63,9 @@ _CONV = nn.modules.conv._ConvNd
 _LAYERS = (_CONV, nn.Linear, SparseLinear)
 #: Modules whose linear layers' ``forward`` is ``x @ weight.T + bias`` as it is.
 _TRUSTED_LINEAR = ("torch.nn.modules.linear", "convmat.layers.linear")
+#: With ``width``, a layer measured on its Jacobian (no certified interval) runs to this
+#: fraction of the width as its ``tol``.
+_WIDTH_TO_TOL = 0.25
 #: Relative tolerance of the numerical linearity check (float64; rounding is ~1e-15).
 _LINEARITY_TOL = 1e-9
 #: The coefficients ``a, b`` of the check ``f(a x + b y) = a f(x) + b f(y)``: neither 0 nor 1
@@ -200,8 +203,10 @@ class LipschitzReport:
                ""]  # fmt: skip
         out += _table(head, rows, {4, 5, 6, 7, 9})
         out.append(
-            "norm: the layer's operator norm (exact for fft/dense, to tol for lanczos; "
-            "jvp-lanczos: a module with its own forward, measured on its Jacobian, not certified)"
+            "norm: the layer's operator norm (exact for fft/dense, to tol for lanczos; with a "
+            "width, the lower end of an interval that narrow, window: from the enclosing "
+            "circular convolution's top vector; jvp-lanczos: a module with its own forward, "
+            "measured on its Jacobian, not certified)"
         )
         out.append(f"product of layer norms: {self.product:.6g} (an estimate, not a bound)")
         uncertified = [r.path for r in self.records if not r.certified]
@@ -395,7 +400,8 @@ def lipschitz_report(
     model: nn.Module,
     input_shape: Any,
     *,
-    tol: float = 1e-7,
+    tol: float | None = None,
+    width: float | None = None,
     progress: bool | None = None,
     method: Method = "auto",
     probes: int = 3,
@@ -430,7 +436,12 @@ def lipschitz_report(
             Subclasses with their own forward are measured on their Jacobian if linear in
             their input (``"jvp-lanczos"``, not certified), refused otherwise.
         input_shape: the shape of one input without the batch, e.g. ``(3, 32, 32)``.
-        tol: relative accuracy for the iterative method (see :func:`convmat.operator_norm`).
+        tol: relative accuracy for the iterative method (see :func:`convmat.operator_norm`;
+            default ``1e-7``).
+        width: instead of ``tol``, the relative width ``upper / lower - 1`` each conv layer's
+            certified interval is to reach (:func:`convmat.operator_norm`'s ``width``): far
+            cheaper on large inputs; the folded layers' upper ends are certified to the same
+            room. A layer that cannot reach it has ``converged`` False.
         progress: show a progress bar (``None``: only on a terminal).
         method: for every plain conv layer (see :func:`convmat.operator_norm`); an explicit one
             that does not apply to a layer raises.
@@ -443,7 +454,8 @@ def lipschitz_report(
 
     Raises:
         ConvMatError: a layer with its own forward that is not linear in its input (naming its
-            path and class), a model that does not run on the input, a bad ``tol``.
+            path and class), a model that does not run on the input, a bad ``tol`` or
+            ``width`` (or both given).
 
     Shape:
         the model takes ``(1, *input_shape)``.
@@ -458,14 +470,14 @@ def lipschitz_report(
     >>> report.lower <= report.product <= report.upper  # a chain: the product of the uppers
     True
     """
-    shape, tol, method = _checked_report_arguments(
-        model, input_shape, tol, method, probes, iterations
+    shape, tol, width, method = _checked_report_arguments(
+        model, input_shape, tol, width, method, probes, iterations
     )
-    records = _layer_norms(model, shape, tol, method, progress)
+    records = _layer_norms(model, shape, tol, width, method, progress)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        upper, graph, factors, reasons = _graph_bound(model, shape, records, method)
+        upper, graph, factors, reasons = _graph_bound(model, shape, records, method, width)
         lower, x, v, note = _empirical_lower(model, shape, probes, iterations, seed)
     finally:
         for m, mode in modes.items():
@@ -475,10 +487,11 @@ def lipschitz_report(
 
 
 def _checked_report_arguments(
-    model: nn.Module, input_shape: Any, tol: float, method: Method, probes: int,
-    iterations: int,
-) -> tuple[tuple[int, ...], float, Method]:  # fmt: skip
-    """:func:`lipschitz_report`'s arguments checked: the input shape, ``tol`` and ``method``."""
+    model: nn.Module, input_shape: Any, tol: float | None, width: float | None, method: Method,
+    probes: int, iterations: int,
+) -> tuple[tuple[int, ...], float, float | None, Method]:  # fmt: skip
+    """:func:`lipschitz_report`'s arguments checked: the input shape, ``tol`` or ``width``, and
+    ``method``."""
     if not isinstance(model, nn.Module):
         raise ConvMatError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -490,17 +503,18 @@ def _checked_report_arguments(
         raise ConvMatError(f"input_shape must be a tuple of ints, got {input_shape!r}") from None
     if not shape or any(v < 1 for v in shape):
         raise ConvMatError(f"input_shape must be positive sizes, got {input_shape!r}")
-    tol = _check_tol(tol)
+    tol, width = _check_accuracy(tol, width)
     method = cast(Method, _check_method(method))
     for name, value, least in (("probes", probes, 0), ("iterations", iterations, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConvMatError(f"{name} must be an int >= {least}, got {value!r}")
-    return shape, tol, method
+    return shape, tol, width, method
 
 
 def _layer_norms(
-    model: nn.Module, shape: tuple[int, ...], tol: float, method: Method, progress: bool | None
-) -> list[LayerNorm]:
+    model: nn.Module, shape: tuple[int, ...], tol: float, width: float | None, method: Method,
+    progress: bool | None,
+) -> list[LayerNorm]:  # fmt: skip
     """The record of every conv and linear layer call, at the input size it sees, behind a
     progress bar."""
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -510,23 +524,28 @@ def _layer_norms(
                disable=None if progress is None else not progress, leave=False)  # fmt: skip
     for path, m, in_shape in bar:
         bar.set_postfix_str(path)
-        records.append(_layer_norm(path, m, in_shape, tol, method))
+        records.append(_layer_norm(path, m, in_shape, tol, width, method))
     return records
 
 
 def _layer_norm(
-    path: str, m: nn.Module, in_shape: tuple[int, ...], tol: float, method: Method
-) -> LayerNorm:
+    path: str, m: nn.Module, in_shape: tuple[int, ...], tol: float, width: float | None,
+    method: Method,
+) -> LayerNorm:  # fmt: skip
     """One layer's operator norm: a conv's by :func:`operator_norm`, a linear layer's from its
     weight, a layer with its own forward on its Jacobian."""
     start = time.perf_counter()
     reshaped = _reshaped_norm(m)
     problem = _own_forward_problem(m)
     if problem:
-        r, out_shape = _jacobian_norm(path, m, in_shape, tol, problem)
+        accuracy = tol if width is None else _WIDTH_TO_TOL * width
+        r, out_shape = _jacobian_norm(path, m, in_shape, accuracy, problem)
         config = f"{in_shape[0]}->{out_shape[0]} own forward, linear"
     elif isinstance(m, _CONV):
-        r = operator_norm(m, in_shape[1:], tol=tol, method=method)
+        if width is None:
+            r = operator_norm(m, in_shape[1:], tol=tol, method=method)
+        else:
+            r = operator_norm(m, in_shape[1:], width=width, method=method)
         config = _describe(m, in_shape)
     else:  # a linear layer's matrix is its weight
         slack = _DENSE_SLACK * max(reshaped, 1.0)
@@ -779,9 +798,10 @@ def _bn_scale(m: nn.modules.batchnorm._BatchNorm) -> torch.Tensor | None:
 
 
 def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
-                 method: Method) -> float:  # fmt: skip
+                 method: Method, width: float | None = None) -> float:  # fmt: skip
     """The certified upper end of the norm of ``layer`` with its output channel ``c`` scaled
-    by ``scale[c]`` (a BatchNorm folded into it; the bias plays no part)."""
+    by ``scale[c]`` (a BatchNorm folded into it; the bias plays no part), certified to the
+    room a ``width`` allows."""
     folded = copy.deepcopy(layer).double()
     with torch.no_grad():
         w = folded.weight
@@ -793,7 +813,7 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
             view.mul_(scale.view(g, 1, -1, *[1] * (w.dim() - 2)))
         else:
             w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
-    return _certified_upper(folded, in_shape[1:], method)
+    return _certified_upper(folded, in_shape[1:], method, width)
 
 
 def _dense_upper(w: torch.Tensor) -> float:
@@ -817,12 +837,12 @@ class _Bound(torch.fx.Interpreter):
     constant from the model's input (a dynamic program over the graph, in execution order)."""
 
     def __init__(self, gm: torch.fx.GraphModule, records: list[LayerNorm],
-                 method: Method) -> None:  # fmt: skip
+                 method: Method, width: float | None = None) -> None:  # fmt: skip
         super().__init__(gm)
         self.queue: dict[str, list[LayerNorm]] = {}
         for r in records:
             self.queue.setdefault(r.path.split(" ")[0], []).append(r)
-        self.method = method
+        self.method, self.width = method, width
         self.lip: dict[torch.fx.Node, float] = {}
         self.shapes: dict[torch.fx.Node, tuple[int, ...]] = {}
         self.factors: list[GraphFactor] = []
@@ -944,7 +964,7 @@ class _Bound(torch.fx.Interpreter):
             and not _own_forward_problem(layer)
             and (not isinstance(layer, nn.Linear) or len(self.shapes[src]) == 1)
         ):
-            upper = _folded_norm(layer, scale, self.shapes[src], self.method)
+            upper = _folded_norm(layer, scale, self.shapes[src], self.method, self.width)
             rule = f"folded into {src.target}: certified upper end of the folded layer"
             return upper, rule, upper * self.L(src.args[0])  # fmt: skip
         return self._unary(n, float(scale.abs().max()), "max |gamma / sqrt(var + eps)|")
@@ -1076,7 +1096,8 @@ def _basic_index(index: Any) -> bool:
 
 
 def _graph_bound(
-    model: nn.Module, shape: tuple[int, ...], records: list[LayerNorm], method: Method
+    model: nn.Module, shape: tuple[int, ...], records: list[LayerNorm], method: Method,
+    width: float | None = None,
 ) -> tuple[float, str, tuple[GraphFactor, ...], tuple[str, ...]]:  # fmt: skip
     """``(bound, how, factors, reasons)``: the certified Lipschitz bound of the model in eval
     mode, along its ``torch.fx`` graph; ``inf`` with the reasons where none is certified."""
@@ -1091,7 +1112,7 @@ def _graph_bound(
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
-    run = _Bound(gm, records, method)
+    run = _Bound(gm, records, method, width)
     with torch.no_grad():
         run.run(torch.zeros(1, *shape, dtype=dtype, device=device))
     out = next(n for n in gm.graph.nodes if n.op == "output")

@@ -147,6 +147,13 @@ def _tol(text: str) -> float:
     return value
 
 
+def _width(text: str) -> float:
+    value = _tol(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number with 0 < W < 1, got {text!r}")
+    return value
+
+
 # -- the configuration -------------------------------------------------------------------------
 
 
@@ -491,7 +498,8 @@ def _cmd_norm(args: argparse.Namespace) -> None:
     from ..analysis import lipschitz_report
 
     model = _load_model(args.model, args.weights, args.trust_pickle)
-    report = lipschitz_report(model, args.input, tol=args.tol, probes=args.probes)
+    report = lipschitz_report(model, args.input, tol=args.tol, width=args.width,
+                              probes=args.probes)  # fmt: skip
     if args.json:
         data = {
             "input_shape": list(args.input),
@@ -605,8 +613,14 @@ def _parser() -> argparse.ArgumentParser:
     norm.add_argument("--weights", metavar="FILE",
                       help="a state_dict file (torch.save(model.state_dict())) to load into "
                       "the model")  # fmt: skip
-    norm.add_argument("--tol", type=_tol, default=1e-7, metavar="TOL",
-                      help="relative accuracy, a number > 0 (default 1e-7)")  # fmt: skip
+    accuracy = norm.add_mutually_exclusive_group()
+    accuracy.add_argument("--tol", type=_tol, default=None, metavar="TOL",
+                          help="the layers' norms to this relative accuracy, a number > 0 "
+                          "(default 1e-7)")  # fmt: skip
+    accuracy.add_argument("--width", type=_width, default=None, metavar="W",
+                          help="instead of --tol: each layer's certified interval to this "
+                          "relative width upper/lower - 1, 0 < W < 1 (far faster on large "
+                          "inputs, e.g. 1e-3)")  # fmt: skip
     norm.add_argument("--probes", type=int, default=3, metavar="N",
                       help="random inputs at which the model's lower end is sought, 0 for "
                       "none (default 3)")  # fmt: skip
