@@ -46,7 +46,15 @@ from torch import nn
 from .._errors import ConvMatError
 from ..engine import available_memory, check_matrix_memory
 from .operator import ConvOperator
-from .torus import SLACK, TorusGrams, enclosing_norm, torus_spectrum, torus_top, windowed_vector
+from .torus import (
+    SLACK,
+    TorusGrams,
+    eigh,
+    enclosing_norm,
+    torus_spectrum,
+    torus_top,
+    windowed_vector,
+)
 
 __all__ = [
     "METHODS",
@@ -338,7 +346,7 @@ def _lanczos_top(
             if j % _CHECK_EVERY == _CHECK_EVERY - 1 or j == m - 1 or beta == 0.0:
                 off = torch.tensor(betas[:-1], dtype=torch.float64)
                 T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-                theta, S = torch.linalg.eigh(T + torch.diag(off, 1) + torch.diag(off, -1))
+                theta, S = eigh(T + torch.diag(off, 1) + torch.diag(off, -1))
                 top = max(float(theta[-1]), _GAP_FLOOR)
                 if _error_estimate(theta, beta * S[-1].abs()) <= tol * top or beta <= (
                     _BREAKDOWN * top
@@ -424,7 +432,7 @@ def _block_refine(
         full = size + b > basis
         if steps >= _REFINE_MIN_STEPS or full or enough < math.inf:  # Ritz pairs: when used
             h = H[:size, :size]
-            theta, S = torch.linalg.eigh((h + h.T) / 2)
+            theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
             count = min(2 * b + 2, theta.numel())  # the top few Ritz pairs and residuals
             Y, AY = S[:, -count:].T @ V[:size], S[:, -count:].T @ AV[:size]
@@ -441,7 +449,7 @@ def _block_refine(
         block = _orthonormal(AV[size - last : size], V[:size])
         if block.shape[0] == 0:  # the basis spans an invariant subspace (to _DEFLATION)
             h = H[:size, :size]
-            theta, S = torch.linalg.eigh((h + h.T) / 2)
+            theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
             y, ay = S[:, -1] @ V[:size], S[:, -1] @ AV[:size]
             error = float((ay - theta[-1] * y).norm()) / top

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,32 @@ _CHUNK_BYTES = 2**28
 _FREE_SHARE = 4
 #: Free memory assumed where none is reported.
 _FREE_UNKNOWN = 2**31
+
+
+# -- small dense problems ------------------------------------------------------------------------
+@contextmanager
+def serial() -> Iterator[None]:
+    """Runs small dense LAPACK calls (``eigh`` of a few hundred rows at most) on one CPU thread:
+    with two threads, torch's ``eigh`` of a 48 x 48 matrix took 58 ms instead of 0.2 ms (200
+    x 200: 660 ms instead of 4 ms) on the 2-core machine under load. The thread count is the
+    process's; it is restored on exit."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of small Hermitian matrices, serially on the CPU
+    (:func:`serial`)."""
+    if matrix.device.type != "cpu":
+        return torch.linalg.eigh(matrix)  # type: ignore[no-any-return]
+    with serial():
+        return torch.linalg.eigh(matrix)  # type: ignore[no-any-return]
 
 
 # -- the per-frequency matrices -------------------------------------------------------------------
@@ -188,9 +215,25 @@ class TorusGrams:
         self.offsets, which = torch.unique(delta, dim=0, return_inverse=True)
         B = A.new_zeros(groups, len(self.offsets), side, side)
         B.index_add_(1, which.to(A.device), pairs.reshape(groups, taps * taps, side, side))
-        self._B = B.reshape(groups, len(self.offsets), side * side)
-        # The casts of B and of the phases (2u each per term) and the sum of K terms (K u),
-        # taken four times over for complex arithmetic, against sum_delta ||B_delta||_F.
+        # Pairs delta, -delta: B_delta e^{-i theta} + B_{-delta} e^{i theta} = cos theta (B_delta
+        # + B_{-delta}) - i sin theta (B_delta - B_{-delta}), all real: the real part from the
+        # zero offset and the symmetric sums, the imaginary part from the antisymmetric
+        # differences (a quarter of the complex products' work).
+        negative = torch.stack([torch.nonzero((self.offsets == -o).all(1))[0, 0]
+                                for o in self.offsets])  # fmt: skip
+        zero = torch.nonzero((self.offsets == 0).all(1))[0, 0]
+        keys = [tuple(o) for o in self.offsets.tolist()]
+        half = torch.tensor([j for j, k in enumerate(keys) if k > tuple(-v for v in k)],
+                            dtype=torch.long)  # fmt: skip
+        half_on = half.to(B.device)
+        self._half = torch.cat([zero.reshape(1), half])
+        self._real_terms = torch.cat(
+            [B[:, zero, None], B[:, half_on] + B[:, negative[half].to(B.device)]], 1
+        ).reshape(groups, len(half) + 1, side * side)
+        self._imag_terms = (B[:, half_on] - B[:, negative[half].to(B.device)]).reshape(
+            groups, len(half), side * side)  # fmt: skip
+        # The casts of the terms and of cos/sin (2u each per term) and the sums of K terms (K u),
+        # taken four times over, against sum_delta ||B_delta||_F.
         frob = float(B.norm(dim=(2, 3)).sum(1).max())
         self._form = 4 * (len(self.offsets) + 4) * frob
         per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
@@ -201,9 +244,18 @@ class TorusGrams:
         return self._form * _UNIT[dtype]
 
     def _coefficients(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._cast:
-            self._cast[dtype] = self._B.to(dtype)
-        return self._cast[dtype]
+        """``(groups, K_real + K_imag, 2 side^2)`` in the real dtype of ``dtype``: the real terms
+        in the even columns, the imaginary ones in the odd (zeros elsewhere), so that one real
+        product of ``[cos | sin]`` with it is the complex Gram matrices, interleaved, with no
+        copy to assemble them."""
+        real = torch.empty((), dtype=dtype).real.dtype
+        if real not in self._cast:
+            g, kr, kk = self.groups, self._real_terms.shape[1], self._imag_terms.shape[1]
+            terms = self._real_terms.new_zeros(g, kr + kk, self.side * self.side, 2)
+            terms[:, :kr, :, 0] = self._real_terms
+            terms[:, kr:, :, 1] = self._imag_terms
+            self._cast[real] = terms.reshape(g, kr + kk, -1).to(real)
+        return self._cast[real]
 
     def coords(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The group and the frequency coordinates ``(len(index), ndim)`` of frequencies
@@ -224,15 +276,15 @@ class TorusGrams:
         if self._all is not None:
             return self._all[index].to(dtype)
         g, coords = self.coords(index)
-        turns = self._turns(coords, self.offsets)
-        phase = torch.polar(torch.ones_like(turns), -2 * math.pi * turns)
-        phase = phase.to(device=self.device, dtype=dtype)
-        B = self._coefficients(dtype)
+        angle = -2 * math.pi * self._turns(coords, self.offsets[self._half])
+        terms = self._coefficients(dtype)
+        trig = torch.cat([torch.cos(angle), torch.sin(angle[:, 1:])], 1)
+        trig = trig.to(device=self.device, dtype=terms.dtype)
         if self.groups == 1:
-            G = phase @ B[0]
+            flat = trig @ terms[0]
         else:
-            G = torch.einsum("cj,cjk->ck", phase, B[g.to(self.device)])
-        return G.view(-1, self.side, self.side)
+            flat = torch.einsum("cj,cjk->ck", trig, terms[g.to(self.device)])
+        return torch.view_as_complex(flat.view(-1, self.side, self.side, 2))
 
     def matrix(self, index: int) -> torch.Tensor:
         """``M_f`` of frequency ``index``: ``(C_out/g, C_in/g * read phases)`` complex128."""
@@ -300,6 +352,10 @@ class TorusTop:
     index: int
 
 
+#: Every frequency is ranked (power steps) where the Gram matrices are at least this wide (a
+#: power step then costs a small part of a Cholesky test) or where there are at most
+#: ``_RANK_ALL_COUNT``; otherwise about 1 / ``_SAMPLE_SHARE`` of them, on a regular grid.
+_RANK_ALL_SIDE, _RANK_ALL_COUNT, _SAMPLE_SHARE = 128, 4096, 16
 #: Sides up to this are decomposed by ``eigh``; larger ones by :func:`_top_pairs`'s Lanczos
 #: (a dense Hermitian eigensolver takes seconds on a few 512 x 512 matrices).
 _EIGH_SIDE = 128
@@ -320,7 +376,7 @@ def _top_pairs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     certificate never rests on these values: they only set the level that is then proven."""
     b, n = G.shape[:2]
     if n <= _EIGH_SIDE:
-        values, vectors = torch.linalg.eigh(G)
+        values, vectors = eigh(G)
         return values[:, -1].cpu(), vectors[..., -1]
     steps = min(n, _LANCZOS_STEPS)
     gen = torch.Generator().manual_seed(0)
@@ -337,7 +393,7 @@ def _top_pairs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         invariant = float(w.norm(dim=1).min()) <= 1e-13 * scale  # Ritz pairs exact
         if invariant or j % _CHECK_EVERY == _CHECK_EVERY - 1 or j == steps - 1:
             H = basis.conj() @ AV[:, : j + 1].mT
-            values, S = torch.linalg.eigh((H + H.mH) / 2)
+            values, S = eigh((H + H.mH) / 2)
             top = S[..., -1:].mT  # (b, 1, j + 1)
             vector, image = (top @ basis)[:, 0], (top @ AV[:, : j + 1])[:, 0]
             residual = (image - values[:, -1:] * vector).norm(dim=1)
@@ -362,17 +418,38 @@ def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _sample(grams: TorusGrams) -> torch.Tensor:
+    """The frequencies ranked before any is proven: all of them where a power step is cheap
+    against a Cholesky test (wide Gram matrices) or where they are few; otherwise every
+    ``step``-th along each frequency axis, about 1 / :data:`_SAMPLE_SHARE` of them (the rest
+    are ranked when they fail a test)."""
+    everything = torch.arange(grams.count)
+    if grams.side >= _RANK_ALL_SIDE or grams.count <= _RANK_ALL_COUNT:
+        return everything
+    step = max(1, round(_SAMPLE_SHARE ** (1 / len(grams.freq_shape))))
+    _, coords = grams.coords(everything)
+    return everything[(coords % step == 0).all(1)]
+
+
 def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     """The largest ``||M_f||`` over every frequency, with an upper end certified within a
     relative ``room`` (on the Gram matrices' eigenvalue) of the largest one computed.
 
-    The frequencies are ranked by a few single-precision power steps; the best few are
-    decomposed (:func:`_top_pairs`); every frequency, those included, is then proven below ``level =
-    lambda (1 + room)`` by :func:`_psd_proof`, in single precision where its margin allows, in
-    double precision otherwise; the best few of those that fail both are decomposed next.
+    The frequencies (or a regular sample of them, :func:`_sample`) are ranked by a few
+    single-precision power steps; the best few are decomposed (:func:`_top_pairs`); every
+    frequency, those included, is then proven below ``level = lambda (1 + room)`` by
+    :func:`_psd_proof`, in single precision where its margin allows, in double precision
+    otherwise; the best few of those that fail both are decomposed next.
     """
     everything = torch.arange(grams.count)
-    ranking = _estimates(grams, everything)
+    ranking = torch.full((grams.count,), -math.inf, dtype=torch.float64)
+
+    def rank(index: torch.Tensor) -> None:
+        unknown = index[ranking[index] == -math.inf]
+        if unknown.numel():
+            ranking[unknown] = _estimates(grams, unknown)
+
+    rank(_sample(grams))
     # Double precision proves nothing closer to lambda than its own margin (~4 n^2 u); single
     # precision nothing closer than ~4 n^2 u in its unit (frequencies ranked above that go
     # straight to double precision).
@@ -380,7 +457,9 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     margin32 = 2 * _rounding(grams.side, torch.complex64) * grams.side
     lam, best, floor = 0.0, 0, _FLOOR
     pending = everything
-    chosen = torch.argsort(ranking, descending=True)[:_BATCH]
+    # Wide Gram matrices cost a Lanczos run each: decompose fewer at a time.
+    batch = _BATCH if grams.side <= _EIGH_SIDE else 2
+    chosen = torch.argsort(ranking, descending=True)[:batch]
     while True:
         values, _ = _top_pairs(grams.at(chosen))
         top = int(torch.argmax(values))
@@ -398,10 +477,11 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
             _prove(grams, pending[~hopeless], level, torch.complex64),
             pending[hopeless],
         ])  # fmt: skip
+        rank(pending)
         pending = _prove(grams, pending, level, torch.complex128)
         if not pending.numel():
             return TorusTop(math.sqrt(level), math.sqrt(max(lam, 0.0)), best)
-        chosen = pending[torch.argsort(ranking[pending], descending=True)[:_BATCH]]
+        chosen = pending[torch.argsort(ranking[pending], descending=True)[:batch]]
 
 
 def _prove(grams: TorusGrams, index: torch.Tensor, level: float, dtype: torch.dtype
