@@ -38,7 +38,7 @@ import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -190,7 +190,7 @@ class NormResult:
 
 # -- argument checks -------------------------------------------------------------------------
 def _check_tol(tol: Any) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < 1:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
         raise ConvMatError(f"tol must be a number with 0 < tol < 1, got {tol!r}")
     return float(tol)
 
@@ -199,7 +199,7 @@ def _check_width(width: Any) -> float | None:
     """``None``, or a relative width with ``0 < width < 1``."""
     if width is None:
         return None
-    if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width < 1:
+    if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < float(width) < 1:
         raise ConvMatError(
             f"width must be a number with 0 < width < 1 (the relative width upper / lower - 1 "
             f"of the interval), or None, got {width!r}"
@@ -236,7 +236,7 @@ def _check_config(function: str, config: dict[str, Any]) -> None:
 def _check_k(k: Any, count: int) -> int | None:
     if k is None:
         return None
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= count:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= count:
         raise ConvMatError(f"k must be an int between 1 and {count} (or None), got {k!r}")
     return int(k)
 
@@ -469,6 +469,29 @@ def _basis_size(
     return int(max(_BASIS_MIN, min(_BASIS_MAX, budget)))
 
 
+def _gram_of(op: ConvOperator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> op.T @ (op @ v)``."""
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = op.T @ (op @ v)
+        return result
+
+    return apply
+
+
+def _deflated(
+    apply: Callable[[torch.Tensor], torch.Tensor], prior: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``apply`` on the complement of the (orthonormal) rows of ``prior``."""
+
+    def deflated(v: torch.Tensor) -> torch.Tensor:
+        w = apply(v - (prior @ v) @ prior)
+        result: torch.Tensor = w - (prior @ w) @ prior
+        return result
+
+    return deflated
+
+
 def _rough_vectors(
     side: ConvOperator,
     tol: float,
@@ -491,16 +514,11 @@ def _rough_vectors(
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
         if index == 0 and first is not None and bool(first.any()):
             start = first.reshape(-1).to(torch.float64)
+        apply = _gram_of(fast)
         if found:
             prior = torch.stack(found)
             start = start - (prior @ start) @ prior
-            prior32 = prior.float()
-
-            def apply(v: torch.Tensor, p: torch.Tensor = prior32) -> torch.Tensor:
-                w = fast.T @ (fast @ (v - (p @ v) @ p))
-                return w - (p @ w) @ p
-        else:
-            apply = lambda v: fast.T @ (fast @ v)  # noqa: E731
+            apply = _deflated(apply, prior.float())
         vector, _ = _lanczos_top(
             apply,
             start.float(),
@@ -672,7 +690,8 @@ def _values_fft(op: ConvOperator, k: int | None) -> torch.Tensor:
 
 
 def _values_dense(op: ConvOperator, k: int | None) -> torch.Tensor:
-    return torch.linalg.svdvals(op.to_dense().cpu())
+    values: torch.Tensor = torch.linalg.svdvals(op.to_dense().cpu())
+    return values
 
 
 def _is_zero(op: ConvOperator) -> bool:
@@ -765,10 +784,10 @@ REGISTRY: dict[str, SpectralMethod] = {
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 
 
-def _check_method(method: Any) -> str:
+def _check_method(method: Any) -> Method:
     if method != "auto" and method not in REGISTRY:
         raise ConvMatError(f"method must be one of {('auto', *METHODS)!r}, got {method!r}")
-    return method
+    return cast(Method, method)
 
 
 def _resolve(method: str, op: ConvOperator, norm_only: bool = False) -> str:

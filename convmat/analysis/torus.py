@@ -147,7 +147,8 @@ def torus_spectrum(
     poly = poly.reshape(*poly.shape[:3], *small)
     axes = tuple(range(3, 3 + len(small)))
     spectrum = torch.fft.rfftn(poly, dim=axes) if top_only else torch.fft.fftn(poly, dim=axes)
-    return spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
+    result: torch.Tensor = spectrum.reshape(*spectrum.shape[:3], -1).permute(0, 3, 1, 2)
+    return result
 
 
 class TorusGrams:
@@ -241,7 +242,7 @@ class TorusGrams:
 
     def form_error(self, dtype: torch.dtype) -> float:
         """A bound on ``||G~ - G||_2`` for a Gram matrix ``G~`` made by :meth:`at` in ``dtype``."""
-        return self._form * _UNIT[dtype]
+        return float(self._form * _UNIT[dtype])
 
     def _coefficients(self, dtype: torch.dtype) -> torch.Tensor:
         """``(groups, K_real + K_imag, 2 side^2)`` in the real dtype of ``dtype``: the real terms
@@ -297,7 +298,7 @@ class TorusGrams:
         self, index: torch.Tensor, dtype: torch.dtype = torch.complex128
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(part, at(part))`` for consecutive parts of ``index`` of at most ``chunk``."""
-        for part in index.split(self.chunk):
+        for part in torch.split(index, self.chunk):
             yield part, self.at(part, dtype)
 
 
@@ -334,7 +335,8 @@ def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor
     S = G.neg_()
     S.diagonal(dim1=-2, dim2=-1).add_(s[:, None].to(S.device, S.real.dtype))
     proven = torch.linalg.cholesky_ex(S).info == 0
-    return proven.cpu() & (s > 0).cpu()
+    result: torch.Tensor = proven.cpu() & (s > 0).cpu()
+    return result
 
 
 @dataclass(frozen=True)
@@ -553,7 +555,7 @@ def windowed_vector(enclosing: Enclosing, geo: Geometry, input_side: bool) -> to
     else:
         left, right = M @ vector[0], vector[0]
     g, coords = grams.coords(torch.tensor([top.index]))
-    g, freq = int(g), coords[0]
+    group, freq = int(g), coords[0]
     if input_side:
         channels, per_group = geo.in_channels, geo.in_channels // geo.groups
         amplitude = (right / right.norm()).reshape(per_group, -1)  # (C_in/g, read phases)
@@ -583,6 +585,6 @@ def windowed_vector(enclosing: Enclosing, geo: Geometry, input_side: bool) -> to
     column = lookup[phase_index]
     amp = torch.cat([amplitude, amplitude.new_zeros(per_group, 1)], 1)
     x = torch.zeros(channels, wave.numel(), dtype=torch.complex128, device=device)
-    x[g * per_group : (g + 1) * per_group] = amp[:, column] * wave
+    x[group * per_group : (group + 1) * per_group] = amp[:, column] * wave
     x = x.reshape(channels, *sizes)
     return torch.stack([x.real, x.imag])
