@@ -247,11 +247,11 @@ def _gram_lower(
     col = col_pos * channels + ch[None, None, None, :]
     # Ordered by row, then column (flat offsets grow with delta in lexicographic order): read
     # with rows and columns swapped, the upper triangle in compressed-column form.
-    shape = values.shape
+    blocks_shape = values.shape
     order = (1, 2, 0, 3)
     values = values.transpose(order)
-    row = np.broadcast_to(row, shape).transpose(order)
-    col = np.broadcast_to(col, shape).transpose(order)
+    row = np.broadcast_to(row, blocks_shape).transpose(order)
+    col = np.broadcast_to(col, blocks_shape).transpose(order)
     keep = ((values != 0) & (row >= col)) | (row == col)
     return row[keep], col[keep], values[keep], p
 

@@ -155,7 +155,9 @@ def _array(address: int | None, length: int, dtype: type) -> np.ndarray:
     if not address:
         raise ConvMatError("CHOLMOD returned a factor without the arrays it must hold")
     kind = ctypes.c_int64 if dtype is np.int64 else ctypes.c_double
-    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(kind)), (length,)).copy()
+    view = np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(kind)), (length,))
+    copied: np.ndarray = view.copy()
+    return copied
 
 
 class SupernodalFactor:
@@ -233,7 +235,8 @@ class SupernodalFactor:
         width, height = np.diff(first), np.diff(start)
         which = np.repeat(np.arange(len(width)), width)
         within = np.arange(self.n) - first[which]
-        return x[px[which] + within * (height[which] + 1)]
+        diagonal: np.ndarray = x[px[which] + within * (height[which] + 1)]
+        return diagonal
 
     def close(self) -> None:
         if self._pointer.value:

@@ -504,7 +504,7 @@ def _checked_report_arguments(
     if not shape or any(v < 1 for v in shape):
         raise ConvMatError(f"input_shape must be positive sizes, got {input_shape!r}")
     tol, width = _check_accuracy(tol, width)
-    method = cast(Method, _check_method(method))
+    method = _check_method(method)
     for name, value, least in (("probes", probes, 0), ("iterations", iterations, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConvMatError(f"{name} must be an int >= {least}, got {value!r}")
@@ -981,17 +981,17 @@ class _Bound(torch.fx.Interpreter):
 
     # -- the rules of functions and methods (each: node, args, kwargs, result -> bound) -------
 
-    def _add(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _add(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         a, b = (*n.args, n.kwargs.get("other"))[:2]
         va, vb = (*args, kwargs.get("other"))[:2]
         alpha = abs(float(kwargs.get("alpha", 1)))
         lip = self.L(a) * _spread(va, result) + alpha * self.L(b) * _spread(vb, result)
         return 1.0, "sum: L(a) + L(b) (each times sqrt(copies) if broadcast)", lip
 
-    def _neg(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _neg(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         return self._unary(n, 1.0, "negation")
 
-    def _product(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _product(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         name = _name(n.target)
         a, b = n.args[:2]
         if self.L(a) and self.L(b):
@@ -1004,16 +1004,17 @@ class _Bound(torch.fx.Interpreter):
         spread = _spread(args[0] if self.L(a) else args[1], result)
         return c, "times a constant: max |c|", c * max(self.L(a), self.L(b)) * spread
 
-    def _cat(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
-        parts = n.args[0] if n.args else n.kwargs["tensors"]
+    def _cat(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
+        parts: Any = n.args[0] if n.args else n.kwargs["tensors"]
         return (
             1.0,
             "concatenation: sqrt(sum of squares)",
             math.sqrt(sum(self.L(p) ** 2 for p in parts)),
         )
 
-    def _reduce(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
-        name, x = _name(n.target), args[0] if args else None
+    def _reduce(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
+        name = _name(n.target)
+        x: Any = args[0] if args else None
         dims = args[1] if len(args) > 1 else kwargs.get("dim")
         if dims is None:
             count = x.numel()
@@ -1023,44 +1024,50 @@ class _Bound(torch.fx.Interpreter):
         factor = 1 / math.sqrt(count) if name == "mean" else math.sqrt(count)
         return self._unary(n, factor, f"{name} over {count} entries")
 
-    def _moves(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _moves(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         return self._unary(n, 1.0, "moves or selects entries")
 
-    def _copies(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _copies(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         x = args[0] if args else None
         return self._unary(n, _spread(x, result), "each entry copied: sqrt(copies)")
 
-    def _getitem(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _getitem(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         x, index = args[0] if args else None, n.args[1]
         if isinstance(x, tuple | list) or _basic_index(index):
             return self._unary(n, 1.0, "selects entries")
         return math.inf, f"indexing with {index!r} may repeat entries", math.inf
 
-    def _dropout(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _dropout(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         if kwargs.get("training", args[2] if len(args) > 2 else True):
             return math.inf, "dropout in training mode is random", math.inf
         return self._unary(n, 1.0, "identity in eval mode")
 
-    def _resample(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found:
+    def _resample(self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any) -> _Found:
         options = {**dict(zip(_INTERPOLATE, args[1:])), **kwargs}
         if options.get("antialias"):
             return math.inf, "antialiased resampling has no rule here", math.inf
         rule = "exact norm of the resampling matrix"
         return self._unary(n, _interpolate_norm(args[0], options), rule)
 
-    def _as_module(self, n: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> _Found | None:
+    def _as_module(
+        self, n: torch.fx.Node, args: _Args, kwargs: _Kwargs, result: Any
+    ) -> _Found | None:
         """The rule of the module the function is (``F.relu`` is ``nn.ReLU``); None if none."""
         cls, names = _AS_MODULE[_name(n.target)]
+        x: Any = args[0] if args else None
         try:
             m = cls(**dict(zip(names, args[1:])), **kwargs)
         except TypeError as err:
             return math.inf, f"could not read its arguments: {err}", math.inf
-        found = _activation(m) or _pool(m, args[0] if args else None, result)
+        found = _activation(m) or _pool(m, x, result)
         return self._unary(n, *found) if found is not None else None
 
 
 #: ``(factor, rule, Lipschitz bound of the node's output)``.
 _Found = tuple[float, str, float]
+#: A node's evaluated positional and keyword arguments.
+_Args = tuple[Any, ...]
+_Kwargs = dict[str, Any]
 
 #: The Lipschitz rule of every function and method the graph may call, by its name:
 #: ``target -> rule(bound, node, args, kwargs, result)``, which gives a :data:`_Found` (or None:

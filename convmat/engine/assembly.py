@@ -171,7 +171,8 @@ def assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> 
     if layout == torch.strided:
         dense = weight_view.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
         return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)
-    return _SparseMatrix.apply(values.reshape(-1), pattern, layout)
+    matrix: torch.Tensor = _SparseMatrix.apply(values.reshape(-1), pattern, layout)
+    return matrix
 
 
 def _sparse(pattern: Pattern, values: torch.Tensor, layout: torch.layout) -> torch.Tensor:

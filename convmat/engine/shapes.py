@@ -202,11 +202,12 @@ class Geometry:
         >>> conv_geometry((1, 1, 3), 8).index_bound
         17
         """
-        return max(
+        bound: int = max(
             (i + o) * s + k * d + b + a
             for i, o, s, k, d, (b, a) in zip(self.input_size, self.output_size, self.stride,
                                              self.kernel_size, self.dilation, self.padding)
         )  # fmt: skip
+        return bound
 
     @classmethod
     def from_channels(

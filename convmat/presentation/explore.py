@@ -29,10 +29,11 @@ import webbrowser
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from .._errors import ConvMatError
+from .._typing import PaddingArg
 from ..engine import PADDING_MODES
 
 __all__ = [
@@ -211,11 +212,12 @@ def _layer_record(path: str, module: Any, in_shape: tuple[int, ...],
                                         module.dilation, module.kernel_size)
         )  # fmt: skip
         config["output_padding"] = output_padding
-        geo = conv_transpose_geometry(shape, spatial_in, padding=padding,
+        geo = conv_transpose_geometry(shape, spatial_in, padding=cast(PaddingArg, padding),
                                       output_padding=output_padding, **common)  # fmt: skip
     else:
         config["padding_mode"] = module.padding_mode
-        geo = conv_geometry(shape, spatial_in, padding=padding,
+        # torch checked a string padding: "valid" or "same"
+        geo = conv_geometry(shape, spatial_in, padding=cast(PaddingArg, padding),
                             padding_mode=module.padding_mode, **common)  # fmt: skip
     drawable = len(spatial_in) <= 2
     return {

@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -554,8 +554,9 @@ def plot_scatter(
     for j in range(out):
         ax.add_patch(Rectangle((j - 0.5, n - 0.5), 1, 1, facecolor=shade(shade_norm(counts[j])),
                                edgecolor="white"))  # fmt: skip
+        dark = cast(float, shade_norm(counts[j])) > 0.55  # a scalar in, a numpy float out
         ax.text(j, n, _number(copies[:, j].sum()), ha="center", va="center", fontsize=8,
-                color="white" if shade_norm(counts[j]) > 0.55 else "black")  # fmt: skip
+                color="white" if dark else "black")  # fmt: skip
     ax.axhline(n - 0.5, color="black", linewidth=1.5)
     ax.set_xlim(-0.5, out - 0.5)
     ax.set_ylim(n + 0.5, -0.5)
@@ -712,7 +713,7 @@ def notebook() -> dict[str, Any]:
 
 def _stored(output: dict[str, Any]) -> dict[str, Any]:
     """An output as the file keeps it: plain JSON, multi-line text as lists of lines."""
-    out = json.loads(json.dumps(output))
+    out: dict[str, Any] = json.loads(json.dumps(output))
     if isinstance(out.get("text"), str):
         out["text"] = out["text"].splitlines(keepends=True)
     data = out.get("data", {})
