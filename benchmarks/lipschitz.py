@@ -9,6 +9,7 @@ divides by (the reshaped kernels' norms, which bound nothing either). Each model
 own process, so one that runs out of time or memory leaves the others' rows.
 
     OMP_NUM_THREADS=2 python benchmarks/lipschitz.py --models resnet18 --size 224
+    python benchmarks/lipschitz.py --models unet vgg11 --size 224 --norm-width 1e-3
     python benchmarks/lipschitz.py --size 32 --width 8          # a smoke run
 """
 
@@ -25,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one(name: str, size: int, width: int, probes: int, method: str) -> dict:
+def one(name: str, size: int, width: int, probes: int, method: str,
+        norm_width: float | None = None) -> dict:  # fmt: skip
     sys.path.insert(0, str(ROOT))
     from convmat import lipschitz_report
     from tests.models import ZOO
@@ -33,7 +35,8 @@ def one(name: str, size: int, width: int, probes: int, method: str) -> dict:
     kw = {"base": max(64 // width, 1)} if name == "unet" else {"width": width}
     model = ZOO[name](**kw)
     start = time.perf_counter()
-    r = lipschitz_report(model, (3, size, size), progress=False, probes=probes, method=method)
+    r = lipschitz_report(model, (3, size, size), progress=False, probes=probes, method=method,
+                         width=norm_width)  # fmt: skip
     seconds = time.perf_counter() - start
     return {
         "model": name, "size": size, "width": width, "layers": len(r),
@@ -53,22 +56,44 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1, help="divide every channel count")
     parser.add_argument("--probes", type=int, default=3, help="random inputs for the lower end")
     parser.add_argument("--method", default="auto", help="convmat.operator_norm's method")
+    parser.add_argument("--norm-width", type=float, default=None,
+                        help="each layer's certified interval to this relative width "
+                        "(lipschitz_report's width=) instead of the default tol")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.size, args.width, args.probes, args.method)))
+        print(json.dumps(one(args.one, args.size, args.width, args.probes, args.method,
+                             args.norm_width)))  # fmt: skip
         return
-    head = (f"{'model':<13} {'input':>9} {'layers':>6} {'lower':>11} {'upper':>11} "
-            f"{'upper/lower':>11} {'time':>8} {'(layers':>8} {'graph)':>7} {'prod norms':>11} "
-            f"{'prod spectral_norm':>18}")
+    head = (
+        f"{'model':<13} {'input':>9} {'layers':>6} {'lower':>11} {'upper':>11} "
+        f"{'upper/lower':>11} {'time':>8} {'(layers':>8} {'graph)':>7} {'prod norms':>11} "
+        f"{'prod spectral_norm':>18}"
+    )
     print(head)
     print("-" * len(head))
-    print("time: the whole report; (layers: the per-layer norms, graph: the graph's factors, "
-          "folded BatchNorm layers included; the rest is tracing and the lower end)")
+    print(
+        "time: the whole report; (layers: the per-layer norms, graph: the graph's factors, "
+        "folded BatchNorm layers included; the rest is tracing and the lower end)"
+    )
     for name in args.models:
-        cmd = [sys.executable, __file__, "--one", name, "--size", str(args.size), "--width",
-               str(args.width), "--probes", str(args.probes), "--method", args.method]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--size",
+            str(args.size),
+            "--width",
+            str(args.width),
+            "--probes",
+            str(args.probes),
+            "--method",
+            args.method,
+        ]
+        if args.norm_width is not None:
+            cmd += ["--norm-width", str(args.norm_width)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -80,10 +105,13 @@ def main() -> None:
             continue
         d = json.loads(done.stdout.strip().splitlines()[-1])
         ratio = d["upper"] / d["lower"] if d["lower"] else math.inf
-        print(f"{name:<13} {f'3x{args.size}x{args.size}':>9} {d['layers']:>6} "
-              f"{d['lower']:>11.4g} {d['upper']:>11.4g} {ratio:>11.3g} {d['seconds']:>7.1f}s "
-              f"{d['layer_seconds']:>7.1f}s {d['factor_seconds']:>6.1f}s "
-              f"{d['product']:>11.4g} {d['spectral_norm_product']:>18.4g}", flush=True)
+        print(
+            f"{name:<13} {f'3x{args.size}x{args.size}':>9} {d['layers']:>6} "
+            f"{d['lower']:>11.4g} {d['upper']:>11.4g} {ratio:>11.3g} {d['seconds']:>7.1f}s "
+            f"{d['layer_seconds']:>7.1f}s {d['factor_seconds']:>6.1f}s "
+            f"{d['product']:>11.4g} {d['spectral_norm_product']:>18.4g}",
+            flush=True,
+        )
         if d["not_certified"]:
             print(f"    not certified: {'; '.join(d['not_certified'])}")
 

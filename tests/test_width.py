@@ -244,3 +244,31 @@ def test_the_windowed_vector_is_a_real_input_below_the_norm(cfg, seed):
     assume(bool((norms > 0).any()))
     ratio = ((W @ flat.T).norm(dim=0) / norms.clamp_min(1e-300)).max().item()
     assert ratio <= torch.linalg.svdvals(W)[0].item() * (1 + 1e-12)
+
+
+def test_the_method_literal_is_the_registrys():
+    """One record per spectral method: the ``Method`` Literal, ``METHODS`` and the validation
+    all follow ``REGISTRY``."""
+    from typing import get_args
+
+    from convmat.analysis import spectral
+
+    assert get_args(spectral.Method) == ("auto", *spectral.REGISTRY)
+    assert spectral.METHODS == tuple(spectral.REGISTRY)
+    for name, record in spectral.REGISTRY.items():
+        assert record.name == name and record.summary
+    with pytest.raises(ConvMatError, match=r"method must be one of \('auto', 'fft', 'dense'"):
+        operator_norm(torch.randn(2, 2, 3, dtype=torch.float64), 8, method="svd")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_interval_to_a_width_on_cuda_equals_the_cpus():
+    """Every step on the weight's device: the torus, its certificate, the windowed vector and
+    Lanczos run on CUDA and give the CPU's interval."""
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for size, width in (((64, 64), 1e-2), ((6, 6), 1e-3)):
+        cpu = operator_norm(w, size, padding=1, width=width, method="lanczos")
+        gpu = operator_norm(w.cuda(), size, padding=1, width=width, method="lanczos")
+        assert gpu.reached == cpu.reached and gpu.method == cpu.method
+        assert gpu.upper == pytest.approx(cpu.upper, rel=1e-9)
+        assert gpu.lower == pytest.approx(cpu.lower, rel=width)

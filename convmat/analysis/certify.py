@@ -477,7 +477,7 @@ def _gram(
     by row, then column, with every diagonal entry), which entries are on the diagonal, the
     diagonal itself, ``p`` (the most products summed into an entry) and ``dW`` (the bound on
     how far the float64 W is from W: 0 for zero padding, whose entries are weight values)."""
-    if conv.padding_mode == "zeros":
+    if not conv.mode.folds:
         row, col, values, p = _gram_lower(w, conv, side, reach)
         d_w = 0.0
     else:  # folded taps couple distant positions: the Gram from W itself

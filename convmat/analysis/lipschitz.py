@@ -270,7 +270,7 @@ def _describe(m: Any, in_shape: tuple[int, ...]) -> str:
         ("op", geo.output_padding, not any(geo.output_padding)),
     ]
     parts += [f"{name}={fmt(v)}" for name, v, default in extras if not default]
-    if geo.padding_mode != "zeros":
+    if geo.mode.folds:
         parts.append(geo.padding_mode)
     return " ".join(parts)
 
