@@ -171,6 +171,8 @@ def assemble(weight_view: torch.Tensor, geo: Geometry, layout: torch.layout) -> 
     if layout == torch.strided:
         dense = weight_view.new_zeros(pattern.row_channels, rows * cols // pattern.row_channels)
         return dense.scatter_(1, pattern.dense_index(), values).view(rows, cols)
+    if not (values.requires_grad and torch.is_grad_enabled()):  # no graph: no Function
+        return _sparse(pattern, values.reshape(-1), layout)
     matrix: torch.Tensor = _SparseMatrix.apply(values.reshape(-1), pattern, layout)
     return matrix
 
