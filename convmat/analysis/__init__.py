@@ -17,6 +17,7 @@ _WHERE = {
     "LipschitzReport": ".lipschitz",
     "NormResult": ".spectral",
     "dottest": ".operator",
+    "layer_calls": ".lipschitz",
     "lipschitz_report": ".lipschitz",
     "operator_norm": ".spectral",
     "singular_values": ".spectral",
@@ -26,7 +27,7 @@ _WHERE = {
 __getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
 
 if TYPE_CHECKING:
-    from .lipschitz import LayerNorm, LipschitzReport, lipschitz_report
+    from .lipschitz import LayerNorm, LipschitzReport, layer_calls, lipschitz_report
     from .normalize import ConvSpectralNorm, spectral_norm
     from .operator import ConvOperator, dottest
     from .spectral import NormResult, operator_norm, singular_values
@@ -38,6 +39,7 @@ __all__ = [
     "LipschitzReport",
     "NormResult",
     "dottest",
+    "layer_calls",
     "lipschitz_report",
     "operator_norm",
     "singular_values",

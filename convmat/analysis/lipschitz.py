@@ -57,7 +57,7 @@ from .spectral import (
     operator_norm,
 )
 
-__all__ = ["GraphFactor", "LayerNorm", "LipschitzReport", "lipschitz_report"]
+__all__ = ["GraphFactor", "LayerNorm", "LipschitzReport", "layer_calls", "lipschitz_report"]
 
 _CONV = nn.modules.conv._ConvNd
 _LAYERS = (_CONV, nn.Linear, SparseLinear)
@@ -351,23 +351,40 @@ def _reshaped_norm(m: Any) -> float:
     return float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double(), ord=2))
 
 
-def _calls(
-    model: nn.Module, input_shape: tuple[int, ...]
-) -> list[tuple[str, Any, tuple[int, ...]]]:
-    """``(path, module, input shape)`` for every call of a conv or linear layer, in order."""
+def layer_calls(
+    model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type[nn.Module], ...] = _LAYERS
+) -> list[tuple[str, Any, tuple[int, ...], tuple[int, ...]]]:
+    """``(path, module, input shape, output shape)`` of every call of a module of ``kinds``, in
+    order (a second call of one module is ``"path (call 2)"``), from one forward pass on zeros
+    in eval mode (training flags restored, no batch statistics updated).
+
+    Raises:
+        ConvMatError: an input that would take more than a quarter of the free memory, or a
+            model that does not run on it.
+
+    Shape:
+        the model takes ``(1, *input_shape)``; shapes are without the batch.
+
+    >>> net = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Conv1d(2, 2, 3), nn.Flatten())
+    >>> [(p, i, o) for p, _, i, o in layer_calls(net, (1, 8), (nn.Conv1d,))]
+    [('0', (1, 8), (2, 6)), ('2', (2, 6), (2, 4))]
+    """
     calls: list[tuple[str, Any, tuple[int, ...]]] = []
+    outputs: list[tuple[int, ...]] = []
     count: dict[str, int] = {}
 
-    def hook(path: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def before(path: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         count[path] = count.get(path, 0) + 1
         name = path if count[path] == 1 else f"{path} (call {count[path]})"
         calls.append((name, module, tuple(args[0].shape[1:])))
 
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, path=path: hook(path, mod, args))
-        for path, m in model.named_modules()
-        if isinstance(m, _LAYERS)
-    ]
+    def after(module: nn.Module, args: tuple[Any, ...], result: Any) -> None:
+        outputs.append(tuple(result.shape[1:]))
+
+    chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_pre_hook(lambda mod, args, path=path: before(path, mod, args))
+               for path, m in chosen]  # fmt: skip
+    handles += [m.register_forward_hook(after) for _, m in chosen]
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
@@ -383,7 +400,7 @@ def _calls(
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
-    except (RuntimeError, ValueError, TypeError) as err:
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConvMatError(
             f"the model does not run on an input of shape {(1, *input_shape)!r}: {first}"
@@ -393,7 +410,7 @@ def _calls(
             h.remove()
         for m, mode in modes.items():
             m.train(mode)
-    return calls
+    return [(p, m, i, o) for (p, m, i), o in zip(calls, outputs)]
 
 
 def lipschitz_report(
@@ -520,7 +537,8 @@ def _layer_norms(
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     records = []
-    bar = tqdm(_calls(model, shape), desc="operator norms", unit="layer",
+    calls = [(path, m, in_shape) for path, m, in_shape, _ in layer_calls(model, shape)]
+    bar = tqdm(calls, desc="operator norms", unit="layer",
                disable=None if progress is None else not progress, leave=False)  # fmt: skip
     for path, m, in_shape in bar:
         bar.set_postfix_str(path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import tempfile
@@ -261,54 +260,15 @@ def model_layers(model: Any, input_shape: tuple[int, ...]) -> list[dict[str, Any
     >>> [(l["path"], l["input_shape"], l["matrix_shape"]) for l in model_layers(net, (3, 8, 8))]
     [('0', [3, 8, 8], [128, 192]), ('2', [8, 4, 4], [64, 128])]
     """
-    import torch
     from torch import nn
 
-    from ..engine import available_memory
+    from ..analysis import layer_calls
 
     shape = tuple(int(v) for v in input_shape)
-    seen: list[tuple[str, Any, tuple[int, ...]]] = []
-    done: list[tuple[int, ...]] = []
-    count: dict[str, int] = {}
-
-    def before(path: str, module: Any, args: tuple[Any, ...]) -> None:
-        count[path] = count.get(path, 0) + 1
-        name = (path or "(the model)") + ("" if count[path] == 1 else f" (call {count[path]})")
-        seen.append((name, module, tuple(args[0].shape[1:])))
-
-    def after(module: Any, args: tuple[Any, ...], result: Any) -> None:
-        done.append(tuple(result.shape[1:]))
-
-    convs = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    handles = [m.register_forward_pre_hook(lambda mod, args, path=p: before(path, mod, args))
-               for p, m in convs]  # fmt: skip
-    handles += [m.register_forward_hook(after) for _, m in convs]
-    param = next(iter(model.parameters()), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    free = available_memory(device)
-    if free is not None and needed > free // 4:
-        raise ConvMatError(
-            f"input shape {shape!r} needs {needed / 2**30:.1f} GiB for one input, more than a "
-            f"quarter of the {free / 2**30:.1f} GiB free"
-        )
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # no batch statistics updated; one sample is enough
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, dtype=dtype, device=device))
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConvMatError(
-            f"the model does not run on an input of shape {(1, *shape)!r}: {first}"
-        ) from None
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
-    return [_layer_record(p, m, i, o) for (p, m, i), o in zip(seen, done)]
+    calls = layer_calls(model, shape, (nn.modules.conv._ConvNd,))
+    # The model itself (path "") is named on the page.
+    return [_layer_record(p if p and not p.startswith(" ") else "(the model)" + p, m, i, o)
+            for p, m, i, o in calls]  # fmt: skip
 
 
 # The command ----------------------------------------------------------------------------------
