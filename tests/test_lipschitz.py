@@ -396,3 +396,71 @@ def test_input_shape_must_be_ints(shape):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).eval()
     with pytest.raises(ConvMatError, match=r"input_shape must be a tuple of ints"):
         lipschitz_report(model, shape, progress=False)
+
+
+def test_the_lower_ends_power_steps_by_transposed_pull_back_equal_forward_mode(monkeypatch):
+    """``J u`` as the transpose of the pull-back (the default) and by forward mode give the
+    same directions (to float32 rounding), so the same lower end; the witness reproduces it."""
+    from convmat.analysis import lipschitz as lip
+
+    torch.manual_seed(3)
+    model = SmallResNet().double().eval()
+    shape = (3, 12, 12)
+    transposed = lip._empirical_lower(model, shape, 3, 20, 0)
+    monkeypatch.setattr(lip, "_TRANSPOSED_PUSH", False)
+    forward = lip._empirical_lower(model, shape, 3, 20, 0)
+    assert transposed[0] == pytest.approx(forward[0], rel=1e-5)
+    assert torch.equal(transposed[1], forward[1])
+    x, v = transposed[1], transposed[2]
+    image = torch.func.jvp(copy.deepcopy(model).eval(), (x[None],), (v[None] / v.norm(),))[1]
+    assert float(image.norm()) == pytest.approx(transposed[0], rel=1e-12)
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """``tanh`` whose backward cannot be differentiated again (forward mode is defined)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+def test_a_backward_that_is_not_differentiable_falls_back_to_forward_mode(monkeypatch):
+    """Its transposed pull-back is zero without an error: the check against forward mode
+    catches it, and the probes run by forward mode (the same lower end as forward mode alone,
+    not a random direction's)."""
+    from convmat.analysis import lipschitz as lip
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _OnceDifferentiable.apply(self.conv(x))
+
+    torch.manual_seed(0)
+    model = Model().double()
+    r = lipschitz_report(model, (2, 5, 5), progress=False, probes=2)
+    monkeypatch.setattr(lip, "_TRANSPOSED_PUSH", False)
+    forward = lipschitz_report(model, (2, 5, 5), progress=False, probes=2)
+    assert 0 < r.lower <= r.upper
+    assert r.lower == pytest.approx(forward.lower, rel=1e-6)
+    x, v = r.witness_input, r.witness_direction
+    image = torch.func.jvp(copy.deepcopy(model).eval(), (x[None],), (v[None] / v.norm(),))[1]
+    assert float(image.norm()) == pytest.approx(r.lower, rel=1e-12)
