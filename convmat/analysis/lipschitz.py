@@ -47,13 +47,13 @@ from ..engine import (
 )
 from ..layers import SparseLinear
 from .spectral import (
-    _DENSE_SLACK,
     Method,
     NormResult,
     _certified_upper,
     _check_accuracy,
     _check_method,
     _gram_top,
+    _matrix_norm,
     operator_norm,
 )
 
@@ -346,15 +346,16 @@ def _jacobian_norm(
     return result, tuple(offset.shape[1:])
 
 
-def _reshaped_norm(m: Any) -> float:
+def _reshaped_norm(m: Any) -> tuple[float, float, float]:
     """The spectral norm of the matrix ``torch.nn.utils.spectral_norm`` divides by: the weight
-    with ``dim`` (1 for transposed convolutions, else 0) first, flattened after it."""
+    with ``dim`` (1 for transposed convolutions, else 0) first, flattened after it; as
+    ``(value, lower, upper)`` (a linear layer's norm and interval)."""
     w = m.weight.detach()
     if w.layout != torch.strided:
         w = w.to_dense()
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         w = w.transpose(0, 1)
-    return float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double(), ord=2))
+    return _matrix_norm(w.reshape(w.shape[0], -1))
 
 
 def layer_calls(
@@ -559,7 +560,7 @@ def _layer_norm(
     """One layer's operator norm: a conv's by :func:`operator_norm`, a linear layer's from its
     weight, a layer with its own forward on its Jacobian."""
     start = time.perf_counter()
-    reshaped = _reshaped_norm(m)
+    reshaped, lower, upper = _reshaped_norm(m)
     problem = _own_forward_problem(m)
     if problem:
         accuracy = tol if width is None else _WIDTH_TO_TOL * width
@@ -572,8 +573,7 @@ def _layer_norm(
             r = operator_norm(m, in_shape[1:], width=width, method=method)
         config = _describe(m, in_shape)
     else:  # a linear layer's matrix is its weight
-        slack = _DENSE_SLACK * max(reshaped, 1.0)
-        r = NormResult(reshaped, reshaped - slack, reshaped + slack, "dense")
+        r = NormResult(reshaped, lower, upper, "dense")
         config = _describe(m, in_shape)
     seconds = time.perf_counter() - start
     return LayerNorm(path, type(m).__name__, config, in_shape, r.value, r.lower, r.upper,
@@ -841,9 +841,8 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
 
 
 def _dense_upper(w: torch.Tensor) -> float:
-    """A certified upper end of the spectral norm of a dense matrix (LAPACK's SVD)."""
-    value = float(torch.linalg.matrix_norm(w.double(), ord=2))
-    return value + _DENSE_SLACK * max(value, 1.0)
+    """A certified upper end of the spectral norm of a dense matrix (:func:`_matrix_norm`)."""
+    return _matrix_norm(w)[2]
 
 
 #: Each node's bound is raised by this factor: it covers the rounding of the float64 products,

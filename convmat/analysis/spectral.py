@@ -51,6 +51,7 @@ from .torus import (
     TorusGrams,
     eigh,
     enclosing_norm,
+    gram_norm,
     torus_spectrum,
     torus_top,
     windowed_vector,
@@ -99,6 +100,12 @@ _UPPER_SHARE = 0.5
 _WIDTH_SETTLED = 0.05
 #: Relative half-width of a dense SVD value's interval (LAPACK's backward error, ~n * eps).
 _DENSE_SLACK = 1e-12
+#: A dense matrix (a linear layer's weight, a reshaped kernel) whose SVD would take more
+#: multiply-adds than this (rows * cols * min(rows, cols)) gets its norm from its Gram matrix
+#: (an interval ~1e-7 wide instead of ~1e-12). Measured on 2 cores, SVD against Gram: 1000 x
+#: 1000 0.22 / 0.13 s, 2048 x 2048 1.9 / 0.83 s, 4096 x 4096 22.9 / 3.7 s, 4096 x 25088 (VGG's
+#: first linear layer) 212 / 15.4 s.
+_GRAM_FROM = 2**30
 #: Relative accuracy of the float32 passes: well above float32's rounding (~6e-8 on a Gram
 #: matrix scaled to norm ~1), enough to point at the top of the spectrum.
 _ROUGH_TOL = 1e-5
@@ -573,6 +580,22 @@ def _norm_fft(op: ConvOperator, tol: float, width: float | None) -> NormResult:
     value = torus_top(TorusGrams(op.weight, geo, before, geo.input_size)).value
     lower, upper = value * (1 - _TORUS_SLACK), value * (1 + _TORUS_SLACK)
     return _exact_result(value, lower, upper, "fft", _TORUS_SLACK, width)
+
+
+def _matrix_norm(matrix: torch.Tensor) -> tuple[float, float, float]:
+    """``(value, lower, upper)``: the spectral norm of a dense real matrix, by LAPACK's SVD
+    (relative interval :data:`_DENSE_SLACK`) up to :data:`_GRAM_FROM` multiply-adds, by its
+    Gram matrix beyond (:func:`~convmat.analysis.torus.gram_norm`).
+
+    Shape:
+        ``matrix``: ``(m, n)``.
+    """
+    m, n = matrix.shape
+    if m * n * min(m, n) > _GRAM_FROM:
+        return gram_norm(matrix)
+    value = float(torch.linalg.matrix_norm(matrix.double(), ord=2))
+    slack = _DENSE_SLACK * max(value, 1.0)
+    return value, value - slack, value + slack
 
 
 def _norm_dense(op: ConvOperator, tol: float, width: float | None) -> NormResult:
