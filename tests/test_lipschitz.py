@@ -464,3 +464,30 @@ def test_a_backward_that_is_not_differentiable_falls_back_to_forward_mode(monkey
     x, v = r.witness_input, r.witness_direction
     image = torch.func.jvp(copy.deepcopy(model).eval(), (x[None],), (v[None] / v.norm(),))[1]
     assert float(image.norm()) == pytest.approx(r.lower, rel=1e-12)
+
+
+def test_only_probes_that_could_be_the_best_are_measured_in_float64(monkeypatch):
+    """The float32 estimates rank the probes: the best is measured in float64, the others only
+    while their estimate could beat it; the lower end is the one measuring all would give."""
+    from convmat.analysis import lipschitz as lip
+
+    torch.manual_seed(3)
+    model = SmallResNet().double().eval()
+    shape = (3, 12, 12)
+    real = torch.func.jvp
+    measured = []
+
+    def counting(f, primals, tangents):
+        if primals[0].dtype == torch.float64:
+            measured.append(1)
+        return real(f, primals, tangents)
+
+    monkeypatch.setattr(torch.func, "jvp", counting)
+    ranked = lip._empirical_lower(model, shape, 5, 20, 0)
+    assert len(measured) < 5
+    measured.clear()
+    monkeypatch.setattr(lip, "_ESTIMATE_SLACK", 1.0)  # every probe measured
+    every = lip._empirical_lower(model, shape, 5, 20, 0)
+    assert len(measured) == 5
+    assert ranked[0] == pytest.approx(every[0], rel=1e-4)
+    assert ranked[0] <= every[0]

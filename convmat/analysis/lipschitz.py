@@ -77,6 +77,10 @@ _TRANSPOSED_PUSH = True
 #: ... which must give forward mode's ``||J v||`` within this relative difference (float32
 #: against float64), or the probe is run again by forward mode.
 _PUSH_AGREEMENT = 1e-3
+#: A probe whose float32 estimate lies this far (relative) below the best float64 measurement
+#: is not measured (the estimates are good to ~1e-6; a float64 forward-mode product through
+#: U-Net at 224 takes 6-8 s).
+_ESTIMATE_SLACK = 1e-4
 
 
 @dataclass(frozen=True)
@@ -1166,8 +1170,9 @@ def _empirical_lower(
     float32 (they only choose the direction, 2-3x faster); ``J u`` is the pull-back
     ``z -> J^T z`` transposed (a vjp of the vjp, recorded once per probe: 1.0 s a step on a
     U-Net at 224x224, where forward mode took 2.0 s), or forward mode where the backward is
-    not differentiable. Each direction's ratio is then measured in float64 by forward mode
-    (so the lower end never rests on the transposition)."""
+    not differentiable. The directions are then measured in float64 by forward mode (so the
+    lower end never rests on the transposition), the best float32 estimate first, the rest
+    only while their estimate could beat it."""
     if probes == 0:
         return 0.0, None, None, "not measured (probes=0)"
     param = next(iter(model.parameters()), None)
@@ -1202,28 +1207,42 @@ def _empirical_lower(
             return v32, None
         return v32, lambda u: float(push(u / u.norm())[0].norm())
 
+    def forward(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return steps(x.float(), start.float(), transposed=False)[0]
+
     gen = torch.Generator(device=device).manual_seed(seed)
+    # (input, start, direction, float32 ||J v|| / ||v|| by the transposition; inf: none)
+    runs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     best: tuple[float, torch.Tensor | None, torch.Tensor | None] = (0.0, None, None)
-    ways = (True, False) if _TRANSPOSED_PUSH else (False,)
     with torch.no_grad():
         for _ in range(probes):
             x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             start = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
-            for transposed in ways:
-                try:
-                    v32, check = steps(x.float(), start.float(), transposed)
-                except Exception:  # a backward that is not itself differentiable
-                    if not transposed:
-                        raise
-                    continue
-                v = v32.double()
-                value = float(image(exact, x, v).norm())
-                # A backward that records no graph transposes to zero without an error: the
-                # transposition must give forward mode's ||J v|| (to float32's rounding).
-                if check is None or abs(check(v32) - value) <= _PUSH_AGREEMENT * value:
-                    break
+            try:
+                v32, check = steps(x.float(), start.float(), transposed=_TRANSPOSED_PUSH)
+                estimate = math.inf if check is None else check(v32)
+            except Exception:  # a backward that is not itself differentiable
+                if not _TRANSPOSED_PUSH:
+                    raise
+                v32, estimate = forward(x, start), math.inf
+            runs.append((x, start, v32, estimate))
+        # Measured in float64 by forward mode, best estimate first, until no estimate left
+        # could beat the best measured. A backward that records no graph transposes to zero
+        # without an error: the transposition must give forward mode's ||J v|| (to float32's
+        # rounding), or every probe it ran runs again by forward mode.
+        trusted = True
+        for x, start, v32, estimate in sorted(runs, key=lambda run: -run[3]):
+            if trusted and best[1] is not None and estimate < best[0] * (1 - _ESTIMATE_SLACK):
+                break
+            if not trusted and estimate < math.inf:
+                v32, estimate = forward(x, start), math.inf
+            value = float(image(exact, x, v32.double()).norm())
+            if estimate < math.inf and abs(estimate - value) > _PUSH_AGREEMENT * value:
+                trusted = False
+                v32 = forward(x, start)
+                value = float(image(exact, x, v32.double()).norm())
             if best[1] is None or value > best[0]:  # a witness even where J = 0 (dead ReLUs)
-                best = (value, x[0], v[0])
+                best = (value, x[0], v32.double()[0])
     note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after "
             f"{iterations} power steps: a local value, below the Lipschitz constant")  # fmt: skip
     return (*best, note)
