@@ -75,7 +75,7 @@ _PROBE_COEFFICIENTS = (0.7, -1.3)
 #: :func:`_empirical_lower`); False: by forward mode.
 _TRANSPOSED_PUSH = True
 #: ... which must give forward mode's ``||J v||`` within this relative difference (float32
-#: against float64), or the probe is run again by forward mode.
+#: against float64), or every probe it ran is run again by forward mode.
 _PUSH_AGREEMENT = 1e-3
 #: A probe whose float32 estimate lies this far (relative) below the best float64 measurement
 #: is not measured (the estimates are good to ~1e-6; a float64 forward-mode product through
