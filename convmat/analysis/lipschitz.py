@@ -1189,10 +1189,10 @@ def _empirical_lower(
         return out
 
     def steps(x32: torch.Tensor, v32: torch.Tensor, transposed: bool
-              ) -> tuple[torch.Tensor, Callable[[torch.Tensor], float] | None]:  # fmt: skip
+              ) -> tuple[torch.Tensor, float]:  # fmt: skip
         """The power steps from ``v32`` at ``x32`` (float32), ``J u`` as the transpose of the
-        pull-back (``transposed``) or by forward mode; with the first, ``u -> ||J u||`` by
-        that transposition (to check it against forward mode)."""
+        pull-back (``transposed``) or by forward mode; the direction, and with the first its
+        ``||J v|| / ||v||`` by that transposition (``inf`` with the second)."""
         output, pull = torch.func.vjp(lambda u: _outputs(fast(u)), x32)[:2]
         push = None
         if transposed:
@@ -1203,9 +1203,8 @@ def _empirical_lower(
             if not 0 < float(w.norm()) < math.inf:  # zero, or beyond float32's range
                 break
             v32 = w
-        if push is None:
-            return v32, None
-        return v32, lambda u: float(push(u / u.norm())[0].norm())
+        estimate = math.inf if push is None else float(push(v32 / v32.norm())[0].norm())
+        return v32, estimate
 
     def forward(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         return steps(x.float(), start.float(), transposed=False)[0]
@@ -1219,8 +1218,7 @@ def _empirical_lower(
             x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             start = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             try:
-                v32, check = steps(x.float(), start.float(), transposed=_TRANSPOSED_PUSH)
-                estimate = math.inf if check is None else check(v32)
+                v32, estimate = steps(x.float(), start.float(), transposed=_TRANSPOSED_PUSH)
             except Exception:  # a backward that is not itself differentiable
                 if not _TRANSPOSED_PUSH:
                     raise

@@ -591,17 +591,20 @@ def _matrix_norm(matrix: torch.Tensor) -> tuple[float, float, float]:
         ``matrix``: ``(m, n)``.
     """
     m, n = matrix.shape
-    if m * n * min(m, n) > _GRAM_FROM:
-        return gram_norm(matrix)
+    return gram_norm(matrix) if m * n * min(m, n) > _GRAM_FROM else _svd_norm(matrix)
+
+
+def _svd_norm(matrix: torch.Tensor) -> tuple[float, float, float]:
+    """``(value, lower, upper)`` of a dense matrix's spectral norm by LAPACK's SVD, within
+    :data:`_DENSE_SLACK` (relative)."""
     value = float(torch.linalg.matrix_norm(matrix.double(), ord=2))
     slack = _DENSE_SLACK * max(value, 1.0)
     return value, value - slack, value + slack
 
 
 def _norm_dense(op: ConvOperator, tol: float, width: float | None) -> NormResult:
-    value = float(torch.linalg.matrix_norm(op.to_dense().cpu(), ord=2))
-    slack = _DENSE_SLACK * max(value, 1.0)
-    return _exact_result(value, value - slack, value + slack, "dense", _DENSE_SLACK, width)
+    value, lower, upper = _svd_norm(op.to_dense().cpu())
+    return _exact_result(value, lower, upper, "dense", _DENSE_SLACK, width)
 
 
 def _refine_basis(side: ConvOperator, blocks: int) -> int:

@@ -46,7 +46,8 @@ _POWER_STEPS = 8
 _BATCH = 4
 #: The smallest level proven (Gram matrices of zero norm: any positive level holds).
 _FLOOR = 1e-300
-#: Unit roundoffs of the two precisions of the Cholesky tests.
+#: Unit roundoffs of the precisions of the Cholesky tests (complex: the torus; real: a dense
+#: matrix's Gram matrix, :func:`gram_norm`).
 _UNIT = {torch.complex64: 2.0**-24, torch.complex128: 2.0**-53, torch.float32: 2.0**-24,
          torch.float64: 2.0**-53}  # fmt: skip
 #: Most bytes of the tap-pair products (beyond: the Gram matrices from the FFT spectrum).
@@ -434,6 +435,15 @@ def _sample(grams: TorusGrams) -> torch.Tensor:
     return everything[(coords % step == 0).all(1)]
 
 
+def _widened(room: float, floor: float, what: str) -> tuple[float, float]:
+    """The next ``(room, floor)`` of a level that rounding kept from being proven (an error
+    once the room would pass 1: the proof is not settling)."""
+    room, floor = 4 * room, floor * 2.0**40
+    if room > 1:
+        raise RuntimeError(f"{what} did not settle (room {room})")
+    return room, floor
+
+
 def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     """The largest ``||M_f||`` over every frequency, with an upper end certified within a
     relative ``room`` (on the Gram matrices' eigenvalue) of the largest one computed.
@@ -471,9 +481,7 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
         elif pending.numel() < everything.numel():
             # Below lam by its eigenvalue, yet not proven: rounding needs more room (or, for
             # Gram matrices of zero or tiny norm, a larger floor).
-            room, floor = 4 * room, floor * 2.0**40
-            if room > 1:
-                raise RuntimeError(f"the circular certificate did not settle (room {room})")
+            room, floor = _widened(room, floor, "the circular certificate")
         level = lam * (1 + room) + floor
         hopeless = ranking[pending] > level * (1 - margin32)
         pending = torch.cat([
@@ -516,9 +524,7 @@ def gram_norm(matrix: torch.Tensor, room: float = SLACK) -> tuple[float, float, 
         level = (lam + form) * (1 + room) + floor
         if bool(_psd_proof(G[None].clone(), level, form)[0]):
             break
-        room, floor = 4 * room, floor * 2.0**40
-        if room > 1:
-            raise RuntimeError(f"the Gram certificate did not settle (room {room})")
+        room, floor = _widened(room, floor, "the Gram certificate")
     # lam is a Rayleigh quotient of fl(G): the true G's largest eigenvalue is above lam - form.
     return math.sqrt(lam), math.sqrt(max(lam - form, 0.0)), math.sqrt(level)
 
