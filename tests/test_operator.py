@@ -46,6 +46,9 @@ def test_operator_and_adjoint_equal_torch(cfg):
     expected = torch_adjoint(cfg, w, y)
     torch.testing.assert_close(op.T @ y, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(op.H @ y.reshape(3, -1), expected.reshape(3, -1), rtol=0, atol=1e-10)
+    pinned = op._pinned()  # the analysis functions' own operators: the flipped kernel held
+    torch.testing.assert_close(pinned.T @ y, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(pinned @ x, y_ref, rtol=0, atol=1e-10)
     assert dottest(op) and dottest(op.T)
     # W as torch's Jacobian of its own convolution.
     jac = torch.autograd.functional.jacobian(lambda v: reference(cfg, v[None], w)[0], x[0])

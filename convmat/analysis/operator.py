@@ -58,10 +58,11 @@ class _Token:
     (reused only while the kernel values equal the stored copy); the entry is dropped when the
     last operator holding the token goes."""
 
-    __slots__ = ("__weakref__", "owner")
+    __slots__ = ("__weakref__", "owner", "held")
 
     def __init__(self) -> None:
         self.owner = f"{FLIPPED_OWNER}#{next(_COUNTER)}"
+        self.held: torch.Tensor | None = None  # a pinned operator's flipped kernel
         weakref.finalize(self, discard, self.owner)
 
 
@@ -230,6 +231,14 @@ class ConvOperator:
         op._init(oriented(weight, flip), self._geometry, self._is_adjoint, _Token())
         return op
 
+    def _pinned(self) -> ConvOperator:
+        """This operator with its flipped kernel made once and held, never checked against the
+        weight again: for a caller's own operator whose weight nothing changes while it lives
+        (the check costs ~2 ms a product for 512 channels, a fifth of a 7x7 product)."""
+        op = self.with_weight(self._weight)
+        op._token.held = op._flip(op._weight.detach())
+        return op
+
     # -- read-only state -------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
@@ -297,6 +306,8 @@ class ConvOperator:
         w = self._weight
         if w.requires_grad and torch.is_grad_enabled():
             return self._flip(w)
+        if self._token.held is not None:
+            return self._token.held
         owner = self._token.owner
         key = (FLIPPED_OWNER, owner)
         hit: tuple[torch.Tensor, torch.Tensor] | None = lookup(key)
@@ -313,7 +324,9 @@ class ConvOperator:
     def _flip(self, w: torch.Tensor) -> torch.Tensor:
         g, n = self._geometry.groups, self._geometry.ndim
         flipped = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2)
-        return flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+        flipped = flipped.reshape(-1, w.shape[0] // g, *w.shape[2:]).flip(list(range(2, 2 + n)))
+        # Contiguous: a convolution with the strided view ran 5x slower (512 channels at 7x7).
+        return flipped.contiguous()
 
     def _apply(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, *in_shape)`` -> ``(B, *out_shape)``."""

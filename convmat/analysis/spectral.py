@@ -278,7 +278,7 @@ def _operator(source: Any, input_size: Any, config: dict[str, Any]) -> ConvOpera
     if not bool(torch.isfinite(w).all()):
         bad = "NaN" if bool(torch.isnan(w).any()) else "inf"
         raise ConvMatError(f"the weight must be finite, got a weight holding {bad}")
-    return op.with_weight(w)
+    return op.with_weight(w)._pinned()  # the call's own: nothing changes its weight
 
 
 def _fft_problem(op: ConvOperator) -> str:
@@ -513,7 +513,7 @@ def _rough_vectors(
     lacks the top vector, or a top just above the one found, is then caught by the next pass).
     A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``)."""
     scale = float(side.weight.abs().max()) or 1.0
-    fast = side.with_weight(side.weight / scale).to(torch.float32)
+    fast = side.with_weight(side.weight / scale).to(torch.float32)._pinned()
     gen = torch.Generator(device=side.weight.device).manual_seed(0)
     n = side.shape[1]
     found: list[torch.Tensor] = []
