@@ -112,6 +112,16 @@ def _flat(coords: list[torch.Tensor], sizes: tuple[int, ...] | list[int]) -> tor
     return flat
 
 
+def _unravel(flat: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``(len(flat), ndim)``: the coordinates of C-order flat indices (the inverse of
+    :func:`_flat`; ``torch.unravel_index`` imports sympy on its first call, ~1 s)."""
+    coords = []
+    for n in reversed(sizes):
+        coords.append(torch.remainder(flat, n))
+        flat = torch.div(flat, n, rounding_mode="floor")
+    return torch.stack(coords[::-1], 1)
+
+
 def _polyphase(weight: torch.Tensor, geo: Geometry, column: torch.Tensor, phases: int,
                positions: int) -> torch.Tensor:  # fmt: skip
     """``(groups, C_out/g, C_in/g * phases, positions)``: the weight with tap ``j`` added at
@@ -264,7 +274,7 @@ class TorusGrams:
         """The group and the frequency coordinates ``(len(index), ndim)`` of frequencies
         numbered ``index``."""
         g, f = index.div(self.freqs, rounding_mode="floor"), index.remainder(self.freqs)
-        return g, torch.stack(torch.unravel_index(f, self.freq_shape), 1)
+        return g, _unravel(f, self.freq_shape)
 
     def _turns(self, coords: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         """``(len(coords), len(shifts))`` float64: ``sum_d f_d t_d / N_d`` reduced mod 1 in
