@@ -220,14 +220,18 @@ class TorusGrams:
         # A[g, t] = the taps at shift t as a side x other matrix.
         poly = self._poly
         A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
-        A = A.reshape(groups, taps * side, -1)
-        pairs = (A @ A.mT).view(groups, taps, side, taps, side).transpose(2, 3)
+        # The pairs t <= t' only: the pair (t', t) is the transpose of (t, t').
+        first, second = torch.triu_indices(taps, taps, device=A.device)
+        pairs = A[:, first] @ A[:, second].mT
         # delta = t - t' for M M^H, t' - t for M^H M; B[g, j] sums the pairs at offset j.
         sign = 1 if rows <= cols else -1
         delta = torch.stack([sign * (c[:, None] - c[None, :]).reshape(-1) for c in coords], 1)
         self.offsets, which = torch.unique(delta, dim=0, return_inverse=True)
+        which = which.to(A.device)
         B = A.new_zeros(groups, len(self.offsets), side, side)
-        B.index_add_(1, which.to(A.device), pairs.reshape(groups, taps * taps, side, side))
+        B.index_add_(1, which[first * taps + second], pairs)
+        apart = first != second
+        B.index_add_(1, which[second[apart] * taps + first[apart]], pairs[:, apart].mT)
         # Pairs delta, -delta: B_delta e^{-i theta} + B_{-delta} e^{i theta} = cos theta (B_delta
         # + B_{-delta}) - i sin theta (B_delta - B_{-delta}), all real: the real part from the
         # zero offset and the symmetric sums, the imaginary part from the antisymmetric
