@@ -150,6 +150,9 @@ _SAFETY = 2
 #: Convergence is reported against the Gram matrix, whose eigenvalue is the square of the
 #: norm: a relative error ``e`` on it is ``~e / 2`` on the norm.
 _GRAM_TO_NORM = 0.5
+#: How far a float32 pass's Ritz value may lie from the float64 one besides its estimated
+#: error (relative; ~16 units of float32's rounding on a Gram matrix of norm ~1).
+_FLOAT32_RITZ = 1e-6
 #: ARPACK's tolerance for the top ``k`` singular values.
 _SVDS_TOL = 1e-12
 #: The value's relative accuracy when neither ``tol`` nor ``width`` is given.
@@ -329,11 +332,13 @@ def _lanczos_top(
     basis: int,
     max_steps: int = _MAX_STEPS,
     enough: float = math.inf,
+    min_steps: int = _REFINE_MIN_STEPS,
 ) -> tuple[torch.Tensor, bool]:
     """A top eigenvector of the symmetric positive semi-definite map ``apply`` by Lanczos
     (three-term recurrence, explicitly restarted every ``basis`` steps, at most ``max_steps``
-    products), and whether its estimate (:func:`_error_estimate`) reached ``tol`` relative.
-    It also stops once the top Ritz value reaches ``enough`` (returning ``False``)."""
+    products), and whether its estimate (:func:`_error_estimate`) reached ``tol`` relative
+    (trusted after ``min_steps`` products, or on an invariant Krylov space). It also stops
+    once the top Ritz value reaches ``enough`` (returning ``False``)."""
     v = start / start.norm()
     steps = 0
     while True:
@@ -355,9 +360,8 @@ def _lanczos_top(
                 T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
                 theta, S = eigh(T + torch.diag(off, 1) + torch.diag(off, -1))
                 top = max(float(theta[-1]), _GAP_FLOOR)
-                if _error_estimate(theta, beta * S[-1].abs()) <= tol * top or beta <= (
-                    _BREAKDOWN * top
-                ):
+                estimated = _error_estimate(theta, beta * S[-1].abs()) <= tol * top
+                if (estimated and steps + j + 1 >= min_steps) or beta <= _BREAKDOWN * top:
                     converged = True
                     break
                 if top >= enough:
@@ -506,17 +510,19 @@ def _rough_vectors(
     first: torch.Tensor | None = None,
     enough: float = math.inf,
     passes: int = _BLOCK,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, bool]:
     """Up to ``passes`` float64 unit vectors spanning the top of ``side.T @ side``, from
     float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (the first
     from ``first`` where given) orthogonal to the vectors found before (a start that nearly
     lacks the top vector, or a top just above the one found, is then caught by the next pass).
-    A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``)."""
+    A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``). Also
+    whether every pass settled to :func:`_rough_tol` of ``tol``."""
     scale = float(side.weight.abs().max()) or 1.0
     fast = side.with_weight(side.weight / scale).to(torch.float32)._pinned()
     gen = torch.Generator(device=side.weight.device).manual_seed(0)
     n = side.shape[1]
     found: list[torch.Tensor] = []
+    settled = True
     for index in range(min(passes, n)):
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
         if index == 0 and first is not None and bool(first.any()):
@@ -526,19 +532,20 @@ def _rough_vectors(
             prior = torch.stack(found)
             start = start - (prior @ start) @ prior
             apply = _deflated(apply, prior.float())
-        vector, _ = _lanczos_top(
-            apply,
-            start.float(),
-            max(2 * tol, _ROUGH_TOL),
-            basis,
-            _ROUGH_MAX_STEPS,
-            enough / scale**2,
+        vector, converged = _lanczos_top(
+            apply, start.float(), _rough_tol(tol), basis, _ROUGH_MAX_STEPS, enough / scale**2
         )
+        settled = settled and converged
         vector = vector.double()
         if found:
             vector = vector - (prior @ vector) @ prior
         found.append(vector / vector.norm())
-    return torch.stack(found)
+    return torch.stack(found), settled
+
+
+def _rough_tol(tol: float) -> float:
+    """The relative accuracy (on the Gram matrix) a float32 pass aims at for ``tol``."""
+    return max(2 * tol, _ROUGH_TOL)
 
 
 #: Basis vectors of the block Lanczos on a map given only by its products (no float32 pass
@@ -627,7 +634,7 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
     n = side.shape[1]
     with torch.no_grad():
         upper = enclosing_norm(op.weight, op.geometry.matching_conv).upper
-        rough = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4))
+        rough, _ = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4))
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
         vector, converged, error = _block_refine(
             lambda X: side.T @ (side @ X), rough, gram_tol, _refine_basis(side, rough.shape[0])
@@ -672,13 +679,24 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
             method = "lanczos"
             side, start = (op, x) if op.shape[1] <= op.shape[0] else (op.T, image)
             n = side.shape[1]
+            # Half the windowed vector, half a random one: the windowed one alone may lie in
+            # an invariant subspace without the top (one group of a grouped layer, tiny grids).
+            gen = torch.Generator(device=start.device).manual_seed(0)
+            noise = torch.randn(start.shape, dtype=start.dtype, device=start.device,
+                                generator=gen)  # fmt: skip
+            start = noise / noise.norm() + (start / start.norm() if start.any() else 0)
             # float32 Ritz values are good to ~1e-6: aim a little above the target.
-            rough = _rough_vectors(side, _WIDTH_SETTLED * width,
-                                   _basis_size(n, op.weight.device, itemsize=4), start,
-                                   (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
+            settle = _WIDTH_SETTLED * width
+            rough, settled = _rough_vectors(side, settle,
+                                            _basis_size(n, op.weight.device, itemsize=4), start,
+                                            (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
             vector = rough[0]
             value = max(value, float((side @ vector).norm()))
-            if value < target:
+            # A pass that settled this far below the target: the top lies within its accuracy
+            # (and float32's rounding) of its value, which no refinement lifts to the target
+            # (the width is out of the circular certificate's reach).
+            within = _GRAM_TO_NORM * _rough_tol(settle) + _FLOAT32_RITZ
+            if value < target and not (settled and value * (1 + within) < target):
                 vector, _, _ = _block_refine(
                     lambda X: side.T @ (side @ X),
                     rough,
