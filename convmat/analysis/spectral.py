@@ -692,10 +692,12 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
                                             (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
             vector = rough[0]
             value = max(value, float((side @ vector).norm()))
-            # A pass that settled this far below the target: the top lies within its accuracy
-            # (and float32's rounding) of its value, which no refinement lifts to the target
-            # (the width is out of the circular certificate's reach).
+            # A pass that settled this far below the target (to the accuracy the width asks,
+            # not to the float32 floor above it): the top lies within that accuracy (and
+            # float32's rounding) of its value, which no refinement lifts to the target (the
+            # width is out of the circular certificate's reach).
             within = _GRAM_TO_NORM * _rough_tol(settle) + _FLOAT32_RITZ
+            settled = settled and _rough_tol(settle) <= 2 * settle
             if value < target and not (settled and value * (1 + within) < target):
                 vector, _, _ = _block_refine(
                     lambda X: side.T @ (side @ X),
