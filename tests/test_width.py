@@ -227,6 +227,26 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
     assert abs(top.value - exact) <= 1e-9 * max(exact, 1e-300)
 
 
+@pytest.mark.parametrize("kernel, stride", [((2, 2), (2, 2)), ((1, 3), (1, 1)), ((3, 1), (1, 2))])
+def test_axes_where_every_tap_has_one_shift_keep_one_frequency(kernel, stride):
+    """Kernel 1 along an axis, or kernel = stride (one tap per phase): the Gram matrices do not
+    vary along it, one frequency stands for all, and the certificate is still the circulant's
+    norm (its spectrum decomposed in full) and above the layer's."""
+    w = torch.randn(6, 4, *kernel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    op = ConvOperator(w, (12, 10), stride=stride)
+    geo = op.geometry
+    size = torus.enclosing_torus(geo)
+    grams = torus.TorusGrams(w, geo, (0, 0), size)
+    assert [n == 1 for n in grams.freq_shape] == [k in (1, s) for k, s in zip(kernel, stride)]
+    M = torus.torus_spectrum(w, geo, (0, 0), size, top_only=True).flatten(0, 1)
+    exact = float(torch.linalg.svdvals(M).max())
+    top = torus.torus_top(grams)
+    assert exact <= top.upper * (1 + 1e-14) and abs(top.value - exact) <= 1e-9 * exact
+    true = float(torch.linalg.matrix_norm(op.to_dense(), ord=2))
+    r = operator_norm(op, width=1e-3, method="lanczos")
+    assert r.lower <= true * (1 + 1e-12) and true <= r.upper
+
+
 @settings(deadline=None, max_examples=40)
 @given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
        seed=st.integers(0, 2**16))  # fmt: skip

@@ -166,7 +166,8 @@ def torus_spectrum(
 class TorusGrams:
     """The Gram matrices ``M M^H`` or ``M^H M`` (the smaller) of :func:`torus_spectrum`'s
     per-frequency matrices ``M`` (``top_only``), numbered ``0 .. count - 1`` (group-major), made
-    on demand in chunks of bounded memory: :meth:`at` gives ``(len(index), side, side)``.
+    on demand in chunks of bounded memory: :meth:`at` gives ``(len(index), side, side)``. Axes
+    along which they do not vary (every tap at one shift) keep frequency 0 only.
 
     With ``A_t`` the real matrix of the taps at shift ``t`` (``M_f = sum_t A_t e^{-i w_f t}``),
     ``M_f M_f^H = sum_delta B_delta e^{-i w_f delta}`` where ``B_delta = sum_{t - t' = delta}
@@ -217,6 +218,12 @@ class TorusGrams:
             self._form = (4 * math.log2(max(self.freqs, 2)) + 4 * side + 16) * frob
             return
         self._all = None
+        # Along an axis where every tap has the same shift (kernel 1 there, or kernel = stride:
+        # one tap per phase) the Gram matrices do not depend on the frequency: frequency 0
+        # stands for all (U-Net's 2x2 up-convolutions at 112x112: 6384 -> 1 matrix to prove).
+        self.freq_shape = tuple(1 if b == 1 else f for b, f in zip(box, self.freq_shape))
+        self.freqs = math.prod(self.freq_shape)
+        self.count = groups * self.freqs
         # A[g, t] = the taps at shift t as a side x other matrix.
         poly = self._poly
         A = poly.permute(0, 3, 1, 2) if rows <= cols else poly.permute(0, 3, 2, 1)
