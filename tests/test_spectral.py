@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy.sparse.linalg import svds
 from torch import nn
 
-from convmat import ConvMatError, ConvOperator, conv_matrix, to_matrix
+from convmat import ConvMatError, ConvOperator, conv_matrix, conv_transpose_matrix, to_matrix
 from convmat.analysis import spectral, torus
 from convmat.analysis.spectral import NormResult, operator_norm, singular_values
 
@@ -68,6 +68,27 @@ def test_fft_and_polyphase_are_exact(case):
     result = operator_norm(w, size, **kw)
     assert result.method == "fft" and result.converged
     assert result.lower <= expected[0].item() <= result.upper
+
+
+@given(ndim=st.integers(1, 2), groups=st.integers(1, 2), cin=st.integers(1, 3),
+       cout=st.integers(1, 3), kernel=st.integers(1, 3), extra=st.integers(0, 1),
+       n=st.integers(1, 5), seed=st.integers(0, 2**16))  # fmt: skip
+def test_fft_takes_a_transposed_convolution_whose_matching_windows_tile(
+    ndim, groups, cin, cout, kernel, extra, n, seed
+):
+    """stride = kernel + output_padding: the matching convolution's windows tile its input, and
+    the transposed layer's singular values (its W is that convolution's transposed) come from
+    the FFT, equal to the dense SVD's; auto takes it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(cin * groups, cout, *(kernel,) * ndim, dtype=torch.float64, generator=g)
+    size = (n,) * ndim
+    kw = dict(stride=kernel + extra, output_padding=extra, groups=groups)
+    expected = torch.linalg.svdvals(conv_transpose_matrix(w, size, **kw))
+    values = singular_values(w, size, transposed=True, method="fft", **kw)
+    atol = 1e-10 * max(1.0, expected[0].item())
+    torch.testing.assert_close(values, expected, rtol=0, atol=atol)
+    r = operator_norm(w, size, transposed=True, **kw)
+    assert r.method == "fft" and r.lower <= expected[0].item() * (1 + 1e-12) <= r.upper * (1 + 1e-12)
 
 
 @given(
@@ -257,8 +278,12 @@ def test_errors():
         operator_norm(w, 8, padding=1, method="fft")
     with pytest.raises(ConvMatError, match=r"windows that tile the input"):
         singular_values(w, 8, method="fft")
-    with pytest.raises(ConvMatError, match=r"not a transposed convolution"):
+    with pytest.raises(ConvMatError, match=r"windows that tile the input .* of the matching "
+                                           r"convolution"):  # fmt: skip
         operator_norm(w, 8, transposed=True, method="fft")
+    with pytest.raises(ConvMatError, match=r"a transposed convolution's padding is its matching "
+                                           r"convolution's zero padding, got padding"):  # fmt: skip
+        operator_norm(w, 8, transposed=True, padding=1, method="fft")
     with pytest.raises(ConvMatError, match=r"method must be one of \('auto', 'fft', 'dense', "
                                            r"'lanczos'\), got 'svd'"):  # fmt: skip
         operator_norm(w, 8, method="svd")

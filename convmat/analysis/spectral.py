@@ -285,17 +285,21 @@ def _operator(source: Any, input_size: Any, config: dict[str, Any]) -> ConvOpera
 
 
 def _fft_problem(op: ConvOperator) -> str:
-    """Why W is not a circular convolution on its input (``""`` if it is)."""
-    geo = op.geometry
-    if geo.transposed:
-        return "the fft method takes a convolution, not a transposed convolution"
+    """Why W (a transposed layer's: W^T, of its matching convolution, with the same singular
+    values) is not a circular convolution on its input (``""`` if it is)."""
+    geo = op.geometry.matching_conv
+    of = " of the matching convolution" if op.geometry.transposed else ""
     if not geo.mode.periodic and any(b or a for b, a in geo.padding):
+        if of:
+            return (f"the fft method needs circular padding (or none); a transposed "
+                    f"convolution's padding is its matching convolution's zero padding, got "
+                    f"padding {op.geometry.padding}")  # fmt: skip
         return f"the fft method needs circular padding (or none), got {geo.padding_mode!r}"
     if any(o * s != i for o, s, i in zip(geo.output_size, geo.stride, geo.input_size)):
         return (
             f"the fft method needs windows that tile the input (output * stride == input in "
             f"every dimension), got output {geo.output_size}, stride {geo.stride}, input "
-            f"{geo.input_size}"
+            f"{geo.input_size}{of}"
         )
     return ""
 
@@ -582,7 +586,7 @@ def _exact_result(
 
 
 def _norm_fft(op: ConvOperator, tol: float, width: float | None) -> NormResult:
-    geo = op.geometry
+    geo = op.geometry.matching_conv
     before = tuple(b for b, _ in geo.padding)
     value = torus_top(TorusGrams(op.weight, geo, before, geo.input_size)).value
     lower, upper = value * (1 - _TORUS_SLACK), value * (1 + _TORUS_SLACK)
@@ -728,7 +732,7 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
 
 
 def _values_fft(op: ConvOperator, k: int | None) -> torch.Tensor:
-    geo = op.geometry
+    geo = op.geometry.matching_conv
     before = tuple(b for b, _ in geo.padding)
     per_freq = torus_spectrum(op.weight, geo, before, geo.input_size)
     values = torch.linalg.svdvals(per_freq).reshape(-1)
@@ -801,7 +805,8 @@ REGISTRY: dict[str, SpectralMethod] = {
     for m in (
         SpectralMethod(
             "fft",
-            "exact; circular padding (or none) whose windows tile the input",
+            "exact; circular padding (or none) whose windows tile the input (a transposed "
+            "layer: its matching convolution's)",
             _fft_problem,
             lambda op, norm_only: not _fft_problem(op),
             _norm_fft,
