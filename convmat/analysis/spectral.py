@@ -517,8 +517,10 @@ def _rough_vectors(
 ) -> tuple[torch.Tensor, bool]:
     """Up to ``passes`` float64 unit vectors spanning the top of ``side.T @ side``, from
     float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (the first
-    from ``first`` where given) orthogonal to the vectors found before (a start that nearly
-    lacks the top vector, or a top just above the one found, is then caught by the next pass).
+    from ``first`` plus a random vector where given: ``first`` alone may lie in an invariant
+    subspace without the top, as one group of a grouped layer) orthogonal to the vectors found
+    before (a start that nearly lacks the top vector, or a top just above the one found, is
+    then caught by the next pass).
     A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``). Also
     whether every pass settled to :func:`_rough_tol` of ``tol``."""
     scale = float(side.weight.abs().max()) or 1.0
@@ -530,7 +532,8 @@ def _rough_vectors(
     for index in range(min(passes, n)):
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
         if index == 0 and first is not None and bool(first.any()):
-            start = first.reshape(-1).to(torch.float64)
+            first = first.reshape(-1).to(torch.float64)
+            start = start / start.norm() + first / first.norm()
         apply = _gram_of(fast)
         if found:
             prior = torch.stack(found)
@@ -683,12 +686,6 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
             method = "lanczos"
             side, start = (op, x) if op.shape[1] <= op.shape[0] else (op.T, image)
             n = side.shape[1]
-            # Half the windowed vector, half a random one: the windowed one alone may lie in
-            # an invariant subspace without the top (one group of a grouped layer, tiny grids).
-            gen = torch.Generator(device=start.device).manual_seed(0)
-            noise = torch.randn(start.shape, dtype=start.dtype, device=start.device,
-                                generator=gen)  # fmt: skip
-            start = noise / noise.norm() + (start / start.norm() if start.any() else 0)
             # float32 Ritz values are good to ~1e-6: aim a little above the target.
             settle = _WIDTH_SETTLED * width
             rough, settled = _rough_vectors(side, settle,
