@@ -313,20 +313,45 @@ def _dense_problem(op: ConvOperator) -> str:
 
 
 # -- Lanczos -----------------------------------------------------------------------------------
-def _error_estimate(theta: torch.Tensor, residuals: torch.Tensor) -> float:
+def _error_estimate(
+    theta: torch.Tensor, residuals: torch.Tensor, known: torch.Tensor | None = None
+) -> float:
     """An estimate of how far the largest Ritz value lies below the largest eigenvalue.
 
-    ``theta``: Ritz values, ascending; ``residuals``: their residual norms. The smaller of the
-    residual and, for each cluster of the top ``k`` Ritz values, the cluster's squared residual
-    over its gap to the next Ritz value (the block Kato-Temple estimate; a near-double top
-    eigenvalue needs no separation from its twin).
+    ``theta``: Ritz values, ascending; ``residuals``: their residual norms; ``known``: the
+    largest Ritz values seen by rank in earlier bases (:func:`_known`), or ``None``. The
+    smaller of the residual and, for each cluster of the top ``k`` Ritz values, the cluster's
+    squared residual over its gap to the next eigenvalue (the block Kato-Temple estimate; a
+    near-double top eigenvalue needs no separation from its twin).
+
+    The next eigenvalue is taken at the ``k+1``-th Ritz value plus its residual (a Ritz value
+    is below its eigenvalue, far below where it has not converged), and never below the
+    ``k+1``-th of ``known`` (a lower bound of it too, by Cauchy's interlacing): a basis just
+    restarted from its top vectors says nothing of the spectrum below them.
     """
     error = float(residuals[-1])
     squared = torch.cumsum(residuals.flip(0) ** 2, 0)[:-1]
-    gaps = (theta.flip(0)[:-1] - theta.flip(0)[1:]).clamp_min(_GAP_FLOOR)
+    below = (theta + residuals).flip(0)[1:]  # the k+1-th largest, k = 1, 2, ...
+    if known is not None:
+        prior = known.flip(0)[1 : below.numel() + 1].to(below)
+        below = torch.cat([torch.maximum(below[: prior.numel()], prior), below[prior.numel():]])
+    gaps = (theta.flip(0)[:-1] - below).clamp_min(_GAP_FLOOR)
     if gaps.numel():
         error = min(error, float((squared / gaps).min()))
     return error
+
+
+def _known(theta: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """The largest Ritz values seen by rank (ascending, aligned at the top): ``theta`` merged
+    with the earlier ``known`` (each Ritz value is below the eigenvalue of its rank, so the
+    larger of two is the better bound)."""
+    if known is None:
+        return theta.clone()
+    size = max(theta.numel(), known.numel())
+    a = torch.full((size,), -math.inf, dtype=theta.dtype)
+    b = a.clone()
+    a[size - theta.numel():], b[size - known.numel():] = theta, known.to(theta)
+    return torch.maximum(a, b)
 
 
 def _lanczos_top(
@@ -345,6 +370,7 @@ def _lanczos_top(
     once the top Ritz value reaches ``enough`` (returning ``False``)."""
     v = start / start.norm()
     steps = 0
+    known: torch.Tensor | None = None
     while True:
         m = min(basis, max_steps - steps)
         V = v.new_empty(m, v.numel())
@@ -364,7 +390,7 @@ def _lanczos_top(
                 T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
                 theta, S = eigh(T + torch.diag(off, 1) + torch.diag(off, -1))
                 top = max(float(theta[-1]), _GAP_FLOOR)
-                estimated = _error_estimate(theta, beta * S[-1].abs()) <= tol * top
+                estimated = _error_estimate(theta, beta * S[-1].abs(), known) <= tol * top
                 if (estimated and steps + j + 1 >= min_steps) or beta <= _BREAKDOWN * top:
                     converged = True
                     break
@@ -375,6 +401,7 @@ def _lanczos_top(
         steps += j + 1
         if converged or steps >= max_steps or top >= enough:
             return y, converged
+        known = _known(theta, known)
         v = y / y.norm()
 
 
@@ -443,6 +470,7 @@ def _block_refine(
     size = extend(_orthonormal(start, None), 0)
     last = steps = size
     error = math.inf
+    known: torch.Tensor | None = None
     while True:
         full = size + b > basis
         if steps >= _REFINE_MIN_STEPS or full or enough < math.inf:  # Ritz pairs: when used
@@ -452,11 +480,12 @@ def _block_refine(
             count = min(2 * b + 2, theta.numel())  # the top few Ritz pairs and residuals
             Y, AY = S[:, -count:].T @ V[:size], S[:, -count:].T @ AV[:size]
             residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
-            error = _error_estimate(theta[-count:], residuals) / top
+            error = _error_estimate(theta[-count:], residuals, known) / top
             if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS or (
                     float(theta[-1]) >= enough):  # fmt: skip
                 return Y[-1], error <= tol, error
             if full:
+                known = _known(theta[-count:], known)
                 last = size = min(b, count)
                 V[:size], AV[:size] = Y[-size:], AY[-size:]
                 H.zero_()
