@@ -135,6 +135,10 @@ _DEFLATION = 1e-10
 _CANCELLATION = 1e-4
 #: Smallest gap used between Ritz values (avoids dividing by zero for exact doubles).
 _GAP_FLOOR = 1e-300
+#: Ritz values the error estimate looks at: a cluster of more, above a wide gap, may lie close
+#: to the top of a band of eigenvalues while Lanczos has not yet found all of them (a pass once
+#: stopped 30x its tol below the top of a band of ten).
+_CLUSTER = 6
 #: Vectors in the float64 block refinement: the two float32 vectors, so that a near-double top
 #: (two singular values within ~1e-7, as at the top of large zero-padded layers) is resolved
 #: instead of settling on a mixture of the pair.
@@ -390,7 +394,9 @@ def _lanczos_top(
                 T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
                 theta, S = eigh(T + torch.diag(off, 1) + torch.diag(off, -1))
                 top = max(float(theta[-1]), _GAP_FLOOR)
-                estimated = _error_estimate(theta, beta * S[-1].abs(), known) <= tol * top
+                top_few = slice(-_CLUSTER, None)
+                residuals = beta * S[-1, top_few].abs()
+                estimated = _error_estimate(theta[top_few], residuals, known) <= tol * top
                 if (estimated and steps + j + 1 >= min_steps) or beta <= _BREAKDOWN * top:
                     converged = True
                     break
@@ -477,7 +483,7 @@ def _block_refine(
             h = H[:size, :size]
             theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
-            count = min(2 * b + 2, theta.numel())  # the top few Ritz pairs and residuals
+            count = min(max(_CLUSTER, 2 * b + 2), theta.numel())  # the top few Ritz pairs
             Y, AY = S[:, -count:].T @ V[:size], S[:, -count:].T @ AV[:size]
             residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
             error = _error_estimate(theta[-count:], residuals, known) / top
