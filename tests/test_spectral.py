@@ -311,6 +311,27 @@ def test_a_restarted_basis_measures_gaps_against_the_spectrum_it_saw():
     assert spectral._known(theta[-2:], known).tolist() == known.tolist()
 
 
+@pytest.mark.parametrize(
+    "config",
+    [dict(padding=1), dict(padding=1, stride=2),
+     dict(stride=2, padding=1, output_padding=1, transposed=True)],  # fmt: skip
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_windowed_starts_hold_most_of_the_top_singular_vectors(config, seed):
+    """4->4 3x3 at 40x40: the float32 passes start from the windowed vectors, whose span holds
+    most of the top right (input side) and left (output side) singular vectors (ARPACK's)."""
+    gen = torch.Generator().manual_seed(seed)
+    op = ConvOperator(torch.randn(4, 4, 3, 3, dtype=torch.float64, generator=gen), (40, 40),
+                      **config)  # fmt: skip
+    u, _, vt = svds(op.to_scipy(), k=1, tol=1e-12)
+    enclosing = torus.enclosing_norm(op.weight, op.geometry.matching_conv)
+    for input_side, top in ((True, vt[0]), (False, u[:, 0])):
+        starts = spectral._windowed_starts(op, enclosing, input_side)
+        assert starts.shape == (2, op.shape[1] if input_side else op.shape[0])
+        basis = torch.linalg.qr(starts.T).Q
+        assert float((basis.T @ torch.from_numpy(top)).norm() ** 2) >= 0.8
+
+
 def test_not_converged_is_a_field_and_a_warning(monkeypatch):
     monkeypatch.setattr(spectral, "_MAX_STEPS", 2)
     monkeypatch.setattr(spectral, "_ROUGH_MAX_STEPS", 2)

@@ -106,9 +106,10 @@ _DENSE_SLACK = 1e-12
 #: 1000 0.22 / 0.13 s, 2048 x 2048 1.9 / 0.83 s, 4096 x 4096 22.9 / 3.7 s, 4096 x 25088 (VGG's
 #: first linear layer) 212 / 15.4 s.
 _GRAM_FROM = 2**30
-#: Relative accuracy of the float32 passes: well above float32's rounding (~6e-8 on a Gram
-#: matrix scaled to norm ~1), enough to point at the top of the spectrum.
-_ROUGH_TOL = 1e-5
+#: Relative accuracy of the float32 passes: above float32's rounding (~6e-8 on a Gram matrix
+#: scaled to norm ~1). A float32 product costs half a float64 one: the float64 refinement
+#: then starts close (ResNet-18's layers: 49-65 float64 products instead of 81-229 from 1e-5).
+_ROUGH_TOL = 1e-6
 #: Lanczos basis vectors kept before a restart: more converge faster, but cost memory and
 #: ``O(basis * n)`` work at each restart.
 _BASIS_MIN, _BASIS_MAX = 20, 400
@@ -546,16 +547,16 @@ def _rough_vectors(
     side: ConvOperator,
     tol: float,
     basis: int,
-    first: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
     enough: float = math.inf,
     passes: int = _BLOCK,
 ) -> tuple[torch.Tensor, bool]:
     """Up to ``passes`` float64 unit vectors spanning the top of ``side.T @ side``, from
-    float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (the first
-    from ``first`` plus a random vector where given: ``first`` alone may lie in an invariant
-    subspace without the top, as one group of a grouped layer) orthogonal to the vectors found
-    before (a start that nearly lacks the top vector, or a top just above the one found, is
-    then caught by the next pass).
+    float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (pass ``p``
+    from ``starts[p]`` plus a random vector where ``starts`` has a nonzero row ``p``: a
+    start alone may lie in an invariant subspace without the top, as one group of a grouped
+    layer) orthogonal to the vectors found before (a start that nearly lacks the top vector,
+    or a top just above the one found, is then caught by the next pass).
     A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``). Also
     whether every pass settled to :func:`_rough_tol` of ``tol``."""
     scale = float(side.weight.abs().max()) or 1.0
@@ -566,9 +567,9 @@ def _rough_vectors(
     settled = True
     for index in range(min(passes, n)):
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
-        if index == 0 and first is not None and bool(first.any()):
-            first = first.reshape(-1).to(torch.float64)
-            start = start / start.norm() + first / first.norm()
+        if starts is not None and index < len(starts) and bool(starts[index].any()):
+            given = starts[index].reshape(-1).to(torch.float64)
+            start = start / start.norm() + given / given.norm()
         apply = _gram_of(fast)
         if found:
             prior = torch.stack(found)
@@ -675,8 +676,10 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
     side = op if op.shape[1] <= op.shape[0] else op.T  # iterate on the smaller side
     n = side.shape[1]
     with torch.no_grad():
-        upper = enclosing_norm(op.weight, op.geometry.matching_conv).upper
-        rough, _ = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4))
+        enclosing = enclosing_norm(op.weight, op.geometry.matching_conv)
+        upper = enclosing.upper
+        rough, _ = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4),
+                                  _windowed_starts(op, enclosing, side is op))  # fmt: skip
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
         vector, converged, error = _block_refine(
             lambda X: side.T @ (side @ X), rough, gram_tol, _refine_basis(side, rough.shape[0])
@@ -696,14 +699,29 @@ def _windowed_lower(op: ConvOperator, enclosing: Any) -> tuple[float, torch.Tens
     """The windowed lower end (:func:`~convmat.analysis.torus.windowed_vector`) of ``op``:
     ``||W x|| / ||x||`` in float64 for the better of the real and imaginary parts, that
     input ``x`` and its image ``W x``."""
-    geo = op.geometry
-    X = windowed_vector(enclosing, geo.matching_conv, input_side=not geo.transposed)
-    X = X.to(op.weight.device)
+    X = _windowed_inputs(op, enclosing)
     images = op @ X
     norms = X.flatten(1).norm(dim=1)
     ratios = torch.where(norms > 0, images.flatten(1).norm(dim=1) / norms.clamp_min(1e-300), 0.0)
     best = int(torch.argmax(ratios))
     return float(ratios[best]), X[best].reshape(-1), images[best].reshape(-1)
+
+
+def _windowed_inputs(op: ConvOperator, enclosing: Any) -> torch.Tensor:
+    """``(2, *op's input)``: the windowed vectors of ``op``
+    (:func:`~convmat.analysis.torus.windowed_vector`: the real and imaginary parts of the
+    enclosing circular convolution's top plane wave under a sine taper; a zero where the wave
+    is real), on the device of its weight."""
+    geo = op.geometry
+    X = windowed_vector(enclosing, geo.matching_conv, input_side=not geo.transposed)
+    return X.to(op.weight.device)
+
+
+def _windowed_starts(op: ConvOperator, enclosing: Any, input_side: bool) -> torch.Tensor:
+    """``(2, n)``: :func:`_windowed_inputs` (``input_side``) or their images: on a large grid
+    the top pair of the Gram matrix lies close to their span."""
+    X = _windowed_inputs(op, enclosing)
+    return (X if input_side else op @ X).flatten(1)
 
 
 def _norm_width(op: ConvOperator, width: float) -> NormResult:
@@ -724,7 +742,8 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
             # float32 Ritz values are good to ~1e-6: aim a little above the target.
             settle = _WIDTH_SETTLED * width
             rough, settled = _rough_vectors(side, settle,
-                                            _basis_size(n, op.weight.device, itemsize=4), start,
+                                            _basis_size(n, op.weight.device, itemsize=4),
+                                            start[None],
                                             (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
             vector = rough[0]
             value = max(value, float((side @ vector).norm()))
