@@ -183,7 +183,7 @@ def test_the_top_singular_value_to_a_width(cfg, seed):
 
 # -- the certificate and the windowed vector ------------------------------------------------------
 @settings(deadline=None, max_examples=60)
-@given(n=st.sampled_from([3, 8, 40, 150]), lift=st.floats(-1e-3, 1e-3),
+@given(n=st.sampled_from([3, 8, 40, 100, 150, 260]), lift=st.floats(-1e-3, 1e-3),
        precision=st.sampled_from([torch.complex64, torch.complex128]), seed=st.integers(0, 2**16),
        spread=st.sampled_from([1.0, 1e-3, 1e3]))  # fmt: skip
 def test_a_cholesky_proof_never_claims_a_level_below_the_largest_eigenvalue(
@@ -207,6 +207,25 @@ def test_a_cholesky_proof_never_claims_a_level_below_the_largest_eigenvalue(
         assert not bool(proven[0])
     if lift >= 4 * torus._rounding(n, precision) * n + 1e-6:
         assert bool(proven[0])
+
+
+@settings(deadline=None, max_examples=20)
+@given(n=st.sampled_from([96, 130, 200, 257]), batch=st.integers(1, 6),
+       precision=st.sampled_from([torch.complex64, torch.complex128]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_the_blocked_cholesky_completes_where_lapacks_does(n, batch, precision, seed):
+    """Wide batches are factorised by blocks on the CPU: on Hermitian matrices shifted just
+    above or below their largest eigenvalue (1e-3 either way, far beyond rounding), it
+    completes exactly where LAPACK's factorisation does and where the shift is above."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, n, n + 7, dtype=torch.complex128, generator=gen)
+    G = X @ X.mH
+    top = torch.linalg.eigvalsh(G)[:, -1]
+    above = torch.rand(batch, generator=gen) < 0.5
+    shift = top * torch.where(above, 1 + 1e-3, 1 - 1e-3)
+    S = (shift[:, None, None] * torch.eye(n, dtype=torch.float64) - G).to(precision)
+    expected = torch.linalg.cholesky_ex(S).info == 0
+    completes = torus._cholesky_completes(S.clone())
+    assert completes.tolist() == expected.tolist() == above.tolist()
 
 
 @settings(deadline=None, max_examples=40)

@@ -357,9 +357,38 @@ def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor
     s = s * (1 - 1e-13) - torch.finfo(torch.float64).tiny
     S = G.neg_()
     S.diagonal(dim1=-2, dim2=-1).add_(s[:, None].to(S.device, S.real.dtype))
-    proven = torch.linalg.cholesky_ex(S).info == 0
-    result: torch.Tensor = proven.cpu() & (s > 0).cpu()
+    result: torch.Tensor = _cholesky_completes(S).cpu() & (s > 0).cpu()
     return result
+
+
+#: Sides from which the CPU's batched Cholesky factorisation is blocked by hand (LAPACK's, one
+#: matrix at a time, is slow on small ones), and the block (measured on 2 cores, complex64 /
+#: complex128, per matrix: 128 rows 311-396 / 660-721 us -> 194-202 / 406-477 us with blocks of
+#: 32; 256 rows 0.9-1.2 / 1.4-1.7 ms -> 0.8 / 1.2-1.4 ms with 64; 64 rows no faster).
+_BLOCKED_FROM, _BLOCK_SMALL, _BLOCK_LARGE = 96, 32, 64
+
+
+def _cholesky_completes(S: torch.Tensor) -> torch.Tensor:
+    """Whether the Cholesky factorisation of each Hermitian ``S`` (``(b, n, n)``, overwritten)
+    completes. On the CPU, from :data:`_BLOCKED_FROM` rows: right-looking by blocks, LAPACK on
+    the diagonal blocks, a batched triangular solve for the panel and a batched product for the
+    update (the same sums as any Cholesky factorisation, in another order: the same rounding
+    bound, :func:`_rounding`)."""
+    n = S.shape[-1]
+    if S.device.type != "cpu" or n < _BLOCKED_FROM:
+        completes: torch.Tensor = torch.linalg.cholesky_ex(S).info == 0
+        return completes
+    block = _BLOCK_SMALL if n < 2 * _BLOCKED_FROM else _BLOCK_LARGE
+    completes = torch.ones(S.shape[0], dtype=torch.bool)
+    for k in range(0, n, block):
+        end = min(k + block, n)
+        factor, info = torch.linalg.cholesky_ex(S[:, k:end, k:end])
+        completes &= info == 0
+        if end < n:  # the panel L21 = A21 L11^-H, then A22 -= L21 L21^H
+            panel = torch.linalg.solve_triangular(factor.mH, S[:, end:, k:end], upper=True,
+                                                  left=False)  # fmt: skip
+            S[:, end:, end:].baddbmm_(panel, panel.mH, alpha=-1)
+    return completes
 
 
 @dataclass(frozen=True)
