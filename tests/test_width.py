@@ -228,6 +228,19 @@ def test_the_blocked_cholesky_completes_where_lapacks_does(n, batch, precision, 
     assert completes.tolist() == expected.tolist() == above.tolist()
 
 
+@pytest.mark.parametrize("precision", [torch.complex64, torch.complex128])
+def test_a_blocked_cholesky_failure_in_the_first_block_is_kept(precision):
+    """A negative pivot in the first block (the rest positive definite) fails that matrix
+    alone; a NaN fails its own matrix and no other; both as LAPACK's factorisation says."""
+    n = 200
+    S = torch.eye(n, dtype=precision).repeat(4, 1, 1) * 2
+    S[1, 0, 0] = -1.0
+    S[2, 5, 5] = float("nan")
+    expected = torch.linalg.cholesky_ex(S).info == 0
+    completes = torus._cholesky_completes(S.clone())
+    assert completes.tolist() == expected.tolist() == [True, False, False, True]
+
+
 @settings(deadline=None, max_examples=40)
 @given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
        seed=st.integers(0, 2**16), room=st.sampled_from([1e-10, 1e-4, 1e-2]))  # fmt: skip

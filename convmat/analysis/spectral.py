@@ -329,10 +329,12 @@ def _error_estimate(
     squared residual over its gap to the next eigenvalue (the block Kato-Temple estimate; a
     near-double top eigenvalue needs no separation from its twin).
 
-    The next eigenvalue is taken at the ``k+1``-th Ritz value plus its residual (a Ritz value
-    is below its eigenvalue, far below where it has not converged), and never below the
-    ``k+1``-th of ``known`` (a lower bound of it too, by Cauchy's interlacing): a basis just
-    restarted from its top vectors says nothing of the spectrum below them.
+    The next eigenvalue is estimated at the ``k+1``-th Ritz value plus its residual (a Ritz
+    value lies below its eigenvalue, far below where it has not converged), and never below
+    the ``k+1``-th of ``known`` (Ritz values bound their eigenvalues from below, Cauchy's
+    interlacing, so the next eigenvalue is at least that high): a basis just restarted from
+    its top vectors says nothing of the spectrum below them. An estimate, not a bound: an
+    eigenvalue Lanczos has not yet found is not seen.
     """
     error = float(residuals[-1])
     squared = torch.cumsum(residuals.flip(0) ** 2, 0)[:-1]
@@ -353,7 +355,7 @@ def _known(theta: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
     if known is None:
         return theta.clone()
     size = max(theta.numel(), known.numel())
-    a = torch.full((size,), -math.inf, dtype=theta.dtype)
+    a = torch.full((size,), -math.inf, dtype=theta.dtype, device=theta.device)
     b = a.clone()
     a[size - theta.numel():], b[size - known.numel():] = theta, known.to(theta)
     return torch.maximum(a, b)
