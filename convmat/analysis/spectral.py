@@ -338,10 +338,8 @@ def _error_estimate(
     """
     error = float(residuals[-1])
     squared = torch.cumsum(residuals.flip(0) ** 2, 0)[:-1]
-    below = (theta + residuals).flip(0)[1:]  # the k+1-th largest, k = 1, 2, ...
-    if known is not None:
-        prior = known.flip(0)[1 : below.numel() + 1].to(below)
-        below = torch.cat([torch.maximum(below[: prior.numel()], prior), below[prior.numel():]])
+    # The k+1-th largest, k = 1, 2, ...: each Ritz value plus its residual, floored by known.
+    below = _known(theta + residuals, known).flip(0)[1 : theta.numel()]
     gaps = (theta.flip(0)[:-1] - below).clamp_min(_GAP_FLOOR)
     if gaps.numel():
         error = min(error, float((squared / gaps).min()))
@@ -349,9 +347,9 @@ def _error_estimate(
 
 
 def _known(theta: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
-    """The largest Ritz values seen by rank (ascending, aligned at the top): ``theta`` merged
-    with the earlier ``known`` (each Ritz value is below the eigenvalue of its rank, so the
-    larger of two is the better bound)."""
+    """The largest values by rank (ascending, aligned at the top) of ``theta`` and the earlier
+    ``known`` Ritz values (each Ritz value is below the eigenvalue of its rank, so the larger
+    of two is the better bound)."""
     if known is None:
         return theta.clone()
     size = max(theta.numel(), known.numel())
