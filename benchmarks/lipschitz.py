@@ -2,7 +2,7 @@
 
 For each model of ``tests/models.py`` (ResNet-18/50, MobileNetV2, VGG-11 written out as
 torchvision has them; a small U-Net with transposed convolutions and concatenation): the
-certified upper end along the traced graph, the empirical lower end (power iteration on the
+certified upper end along the traced graph, the empirical lower end (Lanczos on the
 Jacobian at random inputs), the time, and beside them the product of the per-layer norms
 (an estimate of nothing) and the product of the figures ``torch.nn.utils.spectral_norm``
 divides by (the reshaped kernels' norms, which bound nothing either). Each model runs in its

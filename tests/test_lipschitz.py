@@ -491,3 +491,54 @@ def test_only_probes_that_could_be_the_best_are_measured_in_float64(monkeypatch)
     assert len(measured) == 5
     assert ranked[0] == pytest.approx(every[0], rel=1e-4)
     assert ranked[0] <= every[0]
+
+
+def _affine_net(cin: int, seed: int, scale: float = 1.0) -> nn.Module:
+    """Two convolutions (a strided one with a bias): an affine map, its Jacobian constant."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(cin, 3, 3, padding=1, bias=False), nn.Conv2d(3, 2, 2, stride=2))
+    with torch.no_grad():
+        net[0].weight.mul_(scale)
+        net[1].weight.mul_(scale)
+    return net.double().eval()
+
+
+def _dense_jacobian(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    j = torch.autograd.functional.jacobian(lambda v: model(v[None]).reshape(-1),
+                                           torch.zeros(shape, dtype=torch.float64))  # fmt: skip
+    return j.reshape(-1, math.prod(shape))
+
+
+@given(cin=st.integers(1, 2), size=st.integers(3, 6), seed=st.integers(0, 10_000),
+       iterations=st.integers(1, 8))  # fmt: skip
+def test_the_lower_ends_lanczos_finds_at_least_what_power_steps_would(cin, size, seed, iterations):
+    """Lanczos's top Ritz vector after ``k`` products maximises ``||J v||`` over the Krylov
+    space that holds power iteration's ``k-1``-th vector: from the same start (the report's
+    seeded draw), the lower end is at least power iteration's, computed here in float64 on the
+    dense Jacobian, and at most the true norm."""
+    shape = (cin, size, size)
+    model = _affine_net(cin, seed)
+    r = lipschitz_report(model, shape, progress=False, probes=1, iterations=iterations, seed=seed)
+    J = _dense_jacobian(model, shape)
+    gen = torch.Generator().manual_seed(seed)
+    torch.randn(1, *shape, dtype=torch.float64, generator=gen)  # the probe's input
+    v = torch.randn(math.prod(shape), dtype=torch.float64, generator=gen)  # its start
+    for _ in range(iterations - 1):
+        v = J.T @ (J @ v)
+        v = v / v.norm()
+    power = float((J @ v).norm() / v.norm())
+    true = float(torch.linalg.matrix_norm(J, ord=2))
+    assert power * (1 - 1e-5) <= r.lower <= true * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e12])
+def test_the_lower_end_is_the_norm_once_lanczos_spans_the_input(scale):
+    """With as many steps as input entries the Krylov space is the whole input: the lower end
+    is the Jacobian's norm (to float32's steps). At ``scale`` 1e12 ``J^T J`` (~1e24) leaves
+    float32's range: the steps run in float64 instead of stopping at a random direction."""
+    shape = (1, 4, 4)
+    model = _affine_net(1, 5, scale)
+    true = float(torch.linalg.matrix_norm(_dense_jacobian(model, shape), ord=2))
+    r = lipschitz_report(model, shape, progress=False, probes=1, iterations=16)
+    assert r.lower == pytest.approx(true, rel=1e-6)
+    assert r.lower <= true * (1 + 1e-12)
