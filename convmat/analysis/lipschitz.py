@@ -81,14 +81,14 @@ _TRANSPOSED_PUSH = True
 #: ... which must give forward mode's ``||J v||`` within this relative difference (float32
 #: against float64), or every probe it ran is run again by forward mode.
 _PUSH_AGREEMENT = 1e-3
-
-
-class _BeyondRange(ArithmeticError):
-    """A product with ``J^T J`` left float32's range (its steps run again in float64)."""
 #: A probe whose float32 estimate lies this far (relative) below the best float64 measurement
 #: is not measured (the estimates are good to ~1e-6; a float64 forward-mode product through
 #: U-Net at 224 takes 6-8 s).
 _ESTIMATE_SLACK = 1e-4
+
+
+class _BeyondRange(ArithmeticError):
+    """A product with ``J^T J`` left float32's range (its steps run again in float64)."""
 
 
 @dataclass(frozen=True)
@@ -1265,6 +1265,6 @@ def _empirical_lower(
                 value = float(image(exact, x, v.double()).norm())
             if best[1] is None or value > best[0]:  # a witness even where J = 0 (dead ReLUs)
                 best = (value, x[0], v.double()[0])
-    note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after "
-            f"at most {iterations} Lanczos steps: a local value, below the Lipschitz constant")  # fmt: skip
+    note = (f"largest ||J v|| / ||v|| of the Jacobian at {probes} random inputs after at most "
+            f"{iterations} Lanczos steps: a local value, below the Lipschitz constant")  # fmt: skip
     return (*best, note)
