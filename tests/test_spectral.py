@@ -108,6 +108,16 @@ def test_singular_values_dense_path(cfg, k):
     assert r.lower <= expected[0].item() * (1 + 1e-12) and expected[0].item() <= r.upper
 
 
+@pytest.mark.parametrize("value", [1.7, -1.7])
+def test_lanczos_on_one_unknown_whose_windowed_start_opposes_the_random_one(value):
+    """One input entry: the windowed start and the random one are +-1, and a negative weight
+    makes them cancel; the random start is then taken alone (a zero start gave NaN and a
+    LinAlgError from eigh)."""
+    r = operator_norm(torch.full((1, 1, 1), value, dtype=torch.float64), (1,), method="lanczos")
+    assert r.converged and r.value == pytest.approx(abs(value), rel=1e-12)
+    assert r.lower <= abs(value) * (1 + 1e-12) and abs(value) <= r.upper * (1 + 1e-12)
+
+
 @settings(deadline=None)
 @given(cfg=st.one_of(conv_configs(), conv_transpose_configs()), seed=st.integers(0, 2**16))
 def test_lanczos_interval_contains_the_norm_at_the_default_tol(cfg, seed):
