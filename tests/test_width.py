@@ -267,6 +267,24 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
     assert abs(top.value - exact) <= 1e-9 * max(exact, 1e-300)
 
 
+@pytest.mark.parametrize("power", [0, 600, -600, 1000])
+def test_the_torus_of_weights_near_float64s_limits_scales_exactly(power):
+    """A weight scaled by 2^power (its Gram matrices, squaring it, would overflow or vanish
+    in float64): the certificate is the unscaled one times 2^power, bit for bit (a loop that
+    never settled on overflowed Gram matrices hung a model's report before)."""
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    geo = ConvOperator(w, (9, 7), padding=1).geometry
+    size = torus.enclosing_torus(geo)
+    plain = torus.torus_top(torus.TorusGrams(w, geo, (0, 0), size), 1e-4)
+    scaled = torus.torus_top(torus.TorusGrams(w * 2.0**power, geo, (0, 0), size), 1e-4)
+    assert scaled.upper == math.ldexp(plain.upper, power)
+    assert scaled.value == math.ldexp(plain.value, power) and scaled.index == plain.index
+    r = operator_norm(w * 2.0**power, (9, 7), padding=1, method="fft", padding_mode="circular")
+    circular = ConvOperator(w, (9, 7), padding=1, padding_mode="circular")
+    true = float(torch.linalg.matrix_norm(circular.to_dense(), ord=2))
+    assert r.lower <= math.ldexp(true, power) * (1 + 1e-12) <= r.upper * (1 + 2e-12)
+
+
 @pytest.mark.parametrize("kernel, stride", [((2, 2), (2, 2)), ((1, 3), (1, 1)), ((3, 1), (1, 2))])
 def test_axes_where_every_tap_has_one_shift_keep_one_frequency(kernel, stride):
     """Kernel 1 along an axis, or kernel = stride (one tap per phase): the Gram matrices do not

@@ -57,6 +57,9 @@ _CHUNK_BYTES = 2**28
 _FREE_SHARE = 4
 #: Free memory assumed where none is reported.
 _FREE_UNKNOWN = 2**31
+#: A weight whose largest entry's binary exponent exceeds this (either way) is scaled by a
+#: power of two before its Gram matrices are formed (their entries square it).
+_SCALE_BITS = 256
 
 
 # -- small dense problems ------------------------------------------------------------------------
@@ -178,12 +181,20 @@ class TorusGrams:
     from the FFT spectrum, all at once, after a memory check.
 
     :meth:`form_error` bounds (in spectral norm) how far a Gram matrix formed in a precision may
-    lie from the true one.
+    lie from the true one. A weight whose largest entry lies beyond ``2^+-`` :data:`_SCALE_BITS`
+    is divided by a power of two (exactly) first, ``scale``, so that its Gram matrices neither
+    overflow nor vanish in float64: they, and :meth:`matrix`, are then those of ``weight /
+    scale`` (:func:`torus_top` gives norms of ``weight``).
     """
 
     def __init__(
         self, weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
     ) -> None:
+        largest = float(weight.abs().max()) if weight.numel() else 0.0
+        self.scale = 1.0
+        if largest > 0 and abs(math.frexp(largest)[1]) > _SCALE_BITS:
+            self.scale = math.ldexp(1.0, math.frexp(largest)[1])
+            weight = weight / self.scale
         small = tuple(t // s for t, s in zip(torus, geo.stride))
         r_flat, shifts = tap_shifts(list(weight.shape[2:]), geo, before)
         read, r_flat = torch.unique(r_flat, return_inverse=True)
@@ -543,7 +554,8 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
         rank(pending)
         pending = _prove(grams, pending, level, torch.complex128)
         if not pending.numel():
-            return TorusTop(math.sqrt(level), math.sqrt(max(lam, 0.0)), best)
+            scale = grams.scale
+            return TorusTop(math.sqrt(level) * scale, math.sqrt(max(lam, 0.0)) * scale, best)
         chosen = pending[torch.argsort(ranking[pending], descending=True)[:batch]]
 
 
