@@ -49,6 +49,7 @@ from ..layers import SparseLinear
 from .spectral import (
     Method,
     NormResult,
+    _basis_size,
     _certified_upper,
     _check_accuracy,
     _check_method,
@@ -1217,18 +1218,25 @@ def _empirical_lower(
                 raise _BeyondRange
             return w.flatten()
 
-        v = _lanczos_top(gram, start.flatten(), _LOWER_TOL, iterations, iterations, min_steps=0)[0]
+        # One basis of every step where memory allows (restarted from its Ritz vector else).
+        basis = min(iterations, _basis_size(x.numel(), x.device, itemsize=x.element_size()))
+        v = _lanczos_top(gram, start.flatten(), _LOWER_TOL, basis, iterations, min_steps=0)[0]
         v = v.view_as(x)
         estimate = math.inf if push is None else float(push(v / v.norm())[0].norm())
         return v, estimate
 
     def direction(x: torch.Tensor, start: torch.Tensor, transposed: bool
                   ) -> tuple[torch.Tensor, float]:  # fmt: skip
-        """:func:`steps` in float32, or in float64 where ``J^T J`` leaves float32's range."""
+        """:func:`steps` in float32, or in float64 where ``J^T J`` leaves float32's range (the
+        start itself where it leaves float64's, or is not a number)."""
         try:
             return steps(fast, x.float(), start.float(), transposed)
         except _BeyondRange:
+            pass
+        try:
             return steps(exact, x, start, transposed)
+        except _BeyondRange:  # beyond float64's range too (or NaN): the start as it is
+            return start, math.inf
 
     def forward(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         return direction(x, start, transposed=False)[0]
