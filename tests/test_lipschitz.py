@@ -531,11 +531,12 @@ def test_the_lower_ends_lanczos_finds_at_least_what_power_steps_would(cin, size,
     assert power * (1 - 1e-5) <= r.lower <= true * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e12])
+@pytest.mark.parametrize("scale", [1.0, 1e12, 1e-25])
 def test_the_lower_end_is_the_norm_once_lanczos_spans_the_input(scale):
     """With as many steps as input entries the Krylov space is the whole input: the lower end
     is the Jacobian's norm (to float32's steps). At ``scale`` 1e12 ``J^T J`` (~1e24) leaves
-    float32's range: the steps run in float64 instead of stopping at a random direction."""
+    float32's range, at 1e-25 it underflows to 0 there: the steps run in float64 instead of
+    stopping at a random direction."""
     shape = (1, 4, 4)
     model = _affine_net(1, 5, scale)
     true = float(torch.linalg.matrix_norm(_dense_jacobian(model, shape), ord=2))

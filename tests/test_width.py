@@ -23,17 +23,20 @@ from .test_spectral import dense
 
 def _arpack_norm(op):
     """ARPACK's largest singular value (a deterministic start and a roomy basis: its restarts
-    fail on some small operators otherwise). Where every singular value is the same (a 1 x 1
-    kernel on one channel: W is a multiple of a selection) ARPACK cannot restart at all
-    (error 3, no shifts): LOBPCG's there."""
+    fail on some small operators otherwise). Where ARPACK cannot restart (error 3, no shifts:
+    every singular value the same, as for a 1 x 1 kernel on one channel, or a 600-long 1-D
+    layer with one channel) the dense SVD's where W is small, else LOBPCG's, run to its
+    tolerance (its default 20 iterations stopped 3e-4 below the norm of such a layer)."""
     n = min(op.shape)
     start = np.random.default_rng(0).standard_normal(n)
     try:
         return svds(op.to_scipy(), k=1, return_singular_vectors=False, tol=1e-12,
                     ncv=min(n, 40), v0=start)[0]  # fmt: skip
     except ArpackError:
+        if op.shape[0] * op.shape[1] <= 2**24:
+            return float(torch.linalg.matrix_norm(op.to_dense(), ord=2))
         return svds(op.to_scipy(), k=1, return_singular_vectors=False, tol=1e-12,
-                    solver="lobpcg", v0=start)[0]  # fmt: skip
+                    solver="lobpcg", v0=start, maxiter=5000)[0]  # fmt: skip
 
 
 def _op(cfg, w):
@@ -250,7 +253,8 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
     """``torus_top``'s upper end lies above every frequency's largest singular value (the
     spectrum by FFT, decomposed in full), within ``room``; its value is the largest. Also
     where only a regular sample of the frequencies is ranked first (``sampled``: large
-    grids of narrow Gram matrices), forced here on small ones."""
+    grids of narrow Gram matrices), forced here on small ones: there the value may be
+    another frequency's, within ``room`` of the largest."""
     w = cfg.weight(generator=torch.Generator().manual_seed(seed))
     geo = _op(cfg, w).geometry.matching_conv
     size = torus.enclosing_torus(geo)
@@ -264,25 +268,32 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
         top = torus.torus_top(grams, room)
     assert exact <= top.upper * (1 + 1e-14) + 1e-300
     assert top.upper <= max(exact, 1e-300) * math.sqrt(1 + 4 * room + 1e-9) + 1e-150
-    assert abs(top.value - exact) <= 1e-9 * max(exact, 1e-300)
+    if sampled:  # the top may pass its test below the level set by a frequency found first
+        assert exact <= top.value * math.sqrt(1 + room) * (1 + 1e-9) + 1e-300
+        assert top.value <= exact * (1 + 1e-9) + 1e-300
+    else:
+        assert abs(top.value - exact) <= 1e-9 * max(exact, 1e-300)
 
 
-@pytest.mark.parametrize("power", [0, 600, -600, 1000])
+@pytest.mark.parametrize("power", [0, 600, -600, 1000, 1023])
 def test_the_torus_of_weights_near_float64s_limits_scales_exactly(power):
     """A weight scaled by 2^power (its Gram matrices, squaring it, would overflow or vanish
     in float64): the certificate is the unscaled one times 2^power, bit for bit (a loop that
-    never settled on overflowed Gram matrices hung a model's report before)."""
+    never settled on overflowed Gram matrices hung a model's report before); at 2^1023 the
+    largest entry is 1.5 * 2^1023, the norms beyond float64 (inf)."""
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = w / w.abs().max() * 1.5
     geo = ConvOperator(w, (9, 7), padding=1).geometry
     size = torus.enclosing_torus(geo)
     plain = torus.torus_top(torus.TorusGrams(w, geo, (0, 0), size), 1e-4)
     scaled = torus.torus_top(torus.TorusGrams(w * 2.0**power, geo, (0, 0), size), 1e-4)
-    assert scaled.upper == math.ldexp(plain.upper, power)
-    assert scaled.value == math.ldexp(plain.value, power) and scaled.index == plain.index
-    r = operator_norm(w * 2.0**power, (9, 7), padding=1, method="fft", padding_mode="circular")
-    circular = ConvOperator(w, (9, 7), padding=1, padding_mode="circular")
-    true = float(torch.linalg.matrix_norm(circular.to_dense(), ord=2))
-    assert r.lower <= math.ldexp(true, power) * (1 + 1e-12) <= r.upper * (1 + 2e-12)
+    assert scaled.upper == plain.upper * 2.0**power
+    assert scaled.value == plain.value * 2.0**power and scaled.index == plain.index
+    if power <= 1000:  # below: the interval of a finite norm
+        r = operator_norm(w * 2.0**power, (9, 7), padding=1, method="fft", padding_mode="circular")
+        circular = ConvOperator(w, (9, 7), padding=1, padding_mode="circular")
+        true = float(torch.linalg.matrix_norm(circular.to_dense(), ord=2))
+        assert r.lower <= math.ldexp(true, power) * (1 + 1e-12) <= r.upper * (1 + 2e-12)
 
 
 @pytest.mark.parametrize("kernel, stride", [((2, 2), (2, 2)), ((1, 3), (1, 1)), ((3, 1), (1, 2))])

@@ -193,7 +193,7 @@ class TorusGrams:
         largest = float(weight.abs().max()) if weight.numel() else 0.0
         self.scale = 1.0
         if largest > 0 and abs(math.frexp(largest)[1]) > _SCALE_BITS:
-            self.scale = math.ldexp(1.0, math.frexp(largest)[1])
+            self.scale = math.ldexp(1.0, math.frexp(largest)[1] - 1)  # entries below 2
             weight = weight / self.scale
         small = tuple(t // s for t, s in zip(torus, geo.stride))
         r_flat, shifts = tap_shifts(list(weight.shape[2:]), geo, before)
