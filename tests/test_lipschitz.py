@@ -503,12 +503,6 @@ def _affine_net(cin: int, seed: int, scale: float = 1.0) -> nn.Module:
     return net.double().eval()
 
 
-def _dense_jacobian(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
-    j = torch.autograd.functional.jacobian(lambda v: model(v[None]).reshape(-1),
-                                           torch.zeros(shape, dtype=torch.float64))  # fmt: skip
-    return j.reshape(-1, math.prod(shape))
-
-
 @given(cin=st.integers(1, 2), size=st.integers(3, 6), seed=st.integers(0, 10_000),
        iterations=st.integers(1, 8))  # fmt: skip
 def test_the_lower_ends_lanczos_finds_at_least_what_power_steps_would(cin, size, seed, iterations):
@@ -516,10 +510,12 @@ def test_the_lower_ends_lanczos_finds_at_least_what_power_steps_would(cin, size,
     space that holds power iteration's ``k-1``-th vector: from the same start (the report's
     seeded draw), the lower end is at least power iteration's, computed here in float64 on the
     dense Jacobian, and at most the true norm."""
+    from .tests_helpers import jac  # (the command-line tests load this file by path)
+
     shape = (cin, size, size)
     model = _affine_net(cin, seed)
     r = lipschitz_report(model, shape, progress=False, probes=1, iterations=iterations, seed=seed)
-    J = _dense_jacobian(model, shape)
+    J = jac(model, torch.zeros(shape))
     gen = torch.Generator().manual_seed(seed)
     torch.randn(1, *shape, dtype=torch.float64, generator=gen)  # the probe's input
     v = torch.randn(math.prod(shape), dtype=torch.float64, generator=gen)  # its start
@@ -537,9 +533,11 @@ def test_the_lower_end_is_the_norm_once_lanczos_spans_the_input(scale):
     is the Jacobian's norm (to float32's steps). At ``scale`` 1e12 ``J^T J`` (~1e24) leaves
     float32's range, at 1e-25 it underflows to 0 there: the steps run in float64 instead of
     stopping at a random direction."""
+    from .tests_helpers import jnorm  # (the command-line tests load this file by path)
+
     shape = (1, 4, 4)
     model = _affine_net(1, 5, scale)
-    true = float(torch.linalg.matrix_norm(_dense_jacobian(model, shape), ord=2))
+    true = jnorm(model, torch.zeros(shape))
     r = lipschitz_report(model, shape, progress=False, probes=1, iterations=16)
     assert r.lower == pytest.approx(true, rel=1e-6)
     assert r.lower <= true * (1 + 1e-12)
@@ -550,9 +548,11 @@ def test_the_lower_ends_lanczos_restarts_where_memory_caps_its_basis(monkeypatch
     restart from the Ritz vector and find at least what the first 4 did, below the norm."""
     from convmat.analysis import lipschitz as lip
 
+    from .tests_helpers import jnorm  # (the command-line tests load this file by path)
+
     shape = (1, 4, 4)
     model = _affine_net(1, 7)
-    true = float(torch.linalg.matrix_norm(_dense_jacobian(model, shape), ord=2))
+    true = jnorm(model, torch.zeros(shape))
     first = lipschitz_report(model, shape, progress=False, probes=1, iterations=4).lower
     monkeypatch.setattr(lip, "_basis_size", lambda *args, **kwargs: 4)
     restarted = lipschitz_report(model, shape, progress=False, probes=1, iterations=16).lower

@@ -10,7 +10,6 @@ bound is exact (a folded conv, BatchNorm, every average pooling, mean, max pooli
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import subprocess
@@ -28,19 +27,9 @@ from convmat import lipschitz_report
 from convmat.analysis.lipschitz import _derivative_sup
 
 from .models import ZOO
+from .tests_helpers import jac, jnorm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def jac(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The Jacobian of ``model`` (eval mode, float64 copy) at one input ``x`` (no batch)."""
-    f = copy.deepcopy(model).double().eval()
-    j = torch.autograd.functional.jacobian(lambda v: f(v[None]).reshape(-1), x.double())
-    return j.reshape(-1, x.numel())
-
-
-def jnorm(model: nn.Module, x: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(jac(model, x), ord=2))
 
 
 def report(model: nn.Module, shape: tuple[int, ...], **kw):

@@ -1,8 +1,25 @@
-"""Helpers shared by the layer tests."""
+"""Helpers shared by the layer and Lipschitz tests."""
 
 from __future__ import annotations
 
+import copy
+
+import torch
+from torch import nn
+
 from .reference import MODULE, MODULE_T
+
+
+def jac(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The Jacobian of ``model`` (eval mode, float64 copy) at one input ``x`` (no batch)."""
+    f = copy.deepcopy(model).double().eval()
+    j = torch.autograd.functional.jacobian(lambda v: f(v[None]).reshape(-1), x.double())
+    return j.reshape(-1, x.numel())
+
+
+def jnorm(model: nn.Module, x: torch.Tensor) -> float:
+    """The spectral norm of :func:`jac`."""
+    return float(torch.linalg.matrix_norm(jac(model, x), ord=2))
 
 
 def layer_for(cfg, dtype, bias):

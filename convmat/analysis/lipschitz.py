@@ -1233,14 +1233,12 @@ def _empirical_lower(
                   ) -> tuple[torch.Tensor, float]:  # fmt: skip
         """:func:`steps` in float32, or in float64 where ``J^T J`` leaves float32's range or is
         0 there (the start itself where it leaves float64's, or is not a number)."""
-        try:
-            return steps(fast, x.float(), start.float(), transposed)
-        except _BeyondRange:
-            pass
-        try:
-            return steps(exact, x, start, transposed)
-        except _BeyondRange:  # beyond float64's range too (or NaN): the start as it is
-            return start, math.inf
+        for f, dtype in ((fast, torch.float32), (exact, torch.float64)):
+            try:
+                return steps(f, x.to(dtype), start.to(dtype), transposed)
+            except _BeyondRange:
+                continue
+        return start, math.inf  # beyond float64's range too (or NaN): the start as it is
 
     def forward(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         return direction(x, start, transposed=False)[0]

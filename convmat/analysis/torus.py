@@ -190,10 +190,10 @@ class TorusGrams:
     def __init__(
         self, weight: torch.Tensor, geo: Geometry, before: tuple[int, ...], torus: tuple[int, ...]
     ) -> None:
-        largest = float(weight.abs().max()) if weight.numel() else 0.0
+        exponent = math.frexp(float(weight.abs().max()) if weight.numel() else 0.0)[1]
         self.scale = 1.0
-        if largest > 0 and abs(math.frexp(largest)[1]) > _SCALE_BITS:
-            self.scale = math.ldexp(1.0, math.frexp(largest)[1] - 1)  # entries below 2
+        if abs(exponent) > _SCALE_BITS:  # (frexp(0) has exponent 0)
+            self.scale = math.ldexp(1.0, exponent - 1)  # entries below 2
             weight = weight / self.scale
         small = tuple(t // s for t, s in zip(torus, geo.stride))
         r_flat, shifts = tap_shifts(list(weight.shape[2:]), geo, before)
