@@ -398,16 +398,19 @@ def test_input_shape_must_be_ints(shape):
         lipschitz_report(model, shape, progress=False)
 
 
-def test_the_lower_ends_power_steps_by_transposed_pull_back_equal_forward_mode(monkeypatch):
-    """``J u`` as the transpose of the pull-back (the default) and by forward mode give the
-    same directions (to float32 rounding), so the same lower end; the witness reproduces it."""
+@pytest.mark.parametrize("pushes", [("tape", "transposed"), ("transposed",)])
+def test_the_lower_ends_recorded_products_equal_forward_mode(monkeypatch, pushes):
+    """``J u`` by the recorded tape (the default), as the transpose of the pull-back and by
+    forward mode give the same directions (to float32 rounding), so the same lower end; the
+    witness reproduces it."""
     from convmat.analysis import lipschitz as lip
 
     torch.manual_seed(3)
     model = SmallResNet().double().eval()
     shape = (3, 12, 12)
+    monkeypatch.setattr(lip, "_PUSHES", pushes)
     transposed = lip._empirical_lower(model, shape, 3, 20, 0)
-    monkeypatch.setattr(lip, "_TRANSPOSED_PUSH", False)
+    monkeypatch.setattr(lip, "_PUSHES", ())
     forward = lip._empirical_lower(model, shape, 3, 20, 0)
     assert transposed[0] == pytest.approx(forward[0], rel=1e-5)
     assert torch.equal(transposed[1], forward[1])
@@ -457,13 +460,86 @@ def test_a_backward_that_is_not_differentiable_falls_back_to_forward_mode(monkey
     torch.manual_seed(0)
     model = Model().double()
     r = lipschitz_report(model, (2, 5, 5), progress=False, probes=2)
-    monkeypatch.setattr(lip, "_TRANSPOSED_PUSH", False)
+    monkeypatch.setattr(lip, "_PUSHES", ())
     forward = lipschitz_report(model, (2, 5, 5), progress=False, probes=2)
     assert 0 < r.lower <= r.upper
     assert r.lower == pytest.approx(forward.lower, rel=1e-6)
     x, v = r.witness_input, r.witness_direction
     image = torch.func.jvp(copy.deepcopy(model).eval(), (x[None],), (v[None] / v.norm(),))[1]
     assert float(image.norm()) == pytest.approx(r.lower, rel=1e-12)
+
+
+#: The declared derivative of :class:`_DeclaredSlope`, per channel.
+_SLOPES = torch.tensor([3.0, 0.2, 1.0], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+class _DeclaredSlope(torch.autograd.Function):
+    """``2 x`` whose declared derivative is ``_SLOPES`` (a surrogate gradient): the tape
+    follows the forward's operations (slope 2), torch's forward mode and backward the declared
+    one (so the tape's products lead Lanczos elsewhere)."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * _SLOPES.to(g.dtype)
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * _SLOPES.to(t.dtype)
+
+
+class _Abs(nn.Module):
+    """A convolution, ``abs`` (no rule on the tape) and another convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).abs())
+
+
+class _Declared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DeclaredSlope.apply(self.conv(x))
+
+
+@pytest.mark.parametrize("make", [_Abs, _Declared])
+def test_a_model_the_tape_cannot_follow_gets_forward_modes_lower_end(monkeypatch, make):
+    """An operation with no rule on the tape: the transposed pull-back takes over. A custom
+    derivative the tape does not see: its product disagrees with forward mode's measurement,
+    and the probes run again by forward mode. Either way the lower end is forward mode's."""
+    from convmat.analysis import lipschitz as lip
+    from convmat.analysis.tangent import NotLinearisable, linearise
+
+    torch.manual_seed(1)
+    model = make().double().eval()
+    shape = (2, 6, 6)
+    if make is _Abs:
+        with pytest.raises(NotLinearisable, match="abs"):
+            linearise(model, torch.randn(1, *shape, dtype=torch.float64))
+    recorded = lip._empirical_lower(model, shape, 2, 10, 0)
+    if make is _Declared:  # without the check against forward mode, the tape's answer
+        monkeypatch.setattr(lip, "_PUSH_AGREEMENT", math.inf)
+        assert lip._empirical_lower(model, shape, 2, 10, 0)[0] < recorded[0] * (1 - 1e-3)
+    monkeypatch.setattr(lip, "_PUSHES", ())
+    forward = lip._empirical_lower(model, shape, 2, 10, 0)
+    assert recorded[0] > 0
+    assert recorded[0] == pytest.approx(forward[0], rel=1e-6)
+    x, v = recorded[1], recorded[2]
+    image = torch.func.jvp(copy.deepcopy(model).eval(), (x[None],), (v[None] / v.norm(),))[1]
+    assert float(image.norm()) == pytest.approx(recorded[0], rel=1e-12)
 
 
 def test_only_probes_that_could_be_the_best_are_measured_in_float64(monkeypatch):

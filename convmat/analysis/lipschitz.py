@@ -58,6 +58,7 @@ from .spectral import (
     _matrix_norm,
     operator_norm,
 )
+from .tangent import NotLinearisable, linearise
 
 __all__ = ["GraphFactor", "LayerNorm", "LipschitzReport", "layer_calls", "lipschitz_report"]
 
@@ -76,11 +77,13 @@ _PROBE_COEFFICIENTS = (0.7, -1.3)
 #: The lower end's Lanczos steps stop before ``iterations`` once the top Ritz value's estimated
 #: error is this far below it (float32's precision; the direction is measured in float64).
 _LOWER_TOL = 1e-6
-#: The lower end's Lanczos steps take ``J u`` as the transpose of the pull-back (see
-#: :func:`_empirical_lower`); False: by forward mode.
-_TRANSPOSED_PUSH = True
+#: The ways the lower end's Lanczos steps take ``J u``, the first that applies: ``"tape"``
+#: replays the model's Jacobian recorded as ATen operations (:mod:`.tangent`; a forward pass
+#: without biases), ``"transposed"`` transposes the pull-back (two to three forward passes);
+#: where neither applies, forward mode (see :func:`_empirical_lower`).
+_PUSHES: tuple[str, ...] = ("tape", "transposed")
 #: ... which must give forward mode's ``||J v||`` within this relative difference (float32
-#: against float64), or every probe it ran is run again by forward mode.
+#: against float64), or every probe they ran is run again by forward mode.
 _PUSH_AGREEMENT = 1e-3
 #: A probe whose float32 estimate lies this far (relative) below the best float64 measurement
 #: is not measured (the estimates are good to ~1e-6; a float64 forward-mode product through
@@ -1175,19 +1178,33 @@ def _outputs(y: Any) -> torch.Tensor:
                       if isinstance(t, torch.Tensor)], dim=1)  # fmt: skip
 
 
+def _recorded_push(
+    f: nn.Module, x: torch.Tensor, output: torch.Tensor, pull: Callable[..., Any]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``u -> J(x) u`` of the model copy ``f`` by the first of :data:`_PUSHES` that applies:
+    its recorded tape, or the transpose of its pull-back ``pull`` (recorded here: a vjp of the
+    vjp; an error where the backward is not differentiable)."""
+    if "tape" in _PUSHES:
+        try:
+            return linearise(lambda u: _outputs(f(u)), x)[1]
+        except NotLinearisable:
+            pass
+    back = torch.func.vjp(lambda z: pull(z)[0], torch.zeros_like(output))[1]
+    return lambda u: cast(torch.Tensor, back(u)[0])
+
+
 def _empirical_lower(
     model: nn.Module, shape: tuple[int, ...], probes: int, iterations: int, seed: int
 ) -> tuple[float, torch.Tensor | None, torch.Tensor | None, str]:
     """The largest ``||J v|| / ||v||`` of the model's Jacobian found by Lanczos on ``J^T J``
-    (``torch.func`` jvp and vjp; the top Ritz vector) at ``probes`` random inputs, with the
-    input and direction reaching it, or 0 and why it could not be measured. The steps run in
-    float32 (they only choose the direction, 2-3x faster; float64 where ``J^T J`` leaves
-    float32's range); ``J u`` is the pull-back
-    ``z -> J^T z`` transposed (a vjp of the vjp, recorded once per probe: 1.0 s a step on a
-    U-Net at 224x224, where forward mode took 2.0 s), or forward mode where the backward is
-    not differentiable. The directions are then measured in float64 by forward mode (so the
-    lower end never rests on the transposition), the best float32 estimate first, the rest
-    only while their estimate could beat it."""
+    (the top Ritz vector) at ``probes`` random inputs, with the input and direction reaching
+    it, or 0 and why it could not be measured. The steps run in float32 (they only choose the
+    direction, 2-3x faster; float64 where ``J^T J`` leaves float32's range); ``J^T z`` is a
+    vjp, ``J u`` a recorded product (:func:`_recorded_push`: the model's tape, a forward pass
+    without biases, 0.29 s a step on a U-Net at 224x224; else the transposed pull-back, 0.89
+    s), or forward mode where neither applies (1.19 s). The directions are then measured in
+    float64 by forward mode (so the lower end never rests on the recorded product), the best
+    float32 estimate first, the rest only while their estimate could beat it."""
     if probes == 0:
         return 0.0, None, None, "not measured (probes=0)"
     param = next(iter(model.parameters()), None)
@@ -1203,20 +1220,18 @@ def _empirical_lower(
         out: torch.Tensor = torch.func.jvp(lambda u: _outputs(f(u)), (x,), (v / v.norm(),))[1]
         return out
 
-    def steps(f: nn.Module, x: torch.Tensor, start: torch.Tensor, transposed: bool
+    def steps(f: nn.Module, x: torch.Tensor, start: torch.Tensor, recorded: bool
               ) -> tuple[torch.Tensor, float]:  # fmt: skip
         """The top Ritz vector of ``J^T J`` after at most ``iterations`` Lanczos steps from
-        ``start`` at ``x``, on the model copy ``f`` (in its precision), ``J u`` as the transpose
-        of the pull-back (``transposed``) or by forward mode; with the first, its ``||J v|| /
-        ||v||`` by that transposition (``inf`` with the second)."""
+        ``start`` at ``x``, on the model copy ``f`` (in its precision), ``J u`` by a recorded
+        product (``recorded``) or by forward mode; with the first, its ``||J v|| / ||v||`` by
+        that product (``inf`` with the second)."""
         output, pull = torch.func.vjp(lambda u: _outputs(f(u)), x)[:2]
-        push = None
-        if transposed:
-            push = torch.func.vjp(lambda z: pull(z)[0], torch.zeros_like(output))[1]
+        push = _recorded_push(f, x, output, pull) if recorded else None
 
         def gram(u: torch.Tensor) -> torch.Tensor:
             u = u.view_as(x)
-            w: torch.Tensor = pull(image(f, x, u) if push is None else push(u)[0])[0]
+            w: torch.Tensor = pull(image(f, x, u) if push is None else push(u))[0]
             size = float(w.norm())  # inf where the entries are finite but their norm is not
             if not math.isfinite(size) or (size == 0 and f is fast):  # 0: perhaps underflow
                 raise _BeyondRange
@@ -1226,25 +1241,25 @@ def _empirical_lower(
         basis = min(iterations, _basis_size(x.numel(), x.device, itemsize=x.element_size()))
         v = _lanczos_top(gram, start.flatten(), _LOWER_TOL, basis, iterations, min_steps=0)[0]
         v = v.view_as(x)
-        estimate = math.inf if push is None else float(push(v / v.norm())[0].norm())
+        estimate = math.inf if push is None else float(push(v / v.norm()).norm())
         return v, estimate
 
-    def direction(x: torch.Tensor, start: torch.Tensor, transposed: bool
+    def direction(x: torch.Tensor, start: torch.Tensor, recorded: bool
                   ) -> tuple[torch.Tensor, float]:  # fmt: skip
         """:func:`steps` in float32, or in float64 where ``J^T J`` leaves float32's range or is
         0 there (the start itself where it leaves float64's, or is not a number)."""
         for f, dtype in ((fast, torch.float32), (exact, torch.float64)):
             try:
-                return steps(f, x.to(dtype), start.to(dtype), transposed)
+                return steps(f, x.to(dtype), start.to(dtype), recorded)
             except _BeyondRange:
                 continue
         return start, math.inf  # beyond float64's range too (or NaN): the start as it is
 
     def forward(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        return direction(x, start, transposed=False)[0]
+        return direction(x, start, recorded=False)[0]
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    # (input, start, direction, float32 ||J v|| / ||v|| by the transposition; inf: none)
+    # (input, start, direction, float32 ||J v|| / ||v|| by the recorded product; inf: none)
     runs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     best: tuple[float, torch.Tensor | None, torch.Tensor | None] = (0.0, None, None)
     with torch.no_grad():
@@ -1252,16 +1267,17 @@ def _empirical_lower(
             x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             start = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             try:
-                v, estimate = direction(x, start, transposed=_TRANSPOSED_PUSH)
+                v, estimate = direction(x, start, recorded=bool(_PUSHES))
             except Exception:  # a backward that is not itself differentiable
-                if not _TRANSPOSED_PUSH:
+                if not _PUSHES:
                     raise
                 v, estimate = forward(x, start), math.inf
             runs.append((x, start, v, estimate))
         # Measured in float64 by forward mode, best estimate first, until no estimate left
-        # could beat the best measured. A backward that records no graph transposes to zero
-        # without an error: the transposition must give forward mode's ||J v|| (to float32's
-        # rounding), or every probe it ran runs again by forward mode.
+        # could beat the best measured. A recorded product can be wrong without an error (a
+        # backward that records no graph transposes to zero; a custom derivative differs from
+        # the tape's): it must give forward mode's ||J v|| (to float32's rounding), or every
+        # probe it ran runs again by forward mode.
         trusted = True
         for x, start, v, estimate in sorted(runs, key=lambda run: -run[3]):
             if trusted and best[1] is not None and estimate < best[0] * (1 - _ESTIMATE_SLACK):
