@@ -19,6 +19,19 @@ def _top(A: torch.Tensor) -> float:
     return float(np.linalg.svd(A.numpy(), compute_uv=False)[0]) if A.numel() else 0.0
 
 
+@given(m=st.integers(1, 40), n=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_the_gram_matrix_from_its_lower_triangle_is_numpys(m, n, seed):
+    """The blocked lower-triangle product (any number of rows against the blocks): exactly
+    symmetric, numpy's ``A A^T`` to rounding."""
+    from convmat.analysis.torus import _gram
+
+    A = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    G = _gram(A)
+    assert torch.equal(G, G.T)
+    want = A.numpy() @ A.numpy().T
+    assert np.allclose(G.numpy(), want, rtol=1e-13, atol=1e-13 * np.abs(want).max())
+
+
 @settings(deadline=None, max_examples=40)
 @given(
     m=st.integers(1, 40),
