@@ -248,13 +248,15 @@ def test_a_blocked_cholesky_failure_in_the_first_block_is_kept(precision):
 @settings(deadline=None, max_examples=40)
 @given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
        seed=st.integers(0, 2**16), room=st.sampled_from([1e-10, 1e-4, 1e-2]),
-       sampled=st.booleans())  # fmt: skip
-def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed, room, sampled):
+       sampled=st.booleans(), again=st.sampled_from([None, 1e-10, 1e-4, 1e-2]))  # fmt: skip
+def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed, room, sampled,
+                                                                     again):  # fmt: skip
     """``torus_top``'s upper end lies above every frequency's largest singular value (the
     spectrum by FFT, decomposed in full), within ``room``; its value is the largest. Also
     where only a regular sample of the frequencies is ranked first (``sampled``: large
     grids of narrow Gram matrices), forced here on small ones: there the value may be
-    another frequency's, within ``room`` of the largest."""
+    another frequency's, within ``room`` of the largest. Also certified again with another
+    room (``again``) on the same Gram matrices, their first ranking reused."""
     w = cfg.weight(generator=torch.Generator().manual_seed(seed))
     geo = _op(cfg, w).geometry.matching_conv
     size = torus.enclosing_torus(geo)
@@ -266,6 +268,9 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
         if sampled:
             assert torus._sample(grams).numel() < grams.count or grams.freqs == 1
         top = torus.torus_top(grams, room)
+        if again is not None:
+            assert bool((grams.ranking > -math.inf).any()) or grams.count == 0
+            top, room = torus.torus_top(grams, again), again
     assert exact <= top.upper * (1 + 1e-14) + 1e-300
     assert top.upper <= max(exact, 1e-300) * math.sqrt(1 + 4 * room + 1e-9) + 1e-150
     if sampled:  # the top may pass its test below the level set by a frequency found first

@@ -769,7 +769,8 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
         closest = enclosing.top.value * enclosing.fold
         if value > 0 and upper > value * (1 + width) and closest < value * (1 + width):
             room = 0.5 * ((value * (1 + width) / closest) ** 2 - 1)
-            enclosing = enclosing_norm(op.weight, op.geometry.matching_conv, max(room, SLACK))
+            enclosing = enclosing_norm(op.weight, op.geometry.matching_conv, max(room, SLACK),
+                                       enclosing.grams)  # fmt: skip
             upper = enclosing.upper
     error = upper / value - 1 if value > 0 else (0.0 if upper == 0 else math.inf)
     reached = error <= width

@@ -223,6 +223,7 @@ class TorusGrams:
             M = torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
             self._all: torch.Tensor | None = M @ M.mH if rows <= cols else M.mH @ M
             self.chunk = self.count
+            self.ranking = _unranked(self.count)
             # The FFT's error (~log2(F) u per entry of M, M bounded by sum_t ||A_t||_F), the
             # product's (~side u) and the cast: generously, u (4 log2 F + 4 side + 16) ||M||^2.
             frob = float(self._poly.norm(dim=(1, 2)).sum(-1).max()) ** 2
@@ -273,6 +274,7 @@ class TorusGrams:
         self._form = 4 * (len(self.offsets) + 4) * frob
         per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
         self.chunk = max(1, budget // per_matrix)
+        self.ranking = _unranked(self.count)
 
     def form_error(self, dtype: torch.dtype) -> float:
         """A bound on ``||G~ - G||_2`` for a Gram matrix ``G~`` made by :meth:`at` in ``dtype``."""
@@ -485,6 +487,11 @@ def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _unranked(count: int) -> torch.Tensor:
+    """A ranking of ``count`` frequencies none of which is ranked yet."""
+    return torch.full((count,), -math.inf, dtype=torch.float64)
+
+
 def _sample(grams: TorusGrams) -> torch.Tensor:
     """The frequencies ranked before any is proven: all of them where a power step is cheap
     against a Cholesky test (wide Gram matrices) or where they are few; otherwise every
@@ -518,7 +525,7 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     otherwise; the best few of those that fail both are decomposed next.
     """
     everything = torch.arange(grams.count)
-    ranking = torch.full((grams.count,), -math.inf, dtype=torch.float64)
+    ranking = grams.ranking  # filled in place: a later call with another room reuses it
 
     def rank(index: torch.Tensor) -> None:
         unknown = index[ranking[index] == -math.inf]
@@ -646,15 +653,19 @@ class Enclosing:
     fold: float
 
 
-def enclosing_norm(weight: torch.Tensor, geo: Geometry, room: float = SLACK) -> Enclosing:
+def enclosing_norm(weight: torch.Tensor, geo: Geometry, room: float = SLACK,
+                   grams: TorusGrams | None = None) -> Enclosing:  # fmt: skip
     """A certified upper bound on ``||W||_2`` for the convolution ``geo`` (a transposed layer's
     matching convolution: W^T has the same norm).
 
     W (after the padding) is a block of the circular convolution on :func:`enclosing_torus`,
     whose norm is certified by :func:`torus_top` within ``room``. The padding of
     reflect/replicate/circular has norm sqrt(most copies any input has in the padded input).
+    ``grams``: an earlier call's (:attr:`Enclosing.grams`, the same weight and geometry), to
+    certify again with another room without forming or ranking the frequencies again.
     """
-    grams = TorusGrams(weight, geo, (0,) * geo.ndim, enclosing_torus(geo))
+    if grams is None:
+        grams = TorusGrams(weight, geo, (0,) * geo.ndim, enclosing_torus(geo))
     top = torus_top(grams, room)
     fold = 1.0
     if geo.mode.folds:
