@@ -27,6 +27,7 @@ convolutions.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -585,7 +586,7 @@ def _gram(A: torch.Tensor) -> torch.Tensor:
     m = A.shape[0]
     G = A.new_zeros(m, m)
     edges = [round(i * m / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         G[a:b, :b] = A[a:b] @ A[:b].mT
     G = G.tril_()
     return G.add_(G.tril(-1).mT)
