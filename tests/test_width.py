@@ -367,3 +367,20 @@ def test_the_interval_to_a_width_on_cuda_equals_the_cpus():
         assert gpu.reached == cpu.reached and gpu.method == cpu.method
         assert gpu.upper == pytest.approx(cpu.upper, rel=1e-9)
         assert gpu.lower == pytest.approx(cpu.lower, rel=width)
+
+
+@given(seed=st.integers(0, 2**16), channels=st.integers(1, 6))
+def test_ranking_one_matrix_at_a_time_equals_the_batched_steps(seed, channels):
+    """Wide Gram matrices are ranked one matrix at a time on the CPU (forced here on small
+    ones): the same power steps from the same starts as the batched ones, to single
+    precision's rounding."""
+    w = torch.randn(channels, channels, 3, 3, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    geo = ConvOperator(w, (6, 5), padding=1).geometry
+    grams = torus.TorusGrams(w, geo, (0, 0), torus.enclosing_torus(geo))
+    index = torch.arange(grams.count)
+    batched = torus._estimates(grams, index)
+    with mock.patch.object(torus, "_SINGLE_RANK_FROM", 0):
+        single = torus._estimates(grams, index)
+    assert single.shape == batched.shape == (grams.count,)
+    assert torch.allclose(single, batched, rtol=1e-4, atol=1e-30)

@@ -378,8 +378,11 @@ def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor
 #: Sides from which the CPU's batched Cholesky factorisation is blocked by hand (LAPACK's, one
 #: matrix at a time, is slow on small ones), and the block (measured on 2 cores, complex64 /
 #: complex128, per matrix: 128 rows 311-396 / 660-721 us -> 194-202 / 406-477 us with blocks of
-#: 32; 256 rows 0.9-1.2 / 1.4-1.7 ms -> 0.8 / 1.2-1.4 ms with 64; 64 rows no faster).
-_BLOCKED_FROM, _BLOCK_SMALL, _BLOCK_LARGE = 96, 32, 64
+#: 32; 256 rows 0.9-1.2 / 1.4-1.7 ms -> 0.8 / 1.2-1.4 ms with 64; 64 rows no faster); from
+#: ``_SINGLE_FROM`` rows one LAPACK call per matrix instead, which threads within the matrix
+#: (complex128 at 256 / 384 / 512 rows: 2.1-2.5 / 4.5-4.8 / 8.5-9.7 ms by batch or blocks ->
+#: 1.4 / 3.0 / 5.8-6.5 ms; complex64 no slower).
+_BLOCKED_FROM, _BLOCK_SMALL, _BLOCK_LARGE, _SINGLE_FROM = 96, 32, 64, 256
 
 
 def _cholesky_completes(S: torch.Tensor) -> torch.Tensor:
@@ -392,6 +395,9 @@ def _cholesky_completes(S: torch.Tensor) -> torch.Tensor:
     if S.device.type != "cpu" or n < _BLOCKED_FROM:
         completes: torch.Tensor = torch.linalg.cholesky_ex(S).info == 0
         return completes
+    if n >= _SINGLE_FROM:
+        infos = [torch.linalg.cholesky_ex(matrix).info for matrix in S]
+        return torch.stack(infos) == 0 if infos else torch.ones(0, dtype=torch.bool)
     block = _BLOCK_SMALL if n < 2 * _BLOCKED_FROM else _BLOCK_LARGE
     completes = torch.ones(S.shape[0], dtype=torch.bool)
     for k in range(0, n, block):
@@ -473,18 +479,26 @@ def _top_pairs(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values[:, -1].cpu(), vector / vector.norm(dim=1, keepdim=True)
 
 
+#: From this side on the CPU, :func:`_estimates` steps one matrix at a time (a 2-D product
+#: threads within the matrix, which stays in cache across the steps: 512 rows 1.2-1.4 ms a
+#: matrix against 2.5-4.5 ms batched, 384 rows 0.8-0.9 against 1.9 ms; 256 rows no faster).
+_SINGLE_RANK_FROM = 384
+
+
 def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
     """``||G v||`` after a few power steps in single precision, per frequency: an estimate
     from below of the largest eigenvalue (used only to order the frequencies)."""
     tiny = torch.finfo(torch.float32).tiny
     gen = torch.Generator().manual_seed(0)
+    single = grams.device.type == "cpu" and grams.side >= _SINGLE_RANK_FROM
     out = []
     for _, G in grams.chunks(index, torch.complex64):
         v = torch.randn(G.shape[:2], dtype=torch.float32, generator=gen).to(G).unsqueeze(-1)
-        for _ in range(_POWER_STEPS):
-            v = G @ v
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
-        out.append((G @ v).norm(dim=(1, 2)).double().cpu())
+        for matrix, vector in zip(G, v) if single else [(G, v)]:  # the same steps
+            for _ in range(_POWER_STEPS):
+                vector = matrix @ vector
+                vector = vector / vector.norm(dim=-2, keepdim=True).clamp_min(tiny)
+            out.append((matrix @ vector).norm(dim=(-2, -1)).double().cpu().reshape(-1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
