@@ -262,15 +262,11 @@ _RULES: dict[Any, _Rule] = {
     aten.cat.default: _cat,
     aten.stack.default: _cat,
     aten.add.Tensor: _sum,
-    aten.add_.Tensor: _sum,
     aten.sub.Tensor: _sum,
-    aten.sub_.Tensor: _sum,
     aten.add.Scalar: _sum,
     aten.sub.Scalar: _sum,
     aten.mul.Tensor: _product,
-    aten.mul_.Tensor: _product,
     aten.div.Tensor: _quotient,
-    aten.div_.Tensor: _quotient,
     aten.convolution.default: _convolution,
     aten.linear.default: _convolution,
     aten.mm.default: _matmul,
@@ -282,6 +278,11 @@ _RULES: dict[Any, _Rule] = {
     aten.max_pool2d_with_indices.default: _max_pool,
     aten.max_pool3d_with_indices.default: _max_pool,
 }
+#: Products and sums in place and their out-of-place forms: their steps are made before the
+#: operation overwrites its first argument, and replay out of place (a tangent is never
+#: written over: it may be the caller's direction).
+_OUT_OF_PLACE = {aten.mul_.Tensor: aten.mul.Tensor, aten.div_.Tensor: aten.div.Tensor,
+                 aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor}
 #: Operations whose output does not depend on the input's values.
 _CONSTANT = {aten.detach.default, aten.zeros_like.default, aten.ones_like.default,
              aten.empty_like.default, aten.full_like.default, aten.new_empty.default,
@@ -321,15 +322,20 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
             return func(*args, **kwargs)
         if func._schema.is_mutable and self._into_view(args[0]):
             raise NotLinearisable(f"{func} writes in place into a view")
-        activation = None
-        if _IN_PLACE.get(func, func) in _DERIVATIVES:  # before an in-place op overwrites it
-            activation = _activation(func, args, kwargs, self.slot)
+        early = None  # steps made before an in-place operation overwrites what they read
+        if _IN_PLACE.get(func, func) in _DERIVATIVES:
+            early = _activation(func, args, kwargs, self.slot)
+        elif func in _OUT_OF_PLACE:
+            if self.slot(args[0]) is None:
+                raise NotLinearisable(f"{func} writes the input into a constant")
+            plain = _OUT_OF_PLACE[func]
+            early = _RULES[plain](plain, args, kwargs, args[0], self.slot)
         out = _WITH_INDICES.get(func, func)(*args, **kwargs)
         first = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(first, torch.Tensor) or not first.is_floating_point():
             return out  # comparisons, indices, shapes: no tangent
-        if activation is not None:
-            step = activation
+        if early is not None:
+            step = early
         elif func in _WITH_INDICES:
             step = _max_pool(_WITH_INDICES[func], args, kwargs, out, self.slot)
             out = first  # what the forward asked for
