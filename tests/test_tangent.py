@@ -258,6 +258,15 @@ def test_an_output_that_does_not_depend_on_the_input():
     _agrees(lambda t: (t > 0).double() * 2.0 + 1.0, x, 0)
 
 
+def _held_then_written(x: torch.Tensor) -> torch.Tensor:
+    """A product with a constant that is then written in place (the step holds the constant:
+    its replay would read the new values)."""
+    scale = torch.full_like(x, 2.0)
+    y = x * scale
+    scale.add_(1.0)
+    return y * scale
+
+
 @pytest.mark.parametrize(
     "f, message",
     [
@@ -274,6 +283,7 @@ def test_an_output_that_does_not_depend_on_the_input():
         ),
         (lambda x: x / x.sum(), "another argument that depends on it"),
         (lambda x: torch.ones_like(x).mul_(x), "writes the input into a constant"),
+        (_held_then_written, "into a constant the tape holds"),
     ],
 )
 def test_what_it_does_not_follow_is_refused_by_name(f, message):

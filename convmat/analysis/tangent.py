@@ -10,7 +10,8 @@ again beside the tangents; the transpose of the pull-back costs two to three for
 reaches raises :class:`NotLinearisable` while recording, and the caller takes another way.
 
 The tape follows tensors by identity: a write in place into a tensor that a view was taken of
-(or into a view) is refused rather than followed.
+(or into a view), or into a tensor the tape holds as a constant factor, is refused rather than
+followed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ aten = torch.ops.aten
 #: A step of the tape: the tangents so far (by slot) to this operation's tangent.
 _Step = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 #: A rule: (operation, its arguments, keyword arguments, output, slot of a tensor or None) to
-#: its step (or None where the output does not depend on the input).
+#: its step (raising :class:`NotLinearisable` where it does not apply).
 _Rule = Callable[[Any, tuple[Any, ...], dict[str, Any], Any, Callable[[Any], "int | None"]], _Step]
 
 
@@ -304,7 +305,9 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.slots: dict[int, int] = {}
         self.alive: list[torch.Tensor] = []
         self.steps: list[tuple[_Step, int, list[int]]] = []
-        self.viewed: set[int] = set()  # storages a view of a reached tensor shares
+        self.viewed: set[int | None] = set()  # storages a view of a reached tensor shares
+        self.held: set[int | None] = set()  # storages of the constants the steps may hold
+        self.constants: list[torch.Tensor] = []  # kept while recording: addresses stay unique
 
     def slot(self, a: Any) -> int | None:
         return self.slots.get(id(a)) if isinstance(a, torch.Tensor) else None
@@ -317,7 +320,10 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:  # fmt: skip
         kwargs = kwargs or {}
-        reads = [s for a in tree_leaves((args, kwargs)) if (s := self.slot(a)) is not None]
+        leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        reads = [s for a in leaves if (s := self.slot(a)) is not None]
+        if func._schema.is_mutable and args and self._storage(args[0]) in self.held:
+            raise NotLinearisable(f"{func} writes in place into a constant the tape holds")
         if not reads or func in _CONSTANT:
             return func(*args, **kwargs)
         if func._schema.is_mutable and self._into_view(args[0]):
@@ -344,15 +350,26 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
         else:
             raise NotLinearisable(f"{func} has no rule")
         if first._is_view():
-            self.viewed.add(first.untyped_storage().data_ptr())
+            self.viewed.add(self._storage(first))
+        constants = [a for a in leaves if self.slot(a) is None]
+        self.held.update(self._storage(a) for a in constants)
+        self.constants += constants
         self.steps.append((step, self.add(first), reads))
         return out
+
+    @staticmethod
+    def _storage(target: Any) -> int | None:
+        """The address of ``target``'s storage (None: not a tensor)."""
+        if not isinstance(target, torch.Tensor):
+            return None
+        address: int = target.untyped_storage().data_ptr()
+        return address
 
     def _into_view(self, target: Any) -> bool:
         """Whether ``target`` is a view, or shares its storage with a view of a reached
         tensor."""
         return isinstance(target, torch.Tensor) and (
-            target._is_view() or target.untyped_storage().data_ptr() in self.viewed
+            target._is_view() or self._storage(target) in self.viewed
         )
 
 
