@@ -241,6 +241,22 @@ def subclass_model() -> nn.Module:
     ).double()
 
 
+def test_a_subclass_the_tape_cannot_follow_gets_its_norm_by_forward_mode(monkeypatch):
+    """Own-forward layers take ``J u`` from the tape; where it refuses, forward mode gives the
+    same norms (the dense SVD's, checked below)."""
+    from convmat.analysis import lipschitz as lip
+    from convmat.analysis.tangent import NotLinearisable
+
+    taped = [r.norm for r in lipschitz_report(subclass_model(), (2, 7, 7), progress=False)]
+
+    def refuse(f, x):
+        raise NotLinearisable("refused here")
+
+    monkeypatch.setattr(lip, "linearise", refuse)
+    forward = [r.norm for r in lipschitz_report(subclass_model(), (2, 7, 7), progress=False)]
+    assert forward == pytest.approx(taped, rel=1e-9)
+
+
 def test_subclasses_linear_in_their_input_get_a_jacobian_norm():
     model = subclass_model()
     report = lipschitz_report(model, (2, 7, 7), progress=False)

@@ -347,12 +347,28 @@ def _jacobian_norm(
         return out - offset
 
     n = math.prod(in_shape)
+    # J is constant (f is affine): its products are recorded once per block size, J u from
+    # the tape (a forward pass without the bias) where it can follow f, else forward mode.
+    recorded: dict[int, tuple[Callable[..., Any], Callable[..., Any] | None]] = {}
+
+    def products(size: int) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+        if size not in recorded:
+            base = torch.zeros(size, *in_shape, dtype=torch.float64, device=device)
+            pull = torch.func.vjp(lambda t: f(t) - offset, base)[1]
+            try:
+                push: Callable[..., Any] | None = linearise(f, base)[1]
+            except NotLinearisable:
+                push = None
+            recorded[size] = (pull, push)
+        return recorded[size]
 
     def gram(block: torch.Tensor) -> torch.Tensor:
         V = block.reshape(-1, *in_shape)
-        base = torch.zeros_like(V)
-        jv = torch.func.jvp(lambda t: f(t) - offset, (base,), (V,))[1]
-        pull = torch.func.vjp(lambda t: f(t) - offset, base)[1]
+        pull, push = products(V.shape[0])
+        if push is None:
+            jv = torch.func.jvp(lambda t: f(t) - offset, (torch.zeros_like(V),), (V,))[1]
+        else:
+            jv = push(V)
         out: torch.Tensor = pull(jv)[0]
         return out.reshape(block.shape[0], n)
 
