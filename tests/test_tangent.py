@@ -198,6 +198,16 @@ def test_writes_in_place_leave_the_direction_and_follow_the_values(index, seed):
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_a_sum_takes_its_outputs_dtype_and_a_broadcast_tangent_is_viewable():
+    """A float32 tangent summed with a float64 constant is float64 like the value; a tangent
+    broadcast by a sum can be viewed as the value can."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    ones = torch.ones(4, 2, 3, dtype=torch.float64)
+    M = torch.randn(3, 2, dtype=torch.float64)
+    _agrees(lambda t: (t.float() + ones) @ M, x, 0)
+    _agrees(lambda t: (t + torch.zeros(4, 2, 3, dtype=torch.float64)).view(-1) * 1, x, 0)
+
+
 @given(seed=st.integers(0, 2**31 - 1))
 def test_a_tensor_times_itself_in_place(seed):
     """``y.mul_(y)``: ``2 y u``, against a central difference (exact for a square up to
@@ -222,6 +232,14 @@ def test_a_graph_of_sums_products_and_concatenations(seed):
     torch.manual_seed(seed)
     x = torch.randn(1, 2, 8, 8, dtype=torch.float64, generator=gen)
     _agrees(_Graph().double().eval(), x, seed)
+
+
+def test_one_batch_norm_used_twice():
+    """A BatchNorm in eval mode applied twice (its running statistics are held by the first
+    step, and its schema says it may write them: not in eval mode)."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(2, 2, 3, padding=1).double(), _bn(2, 2, torch.Generator().manual_seed(1))
+    _agrees(lambda t: bn(conv(bn(t))), torch.randn(1, 2, 5, 5, dtype=torch.float64), 0)
 
 
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3))
@@ -267,6 +285,29 @@ def _held_then_written(x: torch.Tensor) -> torch.Tensor:
     return y * scale
 
 
+def _viewed_then_written(x: torch.Tensor) -> torch.Tensor:
+    """A view taken, then its base written in place (the view's values change)."""
+    y = x * 2
+    v = y.view(-1)
+    y.relu_()
+    return v * 1
+
+
+def _written_through_out(x: torch.Tensor) -> torch.Tensor:
+    """A held constant written through ``out=`` by an operation that reads no input."""
+    s = torch.full_like(x, 2.0)
+    y = x * s
+    torch.add(torch.ones_like(s[..., :1]), 4.0, out=s[..., :1])
+    return y * s
+
+
+def _indices_written(x: torch.Tensor) -> torch.Tensor:
+    """Max pooling's indices (held by its step) written in place."""
+    out, index = F.max_pool1d(x * 1, 2, return_indices=True)
+    index.zero_()
+    return out
+
+
 @pytest.mark.parametrize(
     "f, message",
     [
@@ -284,6 +325,11 @@ def _held_then_written(x: torch.Tensor) -> torch.Tensor:
         (lambda x: x / x.sum(), "another argument that depends on it"),
         (lambda x: torch.ones_like(x).mul_(x), "writes the input into a constant"),
         (_held_then_written, "into a constant the tape holds"),
+        (_viewed_then_written, "writes in place into a view"),
+        (_written_through_out, "into a constant the tape holds"),
+        (_indices_written, "into a constant the tape holds"),
+        (lambda x: x.to(torch.complex128).real * 1, "complex output"),
+        (lambda x: torch.fft.rfft(x).abs(), "complex output"),
     ],
 )
 def test_what_it_does_not_follow_is_refused_by_name(f, message):

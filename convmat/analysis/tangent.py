@@ -9,9 +9,9 @@ again beside the tangents; the transpose of the pull-back costs two to three for
 ``convmat.lipschitz_report``'s old lower end). An operation with no rule here that ``x``
 reaches raises :class:`NotLinearisable` while recording, and the caller takes another way.
 
-The tape follows tensors by identity: a write in place into a tensor that a view was taken of
-(or into a view), or into a tensor the tape holds as a constant factor, is refused rather than
-followed.
+The tape follows tensors by identity: a write in place (or through ``out=``) into a tensor
+that a view was taken of (or into a view), or into a tensor the tape holds as a constant factor,
+is refused rather than followed, as is an operation with a complex output.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _sum(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
     sign = -1 if op.__name__.startswith("sub") else 1
     scale = sign * kwargs.get("alpha", 1)
     sa, sb = slot(args[0]), slot(args[1]) if len(args) > 1 else None
-    shape = out.shape
+    shape, dtype = out.shape, out.dtype
 
     def step(t: dict[int, torch.Tensor]) -> torch.Tensor:
         if sa is None:
@@ -83,7 +83,8 @@ def _sum(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
             r = t[sa]
         else:
             r = t[sa] + t[sb] if scale == 1 else t[sa] + t[sb] * scale
-        return r if r.shape == shape else r.expand(shape)
+        r = r.to(dtype)  # the output's (a sum promotes; a lone tangent keeps its own)
+        return r if r.shape == shape else r.expand(shape).contiguous()
 
     return step
 
@@ -295,6 +296,25 @@ _WITH_INDICES = {aten.max_pool2d.default: aten.max_pool2d_with_indices.default,
 # fmt: on
 
 
+#: BatchNorm operations whose schema writes the running statistics (only when ``training``,
+#: their sixth argument).
+_RUNNING_STATISTICS = {aten.native_batch_norm.default, aten.cudnn_batch_norm.default}
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into (in place, or through ``out=``), by its schema
+    (BatchNorm's running statistics only with batch statistics)."""
+    if func in _RUNNING_STATISTICS and len(args) > 5 and not args[5]:
+        return []
+    written = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = kwargs.get(argument.name) if argument.kwarg_only or i >= len(args) else args[i]
+        written += [a for a in tree_leaves(value) if isinstance(a, torch.Tensor)]
+    return written
+
+
 class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Records the steps of ``J u`` while ``f(x)`` runs: each tensor reached by ``x`` gets a
     slot (tensors are kept alive while recording, so that identities stay unique), each step
@@ -322,11 +342,12 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs = kwargs or {}
         leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         reads = [s for a in leaves if (s := self.slot(a)) is not None]
-        if func._schema.is_mutable and args and self._storage(args[0]) in self.held:
+        written = _written(func, args, kwargs)
+        if any(self._storage(a) in self.held for a in written):
             raise NotLinearisable(f"{func} writes in place into a constant the tape holds")
         if not reads or func in _CONSTANT:
             return func(*args, **kwargs)
-        if func._schema.is_mutable and self._into_view(args[0]):
+        if any(self._into_view(a) for a in written):
             raise NotLinearisable(f"{func} writes in place into a view")
         early = None  # steps made before an in-place operation overwrites what they read
         if _IN_PLACE.get(func, func) in _DERIVATIVES:
@@ -338,6 +359,8 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
             early = _RULES[plain](plain, args, kwargs, args[0], self.slot)
         out = _WITH_INDICES.get(func, func)(*args, **kwargs)
         first = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(first, torch.Tensor) and first.is_complex():
+            raise NotLinearisable(f"{func} has a complex output")
         if not isinstance(first, torch.Tensor) or not first.is_floating_point():
             return out  # comparisons, indices, shapes: no tangent
         if early is not None:
@@ -349,9 +372,11 @@ class _Tape(TorchDispatchMode):  # type: ignore[no-untyped-call]
             step = _RULES[func](func, args, kwargs, out, self.slot)
         else:
             raise NotLinearisable(f"{func} has no rule")
-        if first._is_view():
+        if func.is_view:  # (the output's view flag is set only after the mode returns)
             self.viewed.add(self._storage(first))
         constants = [a for a in leaves if self.slot(a) is None]
+        if isinstance(out, (tuple, list)):  # max pooling's indices, BatchNorm's statistics
+            constants += [a for a in out[1:] if isinstance(a, torch.Tensor)]
         self.held.update(self._storage(a) for a in constants)
         self.constants += constants
         self.steps.append((step, self.add(first), reads))
@@ -386,7 +411,8 @@ def linearise(
         x: the input at which ``J`` is taken.
 
     Returns:
-        ``(f(x), push)``: ``push(u)`` is ``J(x) u``, in the dtype and on the device of ``x``.
+        ``(f(x), push)``: ``push(u)`` is ``J(x) u``, in the dtype and on the device of ``x``
+        (``u`` itself, or a view of it, where ``f`` only reshapes its input).
 
     Raises:
         NotLinearisable: ``f`` reaches an operation with no rule here (named), or writes in
