@@ -459,22 +459,25 @@ class _OnceDifferentiable(torch.autograd.Function):
         return t * (1 - y * y)
 
 
+class _ConvThen(nn.Module):
+    """A 2 -> 3 convolution followed by ``function`` (a custom autograd function's apply)."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.conv, self.function = nn.Conv2d(2, 3, 3, padding=1), function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(self.conv(x))
+
+
 def test_a_backward_that_is_not_differentiable_falls_back_to_forward_mode(monkeypatch):
     """Its transposed pull-back is zero without an error: the check against forward mode
     catches it, and the probes run by forward mode (the same lower end as forward mode alone,
     not a random direction's)."""
     from convmat.analysis import lipschitz as lip
 
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(2, 3, 3, padding=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return _OnceDifferentiable.apply(self.conv(x))
-
     torch.manual_seed(0)
-    model = Model().double()
+    model = _ConvThen(_OnceDifferentiable.apply).double()
     r = lipschitz_report(model, (2, 5, 5), progress=False, probes=2)
     monkeypatch.setattr(lip, "_PUSHES", ())
     forward = lipschitz_report(model, (2, 5, 5), progress=False, probes=2)
@@ -522,16 +525,11 @@ class _Abs(nn.Module):
         return self.b(self.a(x).abs())
 
 
-class _Declared(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DeclaredSlope.apply(self.conv(x))
+def _declared() -> nn.Module:
+    return _ConvThen(_DeclaredSlope.apply)
 
 
-@pytest.mark.parametrize("make", [_Abs, _Declared])
+@pytest.mark.parametrize("make", [_Abs, _declared])
 def test_a_model_the_tape_cannot_follow_gets_forward_modes_lower_end(monkeypatch, make):
     """An operation with no rule on the tape: the transposed pull-back takes over. A custom
     derivative the tape does not see: its product disagrees with forward mode's measurement,
@@ -546,7 +544,7 @@ def test_a_model_the_tape_cannot_follow_gets_forward_modes_lower_end(monkeypatch
         with pytest.raises(NotLinearisable, match="abs"):
             linearise(model, torch.randn(1, *shape, dtype=torch.float64))
     recorded = lip._empirical_lower(model, shape, 2, 10, 0)
-    if make is _Declared:  # without the check against forward mode, the tape's answer
+    if make is _declared:  # without the check against forward mode, the tape's answer
         monkeypatch.setattr(lip, "_PUSH_AGREEMENT", math.inf)
         assert lip._empirical_lower(model, shape, 2, 10, 0)[0] < recorded[0] * (1 - 1e-3)
     monkeypatch.setattr(lip, "_PUSHES", ())
