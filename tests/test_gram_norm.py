@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -40,6 +40,7 @@ def test_the_gram_matrix_from_its_lower_triangle_is_numpys(m, n, seed):
     scale=st.sampled_from([1e-6, 1.0, 1e6]),
     rank=st.integers(1, 40),
 )
+@example(m=4, n=4, seed=1, scale=1.0, rank=4)  # its eigenvalue's rounding: lower was 2 ulp high
 def test_the_interval_brackets_the_svds_norm(m, n, seed, scale, rank):
     """Random matrices of any shape (Gram matrices up to 300 wide: the Lanczos path beyond 128)
     and rank, at scales far from 1: lower <= ||A|| <= upper, narrow, the value within it."""

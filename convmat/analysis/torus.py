@@ -610,9 +610,10 @@ def gram_norm(matrix: torch.Tensor, room: float = SLACK) -> tuple[float, float, 
     """``(value, lower, upper)``: the spectral norm of a dense real matrix from its Gram matrix
     ``G = A A^T`` (or ``A^T A``, the smaller), formed in float64: the value from the top
     eigenvalue found (:func:`_top_pairs`), the upper end proven by a Cholesky test of
-    ``s I - G`` (:func:`_psd_proof`) within ``room`` of it, both allowing for the product's
+    ``s I - G`` (:func:`_psd_proof`) within ``room`` of it, allowing for the product's
     rounding (``|fl(G) - G| <= gamma_K |A| |A|^T``, ``K`` the inner dimension, whose spectral
-    norm is at most ``gamma_K ||A||_F^2``).
+    norm is at most ``gamma_K ||A||_F^2``), the lower end ``||A^T v|| / ||v||`` of its
+    eigenvector with its own rounding bounded (:func:`_vector_lower`).
 
     Where LAPACK's SVD of a 4096 x 25088 matrix reduces all of it to bidiagonal form, this is
     one matrix product, a few hundred products with the 4096 x 4096 Gram matrix and one
@@ -623,11 +624,12 @@ def gram_norm(matrix: torch.Tensor, room: float = SLACK) -> tuple[float, float, 
     """
     A = matrix.double()
     m, n = A.shape
-    G = _gram(A if m <= n else A.mT)
+    B = A if m <= n else A.mT  # G = B B^T
+    G = _gram(B)
     inner, u = max(m, n), _UNIT[torch.float64]
     gamma = inner * u / (1 - inner * u)
     form = gamma * float(A.norm()) ** 2 * (1 + 1e-10)  # the norm's own rounding: far below
-    values, _ = _top_pairs(G[None])
+    values, vectors = _top_pairs(G[None])
     lam = max(float(values[0]), 0.0)
     room = max(room, 8 * _rounding(G.shape[0], torch.float64) * G.shape[0])
     floor = _FLOOR
@@ -636,8 +638,25 @@ def gram_norm(matrix: torch.Tensor, room: float = SLACK) -> tuple[float, float, 
         if bool(_psd_proof(G[None].clone(), level, form)[0]):
             break
         room, floor = _widened(room, floor, "the Gram certificate")
-    # lam is a Rayleigh quotient of fl(G): the true G's largest eigenvalue is above lam - form.
-    return math.sqrt(lam), math.sqrt(max(lam - form, 0.0)), math.sqrt(level)
+    return math.sqrt(lam), _vector_lower(B, vectors[0]), math.sqrt(level)
+
+
+def _vector_lower(B: torch.Tensor, v: torch.Tensor) -> float:
+    """A lower bound on ``||B||_2`` from the vector ``v``: ``||B^T v|| / ||v||`` in float64,
+    less the product's rounding (``|fl(B^T v) - B^T v| <= gamma_m |B|^T |v|``) and lowered by
+    the norms' and the quotient's (a few units each; an eigenvalue's own rounding is not
+    trusted)."""
+    m, n = B.shape
+    u = _UNIT[torch.float64]
+    gamma = m * u / (1 - m * u)
+    v = v.to(B.dtype)
+    image = float((B.mT @ v).norm())
+    rows = max(1, 2**24 // max(n, 1))  # |B| a block of rows at a time (no copy of all of B)
+    bound = sum((B[a : a + rows].abs().mT @ v[a : a + rows].abs() for a in range(0, m, rows)),
+                torch.zeros(n, dtype=B.dtype, device=B.device))  # fmt: skip
+    error = gamma * float(bound.norm()) * (1 + 2 * (n + m + 2) * u)
+    lower = max(image - error, 0.0) / (float(v.norm()) * (1 + 2 * (m + 2) * u))
+    return lower * (1 - 2 * (n + 4) * u)
 
 
 def _prove(grams: TorusGrams, index: torch.Tensor, level: float, dtype: torch.dtype
