@@ -40,6 +40,7 @@ from ..engine import (
     adaptive_window,
     available_memory,
     cached,
+    kept_pages,
     most_reads,
     ntuple,
     plain_conv_problem,
@@ -874,7 +875,8 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
             view.mul_(scale.view(g, 1, -1, *[1] * (w.dim() - 2)))
         else:
             w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
-    return _certified_upper(folded, in_shape[1:], method, width)
+    with kept_pages():
+        return _certified_upper(folded, in_shape[1:], method, width)
 
 
 def _dense_upper(w: torch.Tensor) -> float:
@@ -1282,12 +1284,13 @@ def _empirical_lower(
         for _ in range(probes):
             x = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
             start = torch.randn(1, *shape, dtype=torch.float64, device=device, generator=gen)
-            try:
-                v, estimate = direction(x, start, recorded=bool(_PUSHES))
-            except Exception:  # a backward that is not itself differentiable
-                if not _PUSHES:
-                    raise
-                v, estimate = forward(x, start), math.inf
+            with kept_pages():  # every Lanczos step allocates what the last one freed
+                try:
+                    v, estimate = direction(x, start, recorded=bool(_PUSHES))
+                except Exception:  # a backward that is not itself differentiable
+                    if not _PUSHES:
+                        raise
+                    v, estimate = forward(x, start), math.inf
             runs.append((x, start, v, estimate))
         # Measured in float64 by forward mode, best estimate first, until no estimate left
         # could beat the best measured. A recorded product can be wrong without an error (a

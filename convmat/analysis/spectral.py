@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .._errors import ConvMatError
-from ..engine import available_memory, check_matrix_memory
+from ..engine import available_memory, check_matrix_memory, kept_pages
 from .operator import ConvOperator
 from .torus import (
     SLACK,
@@ -980,11 +980,12 @@ def singular_values(
             f"W is {op.shape[0]} x {op.shape[1]}: too large for all its singular values "
             f"without an exact method; ask for the top k"
         )
-    if chosen == "lanczos" and width is not None:
-        if k == 1:
-            return torch.tensor([_norm_width(op, width).value], dtype=torch.float64)
-        return _values_lanczos(op, k, width)
-    values = REGISTRY[chosen].values(op, k)
+    with kept_pages():  # chunks and products of the same sizes again and again
+        if chosen == "lanczos" and width is not None:
+            if k == 1:
+                return torch.tensor([_norm_width(op, width).value], dtype=torch.float64)
+            return _values_lanczos(op, k, width)
+        values = REGISTRY[chosen].values(op, k)
     return values if k is None else values[:k]
 
 
@@ -1060,10 +1061,11 @@ def operator_norm(
     if certificate not in _CERTIFICATES:
         raise ConvMatError(f"certificate must be one of {_CERTIFICATES!r}, got {certificate!r}")
     op = _operator(source, input_size, config)
-    result = REGISTRY[_resolve(method, op, norm_only=True)].norm(op, tol, width)
-    if certificate == "tight" and result.method in ("lanczos", "window") and not (
-            width is not None and result.reached):  # fmt: skip
-        result = _tighten(op, result, tol, width)
+    with kept_pages():  # chunks and products of the same sizes again and again
+        result = REGISTRY[_resolve(method, op, norm_only=True)].norm(op, tol, width)
+        if certificate == "tight" and result.method in ("lanczos", "window") and not (
+                width is not None and result.reached):  # fmt: skip
+            result = _tighten(op, result, tol, width)
     return result
 
 

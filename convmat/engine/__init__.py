@@ -44,6 +44,7 @@ _WHERE = {
     "coupling_reach": ".axes",
     "discard": ".cache",
     "flat_pads": ".shapes",
+    "kept_pages": ".memory",
     "get_block_pattern": ".blocks",
     "get_pattern": ".pattern",
     "lookup": ".cache",
@@ -103,7 +104,7 @@ if TYPE_CHECKING:
         store,
         tensor_bytes,
     )
-    from .memory import available_memory, check_allocation
+    from .memory import available_memory, check_allocation, kept_pages
     from .padding import PADDING_MODES, PaddingMode, padding_mode
     from .pattern import Pattern, get_pattern
     from .shapes import (
@@ -152,6 +153,7 @@ __all__ = [
     "coupling_reach",
     "discard",
     "flat_pads",
+    "kept_pages",
     "get_block_pattern",
     "get_pattern",
     "lookup",
