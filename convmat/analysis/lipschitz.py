@@ -875,8 +875,7 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
             view.mul_(scale.view(g, 1, -1, *[1] * (w.dim() - 2)))
         else:
             w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
-    with kept_pages():
-        return _certified_upper(folded, in_shape[1:], method, width)
+    return _certified_upper(folded, in_shape[1:], method, width)
 
 
 def _dense_upper(w: torch.Tensor) -> float:

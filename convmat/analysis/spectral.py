@@ -917,7 +917,8 @@ def _certified_upper(
     chosen = _resolve(_check_method(method), op, norm_only=True)
     if chosen == "lanczos":
         room = SLACK if width is None else _UPPER_SHARE * width
-        return enclosing_norm(op.weight, op.geometry.matching_conv, room).upper
+        with kept_pages():  # chunks of Gram matrices of the same sizes again and again
+            return enclosing_norm(op.weight, op.geometry.matching_conv, room).upper
     return REGISTRY[chosen].norm(op, _ROUGH_TOL, None).upper  # exact methods: no tol
 
 
@@ -980,12 +981,12 @@ def singular_values(
             f"W is {op.shape[0]} x {op.shape[1]}: too large for all its singular values "
             f"without an exact method; ask for the top k"
         )
-    with kept_pages():  # chunks and products of the same sizes again and again
-        if chosen == "lanczos" and width is not None:
+    if chosen == "lanczos" and width is not None:
+        with kept_pages():  # chunks and products of the same sizes again and again
             if k == 1:
                 return torch.tensor([_norm_width(op, width).value], dtype=torch.float64)
             return _values_lanczos(op, k, width)
-        values = REGISTRY[chosen].values(op, k)
+    values = REGISTRY[chosen].values(op, k)
     return values if k is None else values[:k]
 
 
@@ -1063,9 +1064,9 @@ def operator_norm(
     op = _operator(source, input_size, config)
     with kept_pages():  # chunks and products of the same sizes again and again
         result = REGISTRY[_resolve(method, op, norm_only=True)].norm(op, tol, width)
-        if certificate == "tight" and result.method in ("lanczos", "window") and not (
-                width is not None and result.reached):  # fmt: skip
-            result = _tighten(op, result, tol, width)
+    if certificate == "tight" and result.method in ("lanczos", "window") and not (
+            width is not None and result.reached):  # fmt: skip
+        result = _tighten(op, result, tol, width)
     return result
 
 

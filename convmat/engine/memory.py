@@ -23,11 +23,12 @@ reserve: everything it keeps was built by an allocation that passed this guard.
 Allocations below :data:`SMALL` are not checked (reading the limits costs a few file reads).
 
 The analysis runs a model's forward pass, or forms chunks of Gram matrices, again and again at the
-same sizes. With glibc every tensor above 32 MiB is a fresh ``mmap`` whose pages the kernel zeroes
-on first touch and takes back when it is freed: a U-Net's forward pass at 3x512x512 spent a third
-of its CPU time there. :func:`kept_pages` serves such tensors from the heap instead and keeps their
-pages for the next; what it held is given back on leaving, and before the limits are read inside
-it (freed pages still count as used).
+same sizes. With glibc every tensor above the ``mmap`` threshold (128 KiB, raised as large chunks
+are freed up to 32 MiB) is a fresh ``mmap`` whose pages the kernel zeroes on first touch and takes
+back when it is freed: a U-Net's forward pass at 3x512x512 spent a third of its CPU time there.
+:func:`kept_pages` serves such tensors from the heap instead and keeps their pages for the next;
+the free pages are given back on leaving, and before the limits are read inside it (freed pages
+still count as used).
 
 >>> check_allocation(10 * 2**60, torch.device("cpu"), "an example")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
@@ -342,19 +343,24 @@ def check_allocation(nbytes: int, device: torch.device | str, what: str, instead
 
 # -- pages kept for reuse (glibc) ----------------------------------------------------------------
 #: glibc's ``mallopt`` parameters (``malloc.h``).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-#: While pages are kept: no chunk served by ``mmap``, and the heap's free top never given back
-#: (the largest value ``mallopt`` takes).
-_KEEPING = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-#: On leaving: glibc's default most ``mmap`` chunks, and the trim threshold its own adjustment
-#: reaches on 64 bits (twice its largest ``mmap`` threshold, 32 MiB), which setting either
-#: parameter stops.
-_AFTER = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 2 * 32 * 2**20))
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+#: While pages are kept: no chunk served by ``mmap``, and the heap's free top never trimmed.
+_KEEPING = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+#: glibc's own adjustment raises the ``mmap`` threshold up to this (32 MiB on 64 bits), the
+#: trim threshold to twice the ``mmap`` threshold; setting any of them stops the adjustment.
+_MMAP_CEILING = 4 * 2**20 * ctypes.sizeof(ctypes.c_long)
+#: On leaving: glibc's default most ``mmap`` chunks, and the thresholds its adjustment reaches
+#: in a process that has freed a large tensor (which every analysis call has).
+_AFTER = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, _MMAP_CEILING),
+          (_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING))  # fmt: skip
+#: Environment variables by which a user sets glibc's allocator: then it is left alone.
+_USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                  "MALLOC_TOP_PAD_")  # fmt: skip
 
 
 class _Kept:
     """How deep :func:`kept_pages` is entered (the settings are the outermost's), and glibc's
-    ``mallopt`` / ``malloc_trim`` (None elsewhere), looked up on first use."""
+    ``mallopt`` / ``malloc_trim`` (None where pages are not kept), looked up on first entry."""
 
     def __init__(self) -> None:
         self.depth = 0
@@ -363,9 +369,10 @@ class _Kept:
         self.libc: ctypes.CDLL | None = None
 
     def functions(self) -> ctypes.CDLL | None:
+        """The C library's functions (call with :attr:`lock` held)."""
         if not self.looked_up:
-            self.looked_up = True
             self.libc = _glibc()
+            self.looked_up = True
         return self.libc
 
 
@@ -373,7 +380,15 @@ _kept = _Kept()
 
 
 def _glibc() -> ctypes.CDLL | None:
-    """The C library where it is glibc (``mallopt`` and ``malloc_trim`` typed), else None."""
+    """The C library where it is glibc and pages may be kept (``mallopt`` and ``malloc_trim``
+    typed), else None: not glibc; the user set its allocator (``MALLOC_*_`` variables,
+    ``GLIBC_TUNABLES``); or an address-space or data rlimit is set, which heap holes would
+    count against (``mmap``'s freed chunks leave none)."""
+    if any(name in os.environ for name in _USER_SETTINGS) or "malloc" in os.environ.get(
+            "GLIBC_TUNABLES", ""):  # fmt: skip
+        return None
+    if _rlimit("RLIMIT_AS") is not None or _rlimit("RLIMIT_DATA") is not None:
+        return None
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return None
@@ -388,32 +403,36 @@ def _glibc() -> ctypes.CDLL | None:
 def _give_back_kept() -> None:
     """Inside :func:`kept_pages`: give the heap's free pages back to the system (they would
     count as used)."""
-    libc = _kept.libc
-    if _kept.depth and libc is not None:
-        libc.malloc_trim(0)
+    with _kept.lock:
+        libc = _kept.libc if _kept.depth else None
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 @contextmanager
 def kept_pages() -> Iterator[None]:
     """Within, large CPU tensors come from the heap and their pages are kept for the next
     allocation, instead of each being a fresh ``mmap`` that the kernel zeroes page by page
-    (glibc; elsewhere nothing changes). On leaving (the outermost, where nested), ``mmap`` is
-    used again and the free pages are given back.
+    (glibc; elsewhere, or where the user set glibc's allocator or an address-space or data
+    rlimit is set, nothing changes). On leaving (the outermost, where nested), ``mmap`` is used
+    again and the free pages are given back (their address space stays with the heap).
 
-    The setting is the process's: allocations of other threads meanwhile are kept too. It
-    changes no value, only where memory comes from.
+    The setting is the process's: the main thread's allocations by other code meanwhile are
+    kept too. Afterwards glibc's thresholds stay where its own adjustment takes them in a
+    process that frees large tensors (``mmap`` from 32 MiB, trim above 64 MiB on 64 bits),
+    no longer adjusted. It changes no value, only where memory comes from.
 
     >>> with kept_pages():
     ...     x = torch.ones(2**20)
     >>> float(x.sum())
     1048576.0
     """
-    libc = _kept.functions()
     with _kept.lock:
-        _kept.depth += 1
-        if _kept.depth == 1 and libc is not None:
+        libc = _kept.functions()
+        if _kept.depth == 0 and libc is not None:
             for parameter, value in _KEEPING:
                 libc.mallopt(parameter, value)
+        _kept.depth += 1
     try:
         yield
     finally:
