@@ -917,8 +917,7 @@ def _certified_upper(
     chosen = _resolve(_check_method(method), op, norm_only=True)
     if chosen == "lanczos":
         room = SLACK if width is None else _UPPER_SHARE * width
-        with kept_pages():  # chunks of Gram matrices of the same sizes again and again
-            return enclosing_norm(op.weight, op.geometry.matching_conv, room).upper
+        return enclosing_norm(op.weight, op.geometry.matching_conv, room).upper
     return REGISTRY[chosen].norm(op, _ROUGH_TOL, None).upper  # exact methods: no tol
 
 

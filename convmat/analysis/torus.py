@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Geometry, available_memory, check_allocation, reads
+from ..engine import Geometry, available_memory, check_allocation, kept_pages, reads
 
 #: Relative room of an exact norm: the level is the largest eigenvalue found times ``1 + SLACK``
 #: (far above what the rounding of double-precision Cholesky tests costs for a few thousand
@@ -698,9 +698,10 @@ def enclosing_norm(weight: torch.Tensor, geo: Geometry, room: float = SLACK,
     ``grams``: an earlier call's (:attr:`Enclosing.grams`, the same weight and geometry), to
     certify again with another room without forming or ranking the frequencies again.
     """
-    if grams is None:
-        grams = TorusGrams(weight, geo, (0,) * geo.ndim, enclosing_torus(geo))
-    top = torus_top(grams, room)
+    with kept_pages():  # chunks of Gram matrices of the same sizes again and again
+        if grams is None:
+            grams = TorusGrams(weight, geo, (0,) * geo.ndim, enclosing_torus(geo))
+        top = torus_top(grams, room)
     fold = 1.0
     if geo.mode.folds:
         pairs = zip(geo.input_size, geo.padding)
