@@ -232,6 +232,32 @@ def test_the_blocked_cholesky_completes_where_lapacks_does(n, batch, precision, 
     assert completes.tolist() == expected.tolist() == above.tolist()
 
 
+@settings(deadline=None, max_examples=15)
+@given(n=st.sampled_from([24, 64, 100]), batch=st.integers(2, 40), threads=st.integers(1, 3),
+       precision=st.sampled_from([torch.complex64, torch.complex128]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_the_batch_split_between_threads_answers_as_lapack(n, batch, threads, precision, seed):
+    """On the CPU a batch is split between threads of one core each: every matrix's answer is
+    LAPACK's own (shifted 1e-3 above or below its largest eigenvalue), in order, and torch's
+    thread count is as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, n, n + 3, dtype=torch.complex128, generator=gen)
+    G = X @ X.mH
+    above = torch.rand(batch, generator=gen) < 0.5
+    shift = torch.linalg.eigvalsh(G)[:, -1] * torch.where(above, 1 + 1e-3, 1 - 1e-3)
+    S = (shift[:, None, None] * torch.eye(n, dtype=torch.float64) - G).to(precision)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split = torus._threads(batch, batch * n**3, S.device)
+        completes = torus._cholesky_completes(S.clone())
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert split == (min(threads, batch) if batch * n**3 >= torus._SPLIT_WORK else 1)
+    assert completes.tolist() == above.tolist()
+    assert completes.tolist() == (torch.linalg.cholesky_ex(S).info == 0).tolist()
+
+
 @pytest.mark.parametrize("precision", [torch.complex64, torch.complex128])
 def test_a_blocked_cholesky_failure_in_the_first_block_is_kept(precision):
     """A negative pivot in the first block (the rest positive definite) fails that matrix
@@ -248,15 +274,18 @@ def test_a_blocked_cholesky_failure_in_the_first_block_is_kept(precision):
 @settings(deadline=None, max_examples=40)
 @given(cfg=st.one_of(conv_configs(dims=(1, 2)), conv_transpose_configs(dims=(1, 2))),
        seed=st.integers(0, 2**16), room=st.sampled_from([1e-10, 1e-4, 1e-2]),
-       sampled=st.booleans(), again=st.sampled_from([None, 1e-10, 1e-4, 1e-2]))  # fmt: skip
+       sampled=st.booleans(), again=st.sampled_from([None, 1e-10, 1e-4, 1e-2]),
+       split=st.booleans())  # fmt: skip
 def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed, room, sampled,
-                                                                     again):  # fmt: skip
+                                                                     again, split):  # fmt: skip
     """``torus_top``'s upper end lies above every frequency's largest singular value (the
     spectrum by FFT, decomposed in full), within ``room``; its value is the largest. Also
     where only a regular sample of the frequencies is ranked first (``sampled``: large
     grids of narrow Gram matrices), forced here on small ones: there the value may be
     another frequency's, within ``room`` of the largest. Also certified again with another
-    room (``again``) on the same Gram matrices, their first ranking reused."""
+    room (``again``) on the same Gram matrices, their first ranking reused. Also with the
+    tests split between two threads and formed a few matrices at a time (``split``: large
+    batches), forced here on small ones."""
     w = cfg.weight(generator=torch.Generator().manual_seed(seed))
     geo = _op(cfg, w).geometry.matching_conv
     size = torus.enclosing_torus(geo)
@@ -264,13 +293,23 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
     M = torus.torus_spectrum(weight, geo, (0,) * geo.ndim, size, top_only=True).flatten(0, 1)
     exact = float(torch.linalg.svdvals(M).max()) if M.numel() else 0.0
     grams = torus.TorusGrams(weight, geo, (0,) * geo.ndim, size)
-    with mock.patch.object(torus, "_RANK_ALL_COUNT", 0 if sampled else torus._RANK_ALL_COUNT):
-        if sampled:
-            assert torus._sample(grams).numel() < grams.count or grams.freqs == 1
-        top = torus.torus_top(grams, room)
-        if again is not None:
-            assert bool((grams.ranking > -math.inf).any()) or grams.count == 0
-            top, room = torus.torus_top(grams, again), again
+    threads = torch.get_num_threads()
+    with (
+        mock.patch.object(torus, "_RANK_ALL_COUNT", 0 if sampled else torus._RANK_ALL_COUNT),
+        mock.patch.object(torus, "_SPLIT_WORK", 0 if split else torus._SPLIT_WORK),
+        mock.patch.object(torus, "_CACHED_BYTES", 2**11 if split else torus._CACHED_BYTES),
+    ):
+        torch.set_num_threads(2 if split else threads)
+        try:
+            if sampled:
+                assert torus._sample(grams).numel() < grams.count or grams.freqs == 1
+            top = torus.torus_top(grams, room)
+            if again is not None:
+                assert bool((grams.ranking > -math.inf).any()) or grams.count == 0
+                top, room = torus.torus_top(grams, again), again
+            assert torch.get_num_threads() == (2 if split else threads)
+        finally:
+            torch.set_num_threads(threads)
     assert exact <= top.upper * (1 + 1e-14) + 1e-300
     assert top.upper <= max(exact, 1e-300) * math.sqrt(1 + 4 * room + 1e-9) + 1e-150
     if sampled:  # the top may pass its test below the level set by a frequency found first

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -332,11 +334,17 @@ class TorusGrams:
         return self._poly[int(g)].to(torch.complex128) @ phase
 
     def chunks(
-        self, index: torch.Tensor, dtype: torch.dtype = torch.complex128
+        self, index: torch.Tensor, dtype: torch.dtype = torch.complex128, size: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(part, at(part))`` for consecutive parts of ``index`` of at most ``chunk``."""
-        for part in torch.split(index, self.chunk):
+        """``(part, at(part))`` for consecutive parts of ``index`` of at most ``size``
+        (default and at most: ``chunk``)."""
+        for part in torch.split(index, min(size or self.chunk, self.chunk)):
             yield part, self.at(part, dtype)
+
+    def warm(self, dtype: torch.dtype) -> None:
+        """Makes what :meth:`at` keeps per dtype, before threads call it."""
+        if self._all is None:
+            self._coefficients(dtype)
 
 
 # -- the certified maximum ------------------------------------------------------------------------
@@ -385,12 +393,53 @@ def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor
 _BLOCKED_FROM, _BLOCK_SMALL, _BLOCK_LARGE, _SINGLE_FROM = 96, 32, 64, 256
 
 
+#: The CPU's batch is split between threads (each running LAPACK on one core) from this much
+#: work, ``b n^3``: MKL's factorisation of one small matrix barely uses a second core (64 rows,
+#: complex64, 2 cores: 70 us a matrix batched, 36-44 us in two threads of one core each; 96
+#: rows 127 -> 77 us; complex128 at 128 rows 349 -> 242 us, 384 rows 3.3 -> 2.3 ms).
+_SPLIT_WORK = 2**22
+#: Bytes of the Gram matrices a thread forms and tests at once (they stay in its cache).
+_CACHED_BYTES = 2**22
+
+
+_Part = TypeVar("_Part")
+
+
+def _threads(count: int, work: int, device: torch.device) -> int:
+    """Threads (of one core each) to share ``count`` small dense problems of ``work`` in all
+    (:data:`_SPLIT_WORK`): 1 off the CPU, for little work, or where torch runs one thread."""
+    if device.type != "cpu" or work < _SPLIT_WORK:
+        return 1
+    return max(1, min(torch.get_num_threads(), count))
+
+
+def _mapped(run: Callable[[_Part], list[torch.Tensor]], parts: list[_Part]) -> list[torch.Tensor]:
+    """``run`` over ``parts``, each in its own thread of one core where there are several (see
+    :func:`_threads`), in order."""
+    if len(parts) == 1:
+        return run(parts[0])
+    with serial(), ThreadPoolExecutor(len(parts)) as pool:
+        return list(itertools.chain.from_iterable(pool.map(run, parts)))
+
+
+def _cached(side: int, dtype: torch.dtype) -> int:
+    """How many ``side x side`` matrices of ``dtype`` make :data:`_CACHED_BYTES`."""
+    return max(1, _CACHED_BYTES // (side * side * torch.empty((), dtype=dtype).element_size()))
+
+
 def _cholesky_completes(S: torch.Tensor) -> torch.Tensor:
     """Whether the Cholesky factorisation of each Hermitian ``S`` (``(b, n, n)``, overwritten)
-    completes. On the CPU, from :data:`_BLOCKED_FROM` rows: right-looking by blocks, LAPACK on
-    the diagonal blocks, a batched triangular solve for the panel and a batched product for the
-    update (the same sums as any Cholesky factorisation, in another order: the same rounding
-    bound, :func:`_rounding`)."""
+    completes: on the CPU, parts of the batch at once in threads of one core each
+    (:data:`_SPLIT_WORK`)."""
+    threads = _threads(S.shape[0], S.shape[0] * S.shape[-1] ** 3, S.device)
+    return torch.cat(_mapped(lambda part: [_completes(part)], list(S.tensor_split(threads))))
+
+
+def _completes(S: torch.Tensor) -> torch.Tensor:
+    """:func:`_cholesky_completes` in this thread. On the CPU, from :data:`_BLOCKED_FROM` rows:
+    right-looking by blocks, LAPACK on the diagonal blocks, a batched triangular solve for the
+    panel and a batched product for the update (the same sums as any Cholesky factorisation, in
+    another order: the same rounding bound, :func:`_rounding`)."""
     n = S.shape[-1]
     if S.device.type != "cpu" or n < _BLOCKED_FROM:
         completes: torch.Tensor = torch.linalg.cholesky_ex(S).info == 0
@@ -663,8 +712,15 @@ def _prove(grams: TorusGrams, index: torch.Tensor, level: float, dtype: torch.dt
            ) -> torch.Tensor:  # fmt: skip
     """The frequencies among ``index`` not proven below ``level`` in ``dtype``."""
     error = grams.form_error(dtype)
-    failed = [part[~_psd_proof(G, level, error)] for part, G in grams.chunks(index, dtype)]
-    return torch.cat(failed) if failed else index
+    threads = _threads(len(index), len(index) * grams.side**3, grams.device)
+    size = grams.chunk if threads == 1 else _cached(grams.side, dtype)
+
+    def failed(which: torch.Tensor) -> list[torch.Tensor]:
+        return [part[~_psd_proof(G, level, error)] for part, G in grams.chunks(which, dtype, size)]
+
+    grams.warm(dtype)
+    parts = _mapped(failed, list(index.tensor_split(threads)))
+    return torch.cat(parts) if parts else index
 
 
 # -- the enclosing torus of a layer ---------------------------------------------------------------
