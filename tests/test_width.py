@@ -5,6 +5,7 @@ bounded) and the windowed lower end, against dense SVD and ARPACK."""
 from __future__ import annotations
 
 import math
+import types
 from unittest import mock
 
 import numpy as np
@@ -423,3 +424,29 @@ def test_ranking_one_matrix_at_a_time_equals_the_batched_steps(seed, channels):
         single = torus._estimates(grams, index)
     assert single.shape == batched.shape == (grams.count,)
     assert torch.allclose(single, batched, rtol=1e-4, atol=1e-30)
+
+
+@settings(deadline=None, max_examples=60)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), groups=st.integers(1, 3),
+       reach=st.integers(0, 4), data=st.data())  # fmt: skip
+def test_the_neighbourhoods_ranked_around_a_sample_are_every_near_frequency(shape, groups, reach,
+                                                                           data):  # fmt: skip
+    """``_around``: every frequency of the same group within ``reach`` steps along each axis,
+    the axes but the last periodic (full spectra), the last not (half the spectrum), each
+    once, counted by brute force over the whole grid."""
+    freqs = math.prod(shape)
+    coords = torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, len(shape))
+    grams = types.SimpleNamespace(freq_shape=tuple(shape), freqs=freqs,
+                                  coords=lambda i: (i // freqs, coords[i % freqs]))  # fmt: skip
+    index = torch.tensor(data.draw(st.lists(st.integers(0, groups * freqs - 1), min_size=1,
+                                            max_size=5)))  # fmt: skip
+    expected = set()
+    for i in index.tolist():
+        g, c = divmod(i, freqs)
+        for j in range(freqs):
+            gap = (coords[j] - coords[c]).abs()
+            around = torch.minimum(gap[:-1], torch.tensor(shape[:-1]) - gap[:-1])
+            if bool((around <= reach).all()) and int(gap[-1]) <= reach:
+                expected.add(g * freqs + j)
+    found = torus._around(grams, index, reach).tolist()
+    assert found == sorted(expected)
