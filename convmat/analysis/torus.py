@@ -45,8 +45,9 @@ from ..engine import Geometry, available_memory, check_allocation, kept_pages, r
 SLACK = 1e-10
 #: Power steps that rank the frequencies before any is decomposed (only an ordering is needed).
 _POWER_STEPS = 8
-#: Frequencies decomposed per round (:func:`_top_pairs`).
-_BATCH = 4
+#: Frequencies decomposed per round (:func:`_top_pairs`), and in the first round this many
+#: times more (a few estimates of power steps may lie above the top's own).
+_BATCH, _FIRST_BATCHES = 4, 4
 #: The smallest level proven (Gram matrices of zero norm: any positive level holds).
 _FLOOR = 1e-300
 #: Unit roundoffs of the precisions of the Cholesky tests (complex: the torus; real: a dense
@@ -226,6 +227,7 @@ class TorusGrams:
             M = torus_spectrum(weight, geo, before, torus, top_only=True).flatten(0, 1)
             self._all: torch.Tensor | None = M @ M.mH if rows <= cols else M.mH @ M
             self.chunk = self.count
+            self.terms = 0  # (formed already)
             self.ranking = _unranked(self.count)
             # The FFT's error (~log2(F) u per entry of M, M bounded by sum_t ||A_t||_F), the
             # product's (~side u) and the cast: generously, u (4 log2 F + 4 side + 16) ||M||^2.
@@ -277,6 +279,7 @@ class TorusGrams:
         self._form = 4 * (len(self.offsets) + 4) * frob
         per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
         self.chunk = max(1, budget // per_matrix)
+        self.terms = len(self.offsets)
         self.ranking = _unranked(self.count)
 
     def form_error(self, dtype: torch.dtype) -> float:
@@ -640,7 +643,8 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     pending = everything
     # Wide Gram matrices cost a Lanczos run each: decompose fewer at a time.
     batch = _BATCH if grams.side <= _EIGH_SIDE else 2
-    chosen = torch.argsort(ranking, descending=True)[:batch]
+    # The estimates only bound each from below: more of the best are decomposed first.
+    chosen = torch.argsort(ranking, descending=True)[: _FIRST_BATCHES * batch]
     while True:
         values, _ = _top_pairs(grams.at(chosen))
         top = int(torch.argmax(values))
@@ -747,7 +751,9 @@ def _prove(grams: TorusGrams, index: torch.Tensor, level: float, dtype: torch.dt
     """The frequencies among ``index`` not proven below ``level`` in ``dtype``."""
     error = grams.form_error(dtype)
     threads = _threads(len(index), len(index) * grams.side**3, grams.device)
-    size = grams.chunk if threads == 1 else _cached(grams.side, dtype)
+    # Each thread forms a few at a time (they stay in its cache), yet enough that reading the
+    # terms (one per offset) costs less than writing the matrices.
+    size = grams.chunk if threads == 1 else max(_cached(grams.side, dtype), 2 * grams.terms)
 
     def failed(which: torch.Tensor) -> list[torch.Tensor]:
         return [part[~_psd_proof(G, level, error)] for part, G in grams.chunks(which, dtype, size)]
