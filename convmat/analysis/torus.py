@@ -575,7 +575,8 @@ def _sample(grams: TorusGrams) -> torch.Tensor:
 
 def _sample_step(grams: TorusGrams) -> int:
     """The step of :func:`_sample`'s grid along each frequency axis."""
-    return max(1, round(_SAMPLE_SHARE ** (1 / len(grams.freq_shape))))
+    step: float = _SAMPLE_SHARE ** (1 / len(grams.freq_shape))
+    return max(1, round(step))
 
 
 def _around(grams: TorusGrams, index: torch.Tensor, reach: int) -> torch.Tensor:
@@ -599,7 +600,8 @@ def _around(grams: TorusGrams, index: torch.Tensor, reach: int) -> torch.Tensor:
     inside = (last >= 0) & (last < shape[-1])
     near = torch.remainder(near, torch.tensor(shape))  # (the last axis: only where inside)
     flat = group[:, None] * grams.freqs + _flat(list(near.unbind(-1)), shape)
-    return torch.unique(flat[inside])
+    result: torch.Tensor = torch.unique(flat[inside])
+    return result
 
 
 def _widened(room: float, floor: float, what: str) -> tuple[float, float]:
@@ -632,8 +634,8 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     sample = _sample(grams)
     rank(sample)
     if sample.numel() < grams.count:  # around the best of a sample: where the top lies
-        best = sample[torch.argsort(ranking[sample], descending=True)[:_CLIMB_FROM]]
-        rank(_around(grams, best, _sample_step(grams) - 1))
+        leaders = sample[torch.argsort(ranking[sample], descending=True)[:_CLIMB_FROM]]
+        rank(_around(grams, leaders, _sample_step(grams) - 1))
     # Double precision proves nothing closer to lambda than its own margin (~4 n^2 u); single
     # precision nothing closer than ~4 n^2 u in its unit (frequencies ranked above that go
     # straight to double precision).
