@@ -214,6 +214,20 @@ def test_a_cholesky_proof_never_claims_a_level_below_the_largest_eigenvalue(
         assert bool(proven[0])
 
 
+def _shifted_grams(n: int, batch: int, precision: torch.dtype, seed: int, extra: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(S, above)``: ``s I - G`` for random Gram matrices ``G`` (``n x n``, of ``n + extra``
+    columns) with ``s`` 1e-3 above their largest eigenvalue where ``above``, 1e-3 below
+    elsewhere (far beyond rounding), in ``precision``."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, n, n + extra, dtype=torch.complex128, generator=gen)
+    G = X @ X.mH
+    top = torch.linalg.eigvalsh(G)[:, -1]
+    above = torch.rand(batch, generator=gen) < 0.5
+    shift = top * torch.where(above, 1 + 1e-3, 1 - 1e-3)
+    return (shift[:, None, None] * torch.eye(n, dtype=torch.float64) - G).to(precision), above
+
+
 @settings(deadline=None, max_examples=20)
 @given(n=st.sampled_from([96, 130, 200, 257]), batch=st.integers(1, 6),
        precision=st.sampled_from([torch.complex64, torch.complex128]), seed=st.integers(0, 2**16))  # fmt: skip
@@ -221,13 +235,7 @@ def test_the_blocked_cholesky_completes_where_lapacks_does(n, batch, precision, 
     """Wide batches are factorised by blocks on the CPU: on Hermitian matrices shifted just
     above or below their largest eigenvalue (1e-3 either way, far beyond rounding), it
     completes exactly where LAPACK's factorisation does and where the shift is above."""
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(batch, n, n + 7, dtype=torch.complex128, generator=gen)
-    G = X @ X.mH
-    top = torch.linalg.eigvalsh(G)[:, -1]
-    above = torch.rand(batch, generator=gen) < 0.5
-    shift = top * torch.where(above, 1 + 1e-3, 1 - 1e-3)
-    S = (shift[:, None, None] * torch.eye(n, dtype=torch.float64) - G).to(precision)
+    S, above = _shifted_grams(n, batch, precision, seed, extra=7)
     expected = torch.linalg.cholesky_ex(S).info == 0
     completes = torus._cholesky_completes(S.clone())
     assert completes.tolist() == expected.tolist() == above.tolist()
@@ -240,12 +248,7 @@ def test_the_batch_split_between_threads_answers_as_lapack(n, batch, threads, pr
     """On the CPU a batch is split between threads of one core each: every matrix's answer is
     LAPACK's own (shifted 1e-3 above or below its largest eigenvalue), in order, and torch's
     thread count is as it was."""
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(batch, n, n + 3, dtype=torch.complex128, generator=gen)
-    G = X @ X.mH
-    above = torch.rand(batch, generator=gen) < 0.5
-    shift = torch.linalg.eigvalsh(G)[:, -1] * torch.where(above, 1 + 1e-3, 1 - 1e-3)
-    S = (shift[:, None, None] * torch.eye(n, dtype=torch.float64) - G).to(precision)
+    S, above = _shifted_grams(n, batch, precision, seed, extra=3)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -427,7 +427,7 @@ def _mapped(run: Callable[[_Part], list[torch.Tensor]], parts: list[_Part]) -> l
 
 def _cached(side: int, dtype: torch.dtype) -> int:
     """How many ``side x side`` matrices of ``dtype`` make :data:`_CACHED_BYTES`."""
-    return max(1, _CACHED_BYTES // (side * side * torch.empty((), dtype=dtype).element_size()))
+    return max(1, _CACHED_BYTES // (side * side * dtype.itemsize))
 
 
 def _cholesky_completes(S: torch.Tensor) -> torch.Tensor:

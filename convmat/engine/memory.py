@@ -417,7 +417,7 @@ def kept_pages() -> Iterator[None]:
     rlimit is set, nothing changes). On leaving (the outermost, where nested), ``mmap`` is used
     again and the free pages are given back (their address space stays with the heap).
 
-    The setting is the process's: the main thread's allocations by other code meanwhile are
+    The setting is the process's: other code's allocations meanwhile, in any thread, are
     kept too. Afterwards glibc's thresholds stay where its own adjustment takes them in a
     process that frees large tensors (``mmap`` from 32 MiB, trim above 64 MiB on 64 bits),
     no longer adjusted. It changes no value, only where memory comes from.
