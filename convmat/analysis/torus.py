@@ -46,7 +46,10 @@ SLACK = 1e-10
 #: Power steps that rank the frequencies before any is decomposed (only an ordering is needed).
 _POWER_STEPS = 8
 #: Frequencies decomposed per round (:func:`_top_pairs`), and in the first round this many
-#: times more (a few estimates of power steps may lie above the top's own).
+#: times more where ``eigh`` decomposes them (a few estimates of power steps may lie above the
+#: top's own). Wide Gram matrices (Lanczos) take one batch of 2 first: each decomposed costs a
+#: Lanczos run, and a top missed costs one more round (512 rows, 45 frequencies: 8 first
+#: 0.22-0.28 s, 2 first 0.09-0.11 s; 256 rows at 128x128 0.08 -> 0.02 s; the same levels).
 _BATCH, _FIRST_BATCHES = 4, 4
 #: The smallest level proven (Gram matrices of zero norm: any positive level holds).
 _FLOOR = 1e-300
@@ -644,9 +647,10 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     lam, best, floor = 0.0, 0, _FLOOR
     pending = everything
     # Wide Gram matrices cost a Lanczos run each: decompose fewer at a time.
-    batch = _BATCH if grams.side <= _EIGH_SIDE else 2
+    narrow = grams.side <= _EIGH_SIDE
+    batch = _BATCH if narrow else 2
     # The estimates only bound each from below: more of the best are decomposed first.
-    chosen = torch.argsort(ranking, descending=True)[: _FIRST_BATCHES * batch]
+    chosen = torch.argsort(ranking, descending=True)[: (_FIRST_BATCHES if narrow else 1) * batch]
     while True:
         values, _ = _top_pairs(grams.at(chosen))
         top = int(torch.argmax(values))
