@@ -412,18 +412,20 @@ def _lanczos_top(
         v = y / y.norm()
 
 
-def _orthonormal(block: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:
+def _orthonormal(
+    block: torch.Tensor, against: torch.Tensor | None, outside: torch.Tensor | None = None
+) -> torch.Tensor:
     """The rows of ``block`` made orthonormal and orthogonal to the (orthonormal) rows of
-    ``against``: projected out twice as a block (classical Gram-Schmidt twice), then row by row
-    against each other; a row whose remainder is below :data:`_DEFLATION` of its norm is
-    dropped, and one with heavy cancellation (below :data:`_CANCELLATION`) is projected once
-    more."""
+    ``against``: projected out twice as a block (classical Gram-Schmidt twice; ``outside``: that
+    projection, already made), then row by row against each other; a row whose remainder is
+    below :data:`_DEFLATION` of its norm is dropped, and one with heavy cancellation (below
+    :data:`_CANCELLATION`) is projected once more."""
     scale = block.norm(dim=1).tolist()
 
     def project(rows: torch.Tensor) -> torch.Tensor:
         return rows if against is None else rows - (rows @ against.T) @ against
 
-    block = project(project(block))
+    block = project(project(block)) if outside is None else outside
     kept: list[torch.Tensor] = []
     for row, norm0 in zip(block, scale):  # at most _BLOCK rows
         for _ in range(2):
@@ -454,7 +456,12 @@ def _block_refine(
     value reaches ``enough``.
 
     The basis ``V``, its image ``AV`` and ``H = V^T A V`` live in buffers of ``basis`` rows
-    allocated once; ``size`` rows are in use.
+    allocated once; ``size`` rows are in use. Only the last block's images reach outside the
+    basis (each earlier block's were made the next block), so ``A V = V H + R^T E`` with ``R``
+    their parts outside it (:func:`_outside`) and ``E`` picking the last block: the residual
+    of a Ritz pair ``(theta, V^T s)`` is ``R^T s_last``, read from ``R`` (a block) instead of
+    the whole basis, plus at most ``lost``: the parts of ``R`` no block kept (rows dropped as
+    deflated, below :data:`_DEFLATION`), which no later residual sees.
 
     Returns the top Ritz vector, whether its error estimate reached ``tol`` (relative), and the
     estimate.
@@ -476,28 +483,33 @@ def _block_refine(
 
     size = extend(_orthonormal(start, None), 0)
     last = steps = size
-    error = math.inf
+    error, lost = math.inf, 0.0
     known: torch.Tensor | None = None
     while True:
+        images = AV[size - last : size]
+        R = _outside(images, V[:size], H[:size, size - last : size])
         full = size + b > basis
         if steps >= _REFINE_MIN_STEPS or full or enough < math.inf:  # Ritz pairs: when used
             h = H[:size, :size]
             theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
             count = min(max(_CLUSTER, 2 * b + 2), theta.numel())  # the top few Ritz pairs
-            Y, AY = S[:, -count:].T @ V[:size], S[:, -count:].T @ AV[:size]
-            residuals = (AY - theta[-count:, None] * Y).norm(dim=1)
+            ends = S[size - last :, -count:].T  # (count, last): the last block's coefficients
+            residuals = (ends @ R).norm(dim=1) + lost
             error = _error_estimate(theta[-count:], residuals, known) / top
             if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS or (
                     float(theta[-1]) >= enough):  # fmt: skip
-                return Y[-1], error <= tol, error
+                return S[:, -1] @ V[:size], error <= tol, error
             if full:
                 known = _known(theta[-count:], known)
-                last = size = min(b, count)
-                V[:size], AV[:size] = Y[-size:], AY[-size:]
+                kept = min(b, count)
+                Y, AY = S[:, -kept:].T @ V[:size], S[:, -kept:].T @ AV[:size]
+                images, R = AY, ends[-kept:] @ R  # their residuals: outside the new basis
+                last = size = kept
+                V[:size], AV[:size] = Y, AY
                 H.zero_()
                 H.diagonal()[:size] = theta[-size:]
-        block = _orthonormal(AV[size - last : size], V[:size])
+        block = _orthonormal(images, V[:size], R)
         if block.shape[0] == 0:  # the basis spans an invariant subspace (to _DEFLATION)
             h = H[:size, :size]
             theta, S = eigh((h + h.T) / 2)
@@ -505,9 +517,20 @@ def _block_refine(
             y, ay = S[:, -1] @ V[:size], S[:, -1] @ AV[:size]
             error = float((ay - theta[-1] * y).norm()) / top
             return y, error <= tol, error
+        if block.shape[0] < R.shape[0]:  # rows dropped: what they held is lost
+            lost += float((R - (R @ block.T) @ block).norm())
         last = block.shape[0]
         size = extend(block, size)
         steps += last
+
+
+def _outside(block: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """The rows of ``block`` less their parts in the (orthonormal) rows of ``basis``, given
+    ``coefficients = basis @ block.T``: removed once with those, then once more (classical
+    Gram-Schmidt twice, one pass over the basis fewer)."""
+    rows = block - coefficients.T @ basis
+    result: torch.Tensor = rows - (rows @ basis.T) @ basis
+    return result
 
 
 def _basis_size(
