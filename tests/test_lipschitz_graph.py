@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from convmat import lipschitz_report
+from convmat.analysis import torus
 from convmat.analysis.lipschitz import _derivative_sup
 
 from .models import ZOO
@@ -82,6 +84,44 @@ def test_conv_with_batchnorm_folded_is_exact(cin, cout, k, stride, transposed, s
             else nn.Conv2d(cin, cout, k, stride, padding=k // 2))  # fmt: skip
     r = check_affine(nn.Sequential(conv, random_bn(cout, seed)), (cin, 4, 5), exact=True)
     assert any(f.rule.startswith("folded into 0") for f in r.factors)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    cin=st.integers(1, 4), cout=st.integers(1, 4), stride=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]), width=st.sampled_from([None, 1e-3]),
+    seed=st.integers(0, 100),
+)  # fmt: skip
+def test_a_folded_batchnorm_scales_the_gram_matrices_kept_from_its_layer(
+    cin, cout, stride, groups, width, seed
+):
+    """By Lanczos (the enclosing torus certifies the upper ends), the BatchNorm folded into a
+    conv takes the Gram matrices kept from the conv's own norm, scaled, where they are ``M
+    M^H``: its factor is the one certified from Gram matrices formed afresh (nothing kept),
+    within the room, and bounds the dense Jacobian's norm."""
+    assume(cin % groups == 0 and cout % groups == 0)
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, 3, stride, padding=1, groups=groups)
+    model = nn.Sequential(conv, random_bn(cout, seed)).double().eval()
+    shape = (cin, 9, 10)
+    calls = []
+    scaled = torus.TorusGrams.scaled
+
+    def spy(self, scale):
+        calls.append(self.rows <= self.cols)
+        return scaled(self, scale)
+
+    with patch.object(torus.TorusGrams, "scaled", spy):
+        r = report(model, shape, method="lanczos", width=width)
+    with patch.object(torus, "_KEPT_BYTES", 0):
+        fresh = report(model, shape, method="lanczos", width=width)
+    assert calls == [True] or calls == [False]  # taken once, scaled where it can be
+    folded = next(f for f in r.factors if f.rule.startswith("folded into 0"))
+    again = next(f for f in fresh.factors if f.rule.startswith("folded into 0"))
+    room = 1e-9 if width is None else 2 * width
+    assert abs(folded.factor / again.factor - 1) <= room
+    true = jnorm(model, torch.zeros(shape))
+    assert true <= r.upper * (1 + 1e-9)
 
 
 def test_linear_with_batchnorm1d_folded_and_standalone_batchnorm_are_exact():

@@ -323,6 +323,66 @@ def test_the_enclosing_torus_is_certified_against_its_dense_circulant(cfg, seed,
         assert abs(top.value - exact) <= 1e-9 * max(exact, 1e-300)
 
 
+@given(cfg=conv_configs(dims=(1, 2)), seed=st.integers(0, 2**16),
+       room=st.sampled_from([1e-10, 1e-4, 1e-2]))  # fmt: skip
+@settings(deadline=None, max_examples=40)
+def test_gram_matrices_scaled_for_a_folded_batchnorm_are_the_scaled_weights(cfg, seed, room):
+    """``TorusGrams.scaled`` (a BatchNorm folded into the layer: output channel ``c`` times
+    ``scale[c]``, of either sign): each Gram matrix lies within the bound its ``form_error``
+    states (plus the fresh one's) of the matrix formed from the scaled weight, in both
+    precisions, and its certificate brackets the scaled weight's circular norm (the spectrum
+    by FFT, decomposed in full) within ``room``. Where the Gram matrices are ``M^H M`` (the
+    input side, the scale inside them) there is nothing to scale: ``None``."""
+    gen = torch.Generator().manual_seed(seed)
+    op = _op(cfg, cfg.weight(generator=gen))
+    geo, weight = op.geometry.matching_conv, op.weight
+    out = weight.shape[0]
+    scale = (torch.rand(out, dtype=torch.float64, generator=gen) * 3 + 0.1) * torch.where(
+        torch.rand(out, generator=gen) < 0.5, -1.0, 1.0).double()  # fmt: skip
+    size, before = torus.enclosing_torus(geo), (0,) * geo.ndim
+    grams = torus.TorusGrams(weight, geo, before, size)
+    scaled = grams.scaled(scale)
+    folded = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+    if grams.rows > grams.cols:
+        assert scaled is None
+    else:
+        fresh = torus.TorusGrams(folded, geo, before, size)
+        every = torch.arange(fresh.count)
+        assert scaled is not None and scaled.count == fresh.count
+        for dtype in (torch.complex128, torch.complex64):
+            gap = torch.linalg.matrix_norm(scaled.at(every, dtype) - fresh.at(every, dtype), 2)
+            bound = scaled.form_error(dtype) + fresh.form_error(dtype)
+            assert float(gap.max()) <= bound * (1 + 1e-9) + 1e-300
+        M = torus.torus_spectrum(folded, geo, before, size, top_only=True).flatten(0, 1)
+        exact = float(torch.linalg.svdvals(M).max()) if M.numel() else 0.0
+        top = torus.torus_top(scaled, room)
+        assert exact <= top.upper * (1 + 1e-14) + 1e-300
+        assert top.upper <= max(exact, 1e-300) * math.sqrt(1 + 4 * room + 1e-9) + 1e-150
+        assert bool((grams.ranking == -math.inf).all()) or grams.count == 0  # not shared
+
+
+def test_the_gram_matrices_kept_for_a_folded_layer_are_let_go_once_used():
+    """Within ``keeping_grams`` a layer's Gram matrices are kept with its weight and geometry;
+    ``folded_grams`` finds them by value (a copy of the weight matches), once; another weight
+    or geometry, or nothing kept (outside, or a budget of 0), gives ``None``."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 6, 3, 3, dtype=torch.float64, generator=gen)
+    geo = ConvOperator(w, (9, 9), padding=1).geometry
+    other = ConvOperator(w, (10, 9), padding=1).geometry
+    scale = torch.rand(6, dtype=torch.float64, generator=gen) + 0.5
+    torus.enclosing_norm(w, geo)
+    assert torus.folded_grams(w, scale, geo) is None  # outside: nothing kept
+    with torus.keeping_grams():
+        torus.enclosing_norm(w, geo)
+        assert torus.folded_grams(w + 1e-3, scale, geo) is None
+        assert torus.folded_grams(w, scale, other) is None
+        assert torus.folded_grams(w.clone(), scale, geo) is not None
+        assert torus.folded_grams(w, scale, geo) is None  # let go
+    with mock.patch.object(torus, "_KEPT_BYTES", 0), torus.keeping_grams():
+        torus.enclosing_norm(w, geo)
+        assert torus.folded_grams(w, scale, geo) is None
+
+
 @pytest.mark.parametrize("power", [0, 600, -600, 1000, 1023])
 def test_the_torus_of_weights_near_float64s_limits_scales_exactly(power):
     """A weight scaled by 2^power (its Gram matrices, squaring it, would overflow or vanish

@@ -60,6 +60,7 @@ from .spectral import (
     operator_norm,
 )
 from .tangent import NotLinearisable, linearise
+from .torus import folded_grams, keeping_grams
 
 __all__ = ["GraphFactor", "LayerNorm", "LipschitzReport", "layer_calls", "lipschitz_report"]
 
@@ -535,11 +536,13 @@ def lipschitz_report(
     shape, tol, width, method = _checked_report_arguments(
         model, input_shape, tol, width, method, probes, iterations
     )
-    records = _layer_norms(model, shape, tol, width, method, progress)
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        upper, graph, factors, reasons = _graph_bound(model, shape, records, method, width)
+        # Each layer's Gram matrices are kept from its norm for its BatchNorm's folded norm.
+        with keeping_grams():
+            records = _layer_norms(model, shape, tol, width, method, progress)
+            model.eval()
+            upper, graph, factors, reasons = _graph_bound(model, shape, records, method, width)
         lower, x, v, note = _empirical_lower(model, shape, probes, iterations, seed)
     finally:
         for m, mode in modes.items():
@@ -865,6 +868,7 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
     by ``scale[c]`` (a BatchNorm folded into it; the bias plays no part), certified to the
     room a ``width`` allows."""
     folded = copy.deepcopy(layer).double()
+    grams = None
     with torch.no_grad():
         w = folded.weight
         if isinstance(layer, nn.Linear):
@@ -874,8 +878,11 @@ def _folded_norm(layer: Any, scale: torch.Tensor, in_shape: tuple[int, ...],
             view = w.view(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
             view.mul_(scale.view(g, 1, -1, *[1] * (w.dim() - 2)))
         else:
+            # The layer's own Gram matrices, kept from its norm, scaled (none formed again).
+            geo = Geometry.from_module(folded, in_shape[1:])
+            grams = folded_grams(w, scale, geo)
             w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
-    return _certified_upper(folded, in_shape[1:], method, width)
+    return _certified_upper(folded, in_shape[1:], method, width, grams)
 
 
 def _dense_upper(w: torch.Tensor) -> float:

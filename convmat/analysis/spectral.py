@@ -930,17 +930,18 @@ def _resolve(method: str, op: ConvOperator, norm_only: bool = False) -> str:
 
 
 def _certified_upper(
-    source: Any, input_size: Any, method: str = "auto", width: float | None = None
-) -> float:
+    source: Any, input_size: Any, method: str = "auto", width: float | None = None,
+    grams: TorusGrams | None = None,
+) -> float:  # fmt: skip
     """The upper end :func:`operator_norm` gives (circular certificate), without the value where
     that takes an iteration: for Lanczos the enclosing circular convolution's norm, which is
     that upper end (the Lanczos value lies below it), certified to the room a ``width``
-    allows."""
+    allows (from ``grams``, its Gram matrices, where given)."""
     op = _operator(source, input_size, {})
     chosen = _resolve(_check_method(method), op, norm_only=True)
     if chosen == "lanczos":
         room = SLACK if width is None else _UPPER_SHARE * width
-        return enclosing_norm(op.weight, op.geometry.matching_conv, room).upper
+        return enclosing_norm(op.weight, op.geometry.matching_conv, room, grams).upper
     return REGISTRY[chosen].norm(op, _ROUGH_TOL, None).upper  # exact methods: no tol
 
 

@@ -27,12 +27,14 @@ convolutions.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -234,7 +236,7 @@ class TorusGrams:
             self.ranking = _unranked(self.count)
             # The FFT's error (~log2(F) u per entry of M, M bounded by sum_t ||A_t||_F), the
             # product's (~side u) and the cast: generously, u (4 log2 F + 4 side + 16) ||M||^2.
-            frob = float(self._poly.norm(dim=(1, 2)).sum(-1).max()) ** 2
+            self._frob = frob = float(self._poly.norm(dim=(1, 2)).sum(-1).max()) ** 2
             self._form = (4 * math.log2(max(self.freqs, 2)) + 4 * side + 16) * frob
             return
         self._all = None
@@ -278,12 +280,53 @@ class TorusGrams:
             groups, len(half), side * side)  # fmt: skip
         # The casts of the terms and of cos/sin (2u each per term) and the sums of K terms (K u),
         # taken four times over, against sum_delta ||B_delta||_F.
-        frob = float(B.norm(dim=(2, 3)).sum(1).max())
+        self._frob = frob = float(B.norm(dim=(2, 3)).sum(1).max())
         self._form = 4 * (len(self.offsets) + 4) * frob
         per_matrix = side * side * 16 * (len(self.offsets) if groups > 1 else 3)
         self.chunk = max(1, budget // per_matrix)
         self.terms = len(self.offsets)
         self.ranking = _unranked(self.count)
+
+    def scaled(self, scale: torch.Tensor) -> TorusGrams | None:
+        """The Gram matrices of the weight with output channel ``c`` scaled by ``scale[c]`` (a
+        BatchNorm folded in), from these: ``S M M^H S``, each term (or matrix) scaled on both
+        sides, nothing formed again. ``None`` where these are ``M^H M`` (the input side: the
+        scale sits inside) or a weight was divided by a power of two (:attr:`scale`).
+
+        The scaling rounds each entry twice more (``2 u`` relative): the bound on the forming
+        error grows by ``2 u`` times the terms' Frobenius norms, and both scale by ``max
+        scale^2``.
+
+        Shape:
+            ``scale``: ``(C_out,)``.
+        """
+        if self.rows > self.cols or self.scale != 1.0:
+            return None
+        s = scale.detach().to(device=self.device, dtype=torch.float64)
+        s = s.reshape(self.groups, self.rows)
+        poly = self._poly * s[:, :, None, None]
+        largest = float(poly.abs().max()) if poly.numel() else 0.0
+        if abs(math.frexp(largest)[1]) > _SCALE_BITS:
+            return None
+        new = copy.copy(self)
+        outer = s[:, :, None] * s[:, None, :]  # (groups, side, side)
+        top2 = float(s.abs().max()) ** 2 if s.numel() else 0.0
+        new._poly, new._cast, new.ranking = poly, {}, _unranked(self.count)
+        if self._all is not None:
+            sizes = (self.groups, -1, self.side, self.side)
+            new._all = (self._all.view(sizes) * outer[:, None]).reshape(self._all.shape)
+        else:
+            flat = outer.reshape(self.groups, 1, -1)
+            new._real_terms, new._imag_terms = self._real_terms * flat, self._imag_terms * flat
+        new._frob = top2 * self._frob
+        new._form = top2 * (self._form + 2 * self._frob)
+        return new
+
+    def nbytes(self) -> int:
+        """The bytes of the tensors these Gram matrices keep."""
+        kept = [self._poly, self._shifts, self.ranking, *self._cast.values()]
+        kept += [self._all] if self._all is not None else [self._real_terms, self._imag_terms]
+        return sum(t.numel() * t.element_size() for t in kept)
 
     def form_error(self, dtype: torch.dtype) -> float:
         """A bound on ``||G~ - G||_2`` for a Gram matrix ``G~`` made by :meth:`at` in ``dtype``."""
@@ -801,14 +844,88 @@ def enclosing_norm(weight: torch.Tensor, geo: Geometry, room: float = SLACK,
     certify again with another room without forming or ranking the frequencies again.
     """
     with kept_pages():  # chunks of Gram matrices of the same sizes again and again
+        fresh = grams is None
         if grams is None:
             grams = TorusGrams(weight, geo, (0,) * geo.ndim, enclosing_torus(geo))
         top = torus_top(grams, room)
+    if fresh:
+        _keep(weight, geo, grams)
     fold = 1.0
     if geo.mode.folds:
         pairs = zip(geo.input_size, geo.padding)
         fold = math.sqrt(math.prod(geo.mode.copies(i, b, a) for i, (b, a) in pairs))
     return Enclosing(top.upper * fold, grams, top, fold)
+
+
+@dataclass
+class _Kept:
+    """What :func:`keeping_grams` keeps: ``(geometry, weight, Gram matrices)``, their bytes."""
+
+    budget: int
+    entries: list[tuple[Geometry, torch.Tensor, TorusGrams]] = field(default_factory=list)
+    nbytes: int = 0
+
+
+_KEEPING: ContextVar[_Kept | None] = ContextVar("_KEEPING", default=None)
+#: Most bytes of Gram matrices :func:`keeping_grams` keeps (and at most 1 / _FREE_SHARE of the
+#: free memory when each is kept): ResNet-18's take ~0.5 GB.
+_KEPT_BYTES = 2**30
+
+
+@contextmanager
+def keeping_grams() -> Iterator[None]:
+    """Within it, the Gram matrices :func:`enclosing_norm` forms are kept (up to
+    :data:`_KEPT_BYTES`) with the weight and geometry they belong to, for :func:`folded_grams`
+    (a model's report: each layer's norm, then the same layer with its BatchNorm folded in)."""
+    token = _KEEPING.set(_Kept(_KEPT_BYTES))
+    try:
+        yield
+    finally:
+        _KEEPING.reset(token)
+
+
+def _keep(weight: torch.Tensor, geo: Geometry, grams: TorusGrams) -> None:
+    """Keeps ``grams`` within :func:`keeping_grams`, where the budget and free memory allow."""
+    kept = _KEEPING.get()
+    if kept is None:
+        return
+    grams = copy.copy(grams)  # without its casts (made again on demand; scaled makes its own)
+    grams._cast = {}
+    size = grams.nbytes() + weight.numel() * weight.element_size()
+    free = available_memory(weight.device) or _FREE_UNKNOWN
+    if kept.nbytes + size <= min(kept.budget, free // _FREE_SHARE):
+        kept.entries.append((geo, weight, grams))
+        kept.nbytes += size
+
+
+def folded_grams(weight: torch.Tensor, scale: torch.Tensor, geo: Geometry) -> TorusGrams | None:
+    """The Gram matrices of ``weight`` with output channel ``c`` scaled by ``scale[c]``, made
+    from those kept (:func:`keeping_grams`) for ``weight`` and ``geo`` (then let go):
+    :meth:`TorusGrams.scaled`; ``None`` where none are kept or they do not scale.
+
+    Shape:
+        ``weight``: ``(C_out, C_in/g, *kernel)``; ``scale``: ``(C_out,)``.
+
+    >>> from convmat.engine import Geometry
+    >>> w = torch.randn(4, 4, 3, dtype=torch.float64)
+    >>> geo = Geometry.from_module(torch.nn.Conv1d(4, 4, 3, padding=1), 16)
+    >>> with keeping_grams():
+    ...     _ = enclosing_norm(w, geo)
+    ...     grams = folded_grams(w, torch.full((4,), 2.0, dtype=torch.float64), geo)
+    >>> folded = enclosing_norm(2 * w, geo)
+    >>> abs(enclosing_norm(2 * w, geo, grams=grams).upper / folded.upper - 1) < 1e-9
+    True
+    """
+    kept = _KEEPING.get()
+    if kept is None:
+        return None
+    for i, (g, w, grams) in enumerate(kept.entries):
+        if g == geo and w.shape == weight.shape and w.device == weight.device and bool(
+                torch.equal(w, weight.to(w.dtype))):  # fmt: skip
+            del kept.entries[i]
+            kept.nbytes -= grams.nbytes() + w.numel() * w.element_size()
+            return grams.scaled(scale)
+    return None
 
 
 # -- the windowed lower end -----------------------------------------------------------------------
