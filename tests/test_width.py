@@ -442,6 +442,14 @@ def test_the_windowed_vector_is_a_real_input_below_the_norm(cfg, seed):
     assume(bool((norms > 0).any()))
     ratio = ((W @ flat.T).norm(dim=0) / norms.clamp_min(1e-300)).max().item()
     assert ratio <= torch.linalg.svdvals(W)[0].item() * (1 + 1e-12)
+    # The wave carries the top eigenvector torus_top found (not decomposed again): a unit
+    # eigenvector of its frequency's Gram matrix, for the value it reports.
+    top, grams = enclosing.top, enclosing.grams
+    if top.vector is not None:
+        G = grams.at(torch.tensor([top.index]))[0]
+        lam = (top.value / grams.scale) ** 2
+        assert abs(float(top.vector.norm()) - 1) <= 1e-12
+        assert float((G @ top.vector - lam * top.vector).norm()) <= 1e-8 * max(lam, 1e-300)
 
 
 def test_the_method_literal_is_the_registrys():

@@ -517,11 +517,13 @@ class TorusTop:
         upper: ``sqrt(level)``: no frequency's ``||M_f||`` exceeds it (certified).
         value: the largest ``||M_f||`` computed (an eigenvalue, not certified).
         index: the frequency that holds it.
+        vector: the unit eigenvector of its Gram matrix (:meth:`TorusGrams.at`) for it.
     """
 
     upper: float
     value: float
     index: int
+    vector: torch.Tensor | None = None
 
 
 #: Every frequency is ranked (power steps) where the Gram matrices are at least this wide
@@ -687,7 +689,7 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     # straight to double precision).
     room = max(room, 8 * _rounding(grams.side, torch.complex128) * grams.side)
     margin32 = 2 * _rounding(grams.side, torch.complex64) * grams.side
-    lam, best, floor = 0.0, 0, _FLOOR
+    lam, best, floor, vector = 0.0, 0, _FLOOR, None
     pending = everything
     # Wide Gram matrices cost a Lanczos run each: decompose fewer at a time.
     narrow = grams.side <= _EIGH_SIDE
@@ -695,10 +697,10 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     # The estimates only bound each from below: more of the best are decomposed first.
     chosen = torch.argsort(ranking, descending=True)[: (_FIRST_BATCHES if narrow else 1) * batch]
     while True:
-        values, _ = _top_pairs(grams.at(chosen))
+        values, vectors = _top_pairs(grams.at(chosen))
         top = int(torch.argmax(values))
         if float(values[top]) > lam:
-            lam, best = float(values[top]), int(chosen[top])
+            lam, best, vector = float(values[top]), int(chosen[top]), vectors[top]
         elif pending.numel() < everything.numel():
             # Below lam by its eigenvalue, yet not proven: rounding needs more room (or, for
             # Gram matrices of zero or tiny norm, a larger floor).
@@ -713,7 +715,8 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
         pending = _prove(grams, pending, level, torch.complex128)
         if not pending.numel():
             scale = grams.scale
-            return TorusTop(math.sqrt(level) * scale, math.sqrt(max(lam, 0.0)) * scale, best)
+            root = math.sqrt(max(lam, 0.0))
+            return TorusTop(math.sqrt(level) * scale, root * scale, best, vector)
         chosen = pending[torch.argsort(ranking[pending], descending=True)[:batch]]
 
 
@@ -946,7 +949,10 @@ def windowed_vector(enclosing: Enclosing, geo: Geometry, input_side: bool) -> to
     vector ``v`` of ``M``, the output side the top left one."""
     grams, top = enclosing.grams, enclosing.top
     M = grams.matrix(top.index)
-    _, vector = _top_pairs(grams.at(torch.tensor([top.index])))
+    if top.vector is None:
+        _, vector = _top_pairs(grams.at(torch.tensor([top.index])))
+    else:
+        vector = top.vector[None]  # found by torus_top
     if grams.rows <= grams.cols:  # the Gram side is the output side: vector is u
         left, right = vector[0], M.mH @ vector[0]
     else:
