@@ -4,6 +4,7 @@ adjoint objects, the cache of the flipped kernel, scipy interoperability."""
 from __future__ import annotations
 
 import gc
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from convmat import ConvMatError, cache_info, clear_cache, conv_transpose_matrix
+from convmat.analysis import operator as operator_module
 from convmat.analysis.operator import ConvOperator, dottest
 
 from .reference import conv_configs, conv_transpose_configs, reference
@@ -57,6 +59,37 @@ def test_operator_and_adjoint_equal_torch(cfg):
     torch.testing.assert_close(op.T.to_dense(), W.T, rtol=0, atol=1e-12)
     for layout in (torch.sparse_coo, torch.sparse_csr):
         torch.testing.assert_close(op.T.to_sparse(layout).to_dense(), W.T, rtol=0, atol=1e-12)
+
+
+@given(cfg=st.one_of(conv_configs(modes=("zeros",)), conv_transpose_configs()),
+       single=st.booleans())  # fmt: skip
+def test_a_strided_adjoint_by_its_polyphase_kernel_equals_torch(cfg, single):
+    """A strided adjoint (a convolution's ``W^T``, a transposed layer's ``W``) run as one
+    stride-1 correlation of its polyphase kernel, forced here on every layer (on the CPU it
+    runs in float32 for few input channels): it equals torch's in float64, to float32's
+    rounding in float32 (``single``), plain and pinned; the gradient to the kernel through it
+    equals the one through ``conv_transpose``."""
+    assume(any(s > 1 for s in cfg.stride))
+    w = cfg.weight()
+
+    def side(weight):
+        op = operator(cfg, weight)
+        return op if cfg.transposed else op.T
+
+    y = torch.randn(2, *side(w).in_shape, dtype=torch.float64)
+    expected = reference(cfg, y, w) if cfg.transposed else torch_adjoint(cfg, w, y)
+    weight = w.clone().requires_grad_()
+    with patch.object(operator_module, "_polyphase_pays", lambda geo, y: True):
+        for op in (side(w), side(w)._pinned()):
+            if single:
+                got = op.to(torch.float32) @ y.float()
+                scale = 1 + float(expected.abs().max())
+                torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * scale)
+            else:
+                torch.testing.assert_close(op @ y, expected, rtol=0, atol=1e-10)
+        (grad,) = torch.autograd.grad((side(weight) @ y).square().sum(), weight)
+    (want,) = torch.autograd.grad((side(weight) @ y).square().sum(), weight)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-9 * (1 + float(want.abs().max())))
 
 
 @given(cfg=conv_configs(modes=("zeros",)))
