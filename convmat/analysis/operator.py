@@ -37,6 +37,7 @@ from ..engine import (
     flat_pads,
     lookup,
     oriented,
+    same_values,
     store,
     tensor_bytes,
     weight_view,
@@ -388,8 +389,7 @@ class ConvOperator:
         hit: tuple[torch.Tensor, torch.Tensor] | None = lookup(key)
         if hit is not None:
             copy, kernel = hit
-            if (copy.dtype == w.dtype and copy.device == w.device and copy.shape == w.shape
-                    and torch.equal(copy, w)):  # fmt: skip
+            if same_values(copy, w):
                 return kernel
         kernel = make(w.detach())
         copy = w.detach().clone()

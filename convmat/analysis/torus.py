@@ -39,7 +39,15 @@ from typing import TypeVar
 
 import torch
 
-from ..engine import Geometry, available_memory, check_allocation, kept_pages, reads
+from ..engine import (
+    Geometry,
+    available_memory,
+    check_allocation,
+    kept_pages,
+    reads,
+    same_values,
+    tensor_bytes,
+)
 
 #: Relative room of an exact norm: the level is the largest eigenvalue found times ``1 + SLACK``
 #: (far above what the rounding of double-precision Cholesky tests costs for a few thousand
@@ -326,7 +334,7 @@ class TorusGrams:
         """The bytes of the tensors these Gram matrices keep."""
         kept = [self._poly, self._shifts, self.ranking, *self._cast.values()]
         kept += [self._all] if self._all is not None else [self._real_terms, self._imag_terms]
-        return sum(t.numel() * t.element_size() for t in kept)
+        return tensor_bytes(kept)
 
     def form_error(self, dtype: torch.dtype) -> float:
         """A bound on ``||G~ - G||_2`` for a Gram matrix ``G~`` made by :meth:`at` in ``dtype``."""
@@ -862,10 +870,11 @@ def enclosing_norm(weight: torch.Tensor, geo: Geometry, room: float = SLACK,
 
 @dataclass
 class _Kept:
-    """What :func:`keeping_grams` keeps: ``(geometry, weight, Gram matrices)``, their bytes."""
+    """What :func:`keeping_grams` keeps: ``(geometry, weight, Gram matrices, their bytes)``,
+    and the bytes of all."""
 
     budget: int
-    entries: list[tuple[Geometry, torch.Tensor, TorusGrams]] = field(default_factory=list)
+    entries: list[tuple[Geometry, torch.Tensor, TorusGrams, int]] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -894,10 +903,10 @@ def _keep(weight: torch.Tensor, geo: Geometry, grams: TorusGrams) -> None:
         return
     grams = copy.copy(grams)  # without its casts (made again on demand; scaled makes its own)
     grams._cast = {}
-    size = grams.nbytes() + weight.numel() * weight.element_size()
+    size = grams.nbytes() + tensor_bytes([weight])
     free = available_memory(weight.device) or _FREE_UNKNOWN
     if kept.nbytes + size <= min(kept.budget, free // _FREE_SHARE):
-        kept.entries.append((geo, weight, grams))
+        kept.entries.append((geo, weight, grams, size))
         kept.nbytes += size
 
 
@@ -922,11 +931,10 @@ def folded_grams(weight: torch.Tensor, scale: torch.Tensor, geo: Geometry) -> To
     kept = _KEEPING.get()
     if kept is None:
         return None
-    for i, (g, w, grams) in enumerate(kept.entries):
-        if g == geo and w.shape == weight.shape and w.device == weight.device and bool(
-                torch.equal(w, weight.to(w.dtype))):  # fmt: skip
+    for i, (g, w, grams, size) in enumerate(kept.entries):
+        if g == geo and same_values(w, weight):
             del kept.entries[i]
-            kept.nbytes -= grams.nbytes() + w.numel() * w.element_size()
+            kept.nbytes -= size
             return grams.scaled(scale)
     return None
 

@@ -5,8 +5,8 @@ The names below are the engine's interface; the other packages use only these (a
 ``pyproject.toml``, checked by ``tests/test_layers_contract.py``). The cache's own workings
 (making room for the memory guard, its counters, parsing the budget) stay inside the engine;
 what it offers the other packages is the budget itself: :func:`cached`, or :func:`lookup`,
-:func:`store` and :func:`discard` for entries checked against the values they were built from,
-with :func:`tensor_bytes` to size them.
+:func:`store` and :func:`discard` for entries checked against the values they were built from
+(:func:`same_values`), with :func:`tensor_bytes` to size them.
 """
 
 from typing import TYPE_CHECKING
@@ -59,6 +59,7 @@ _WHERE = {
     "read_by": ".axes",
     "reads": ".axes",
     "same_padding": ".shapes",
+    "same_values": ".cache",
     "set_cache_budget": ".cache",
     "span": ".axes",
     "store": ".cache",
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
         clear_cache,
         discard,
         lookup,
+        same_values,
         set_cache_budget,
         store,
         tensor_bytes,
@@ -168,6 +170,7 @@ __all__ = [
     "read_by",
     "reads",
     "same_padding",
+    "same_values",
     "set_cache_budget",
     "span",
     "store",

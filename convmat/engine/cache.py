@@ -83,6 +83,18 @@ _UNITS = {
 }  # fmt: skip
 
 
+def same_values(kept: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether ``kept`` (a copy an entry was built from) still equals ``tensor``: the same
+    dtype, device, shape and values (whatever changed them since).
+
+    >>> t = torch.ones(3)
+    >>> same_values(t.clone(), t), same_values(t.double(), t), same_values(t + 1, t)
+    (True, False, False)
+    """
+    return (kept.dtype == tensor.dtype and kept.device == tensor.device
+            and kept.shape == tensor.shape and bool(torch.equal(kept, tensor)))  # fmt: skip
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes held by the storages of ``tensors`` (each storage counted once; meta holds none).
 
