@@ -75,10 +75,27 @@ class _Token:
         weakref.finalize(self, discard, self.owner)
 
 
+def _correlate(x: torch.Tensor, w: torch.Tensor, pads: tuple[tuple[int, int], ...],
+               **options: Any) -> torch.Tensor:  # fmt: skip
+    """``x`` zero-padded by ``pads`` (``(before, after)`` per dimension; negative crops),
+    correlated with ``w`` (``options``: stride, dilation, groups): by the convolution's own
+    padding where every pair is equal and non-negative (no padded copy, and a faster kernel:
+    float32, 2 cores, one vector, W^T W of ResNet-18's conv1 4.5 -> 3.8 ms, 256 -> 256 3x3 at
+    14x14 2.8 -> 2.4 ms), else on an explicitly padded copy."""
+    if all(b == a >= 0 for b, a in pads):
+        return _CONV[x.dim() - 2](x, w, padding=tuple(b for b, _ in pads), **options)
+    return _CONV[x.dim() - 2](F.pad(x, flat_pads(pads)), w, **options)
+
+
 def _conv_forward(geo: Geometry, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A convolution's W applied to ``(B, C_in, *input_size)``."""
-    padded = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode)
-    y = _CONV[geo.ndim](padded, w, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
+    options: dict[str, Any] = {"stride": geo.stride, "dilation": geo.dilation,
+                               "groups": geo.groups}  # fmt: skip
+    if geo.mode.folds:
+        padded = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode)
+        y = _CONV[geo.ndim](padded, w, **options)
+    else:
+        y = _correlate(x, w, geo.padding, **options)
     # The matching convolution of a transposed layer with output_padding has fewer outputs than
     # its windows allow (the transposed layer never reads the last ones).
     return _crop(y, tuple((0, 0) for _ in geo.output_size), geo.output_size)
@@ -102,8 +119,7 @@ def _conv_adjoint(geo: Geometry, w: torch.Tensor, y: torch.Tensor, flipped: Any,
         # Stride 1: the adjoint is a correlation with the flipped, transposed kernel over y
         # padded by d*(k-1) - pad (negative pads crop); often faster than conv_transpose.
         pads = tuple((s - b, s - a + u) for s, (b, a), u in zip(geo.spans, geo.padding, unread))
-        return _CONV[n](F.pad(y, flat_pads(pads)), flipped(), dilation=geo.dilation,
-                        groups=geo.groups)  # fmt: skip
+        return _correlate(y, flipped(), pads, dilation=geo.dilation, groups=geo.groups)
     if not geo.mode.folds and phased is not None and _polyphase_pays(geo, y):
         return _polyphase_adjoint(geo, y, phased())
     # output_padding may exceed what conv_transpose accepts; zero-extend instead.
@@ -157,8 +173,7 @@ def _polyphase_adjoint(geo: Geometry, y: torch.Tensor, kernel: torch.Tensor) -> 
     phases interleaved (position ``u s + r`` of the padded input), then the padding cut off."""
     n, stride = geo.ndim, geo.stride
     span = kernel.shape[2:]
-    z = _CONV[n](F.pad(y, flat_pads(tuple((j - 1, j - 1) for j in span))), kernel,
-                 groups=geo.groups)  # fmt: skip
+    z = _correlate(y, kernel, tuple((j - 1, j - 1) for j in span), groups=geo.groups)
     batch, size = y.shape[0], z.shape[2:]
     z = z.reshape(batch, geo.in_channels, *stride, *size)
     order = [0, 1, *(p for d in range(n) for p in (2 + n + d, 2 + d))]
