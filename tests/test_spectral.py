@@ -309,23 +309,25 @@ def test_a_refinement_confirming_float32_passes_is_within_its_tol(case):
     values, start, basis, tol, twin = case
     tol = max(tol, spectral._PASS_FLOOR)
     single = values.float()
+
+    def gram(v):
+        return v * single
+
     found, ritz = [], None
-    for row in start:
-        row = row - sum(((v @ row) * v for v in found), torch.zeros_like(row))
-
-        def apply(v, prior=torch.stack(found).float() if found else None):
-            if prior is None:
-                return v * single
-            w = (v - (prior @ v) @ prior) * single
-            return w - (prior @ w) @ prior
-
+    for row in start:  # the operator norm's two passes, the second deflated
+        apply = gram
+        if found:
+            prior = found[0][None]
+            row = row - (prior @ row) @ prior
+            apply = spectral._deflated(apply, prior.float())
         vector, settled, values32 = spectral._lanczos_top(
             apply, row.float(), tol, basis, spectral._ROUGH_MAX_STEPS
         )
         assume(settled)
         ritz = values32 if ritz is None else ritz
         vector = vector.double()
-        vector = vector - sum(((v @ vector) * v for v in found), torch.zeros_like(vector))
+        if found:
+            vector = vector - (prior @ vector) @ prior
         found.append(vector / vector.norm())
     vector, converged, error = spectral._block_refine(
         lambda X: X * values, torch.stack(found), tol, basis, known=ritz, min_steps=len(found)

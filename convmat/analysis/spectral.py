@@ -789,9 +789,9 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
             # float32 Ritz values are good to ~1e-6: aim a little above the target.
             settle = _WIDTH_SETTLED * width
             rough, settled, _ = _rough_vectors(side, _rough_tol(settle),
-                                            _basis_size(n, op.weight.device, itemsize=4),
-                                            start[None],
-                                            (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
+                                               _basis_size(n, op.weight.device, itemsize=4),
+                                               start[None],
+                                               (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
             vector = rough[0]
             value = max(value, float((side @ vector).norm()))
             # A pass that settled this far below the target (to the accuracy the width asks,
