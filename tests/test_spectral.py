@@ -7,7 +7,7 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.sparse.linalg import svds
 from torch import nn
@@ -118,6 +118,25 @@ def test_lanczos_on_one_unknown_whose_windowed_start_opposes_the_random_one(valu
     r = operator_norm(torch.full((1, 1, 1), value, dtype=torch.float64), (1,), method="lanczos")
     assert r.converged and r.value == pytest.approx(abs(value), rel=1e-12)
     assert r.lower <= abs(value) * (1 + 1e-12) and abs(value) <= r.upper * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("seed", [6, 0])
+def test_lanczos_resolves_a_top_cluster_of_eight_at_the_default_tol(seed):
+    """Two groups whose kernels differ by a factor ``1 + 1e-7``, dilation 2 on a 30x30 grid
+    (four identical phases a group): the top is a cluster of eight singular values, four equal
+    and four ``1e-7`` above them. The value is within the default tol of the top, which is
+    group B's (exactly: its kernel is group A's scaled). Float32 passes only confirmed in
+    float64 by a block or two of products, instead of refined, came out 2.6e-6 low here (seed
+    6) with an estimate of 4.5e-9."""
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=gen)
+    w = torch.cat([half, half * (1 + 1e-7)])
+    config = dict(stride=1, padding=2, dilation=2)
+    expected = torch.linalg.matrix_norm(
+        ConvOperator(half, (30, 30), **config).to_dense(), ord=2).item() * (1 + 1e-7)  # fmt: skip
+    r = operator_norm(w, (30, 30), groups=2, method="lanczos", **config)
+    assert r.converged and r.lower <= expected * (1 + 1e-12) <= r.upper * (1 + 2e-12)
+    assert abs(r.value - expected) <= r.tol * expected
 
 
 @settings(deadline=None)
@@ -297,46 +316,6 @@ def test_a_converged_refinement_is_within_its_tol(case):
     assert not converged or 1 - value <= _ESTIMATE_FACTOR * (tol + twin)
 
 
-@given(top_heavy_spectra(st.integers(60, 400)))
-@settings(max_examples=40, deadline=None, derandomize=True)
-def test_a_refinement_confirming_float32_passes_is_within_its_tol(case):
-    """Float32 passes settled to the refinement's own tol (as the operator norm's, at its
-    default) are only confirmed in float64: the estimate trusted after one block of products,
-    floored by the first pass's Ritz values. One that says it converged is within its tol of
-    the top pair, as above, and its estimate is honest, the near-double top included (measured
-    against its own two Ritz values alone, the eigenvalues just below are not seen: on 150 such
-    spectra the error reached 70x the estimate; floored, 0.6x)."""
-    values, start, basis, tol, twin = case
-    tol = max(tol, spectral._PASS_FLOOR)
-    single = values.float()
-
-    def gram(v):
-        return v * single
-
-    found, ritz = [], None
-    for row in start:  # the operator norm's two passes, the second deflated
-        apply = gram
-        if found:
-            prior = found[0][None]
-            row = row - (prior @ row) @ prior
-            apply = spectral._deflated(apply, prior.float())
-        vector, settled, values32 = spectral._lanczos_top(
-            apply, row.float(), tol, basis, spectral._ROUGH_MAX_STEPS
-        )
-        assume(settled)
-        ritz = values32 if ritz is None else ritz
-        vector = vector.double()
-        if found:
-            vector = vector - (prior @ vector) @ prior
-        found.append(vector / vector.norm())
-    vector, converged, error = spectral._block_refine(
-        lambda X: X * values, torch.stack(found), tol, basis, known=ritz, min_steps=len(found)
-    )
-    value = float(vector @ (values * vector) / (vector @ vector))
-    assert not converged or 1 - value <= _ESTIMATE_FACTOR * (tol + twin)
-    assert 1 - value <= _ESTIMATE_FACTOR * error
-
-
 @given(top_heavy_spectra(st.integers(8, 48)), st.integers(0, 2**31 - 1))
 @settings(max_examples=30, deadline=None)
 def test_the_refinement_reads_residuals_off_its_last_block(case, seed):
@@ -372,7 +351,7 @@ def test_a_converged_lanczos_pass_is_within_its_tol(case):
     judged a cluster of ten Ritz values above a wide gap while the band beneath the top was
     only half found, and stopped 30x its tol below the top."""
     values, start, basis, tol, twin = case
-    vector, converged, _ = spectral._lanczos_top(lambda v: v * values, start[0], tol, basis)
+    vector, converged = spectral._lanczos_top(lambda v: v * values, start[0], tol, basis)
     value = float(vector @ (values * vector) / (vector @ vector))
     assert not converged or 1 - value <= _ESTIMATE_FACTOR * (tol + twin)
 

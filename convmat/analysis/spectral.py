@@ -110,11 +110,6 @@ _GRAM_FROM = 2**30
 #: scaled to norm ~1). A float32 product costs half a float64 one: the float64 refinement
 #: then starts close (ResNet-18's layers: 49-65 float64 products instead of 81-229 from 1e-5).
 _ROUGH_TOL = 1e-6
-#: The float32 passes of a norm to ``tol`` aim at the float64 refinement's own goal, down to
-#: this (near float32's rounding): passes that reach it are only confirmed in float64, one
-#: block (ResNet-18's layers at the default tol: 2-4 float64 products instead of 24-50, for
-#: ~7% more float32 products).
-_PASS_FLOOR = 1e-7
 #: Lanczos basis vectors kept before a restart: more converge faster, but cost memory and
 #: ``O(basis * n)`` work at each restart.
 _BASIS_MIN, _BASIS_MAX = 20, 400
@@ -372,13 +367,12 @@ def _lanczos_top(
     max_steps: int = _MAX_STEPS,
     enough: float = math.inf,
     min_steps: int = _REFINE_MIN_STEPS,
-) -> tuple[torch.Tensor, bool, torch.Tensor]:
+) -> tuple[torch.Tensor, bool]:
     """A top eigenvector of the symmetric positive semi-definite map ``apply`` by Lanczos
     (three-term recurrence, explicitly restarted every ``basis`` steps, at most ``max_steps``
-    products), whether its estimate (:func:`_error_estimate`) reached ``tol`` relative
-    (trusted after ``min_steps`` products, or on an invariant Krylov space), and the largest
-    Ritz values seen by rank (:func:`_known`, ascending; at most :data:`_CLUSTER`). It also
-    stops once the top Ritz value reaches ``enough`` (returning ``False``)."""
+    products), and whether its estimate (:func:`_error_estimate`) reached ``tol`` relative
+    (trusted after ``min_steps`` products, or on an invariant Krylov space). It also stops
+    once the top Ritz value reaches ``enough`` (returning ``False``)."""
     v = start / start.norm()
     steps = 0
     known: torch.Tensor | None = None
@@ -413,7 +407,7 @@ def _lanczos_top(
         y = S[:, -1].to(device=V.device, dtype=V.dtype) @ V[: j + 1]
         steps += j + 1
         if converged or steps >= max_steps or top >= enough:
-            return y, converged, _known(theta[top_few], known)
+            return y, converged
         known = _known(theta, known)
         v = y / y.norm()
 
@@ -455,15 +449,11 @@ def _block_refine(
     tol: float,
     basis: int,
     enough: float = math.inf,
-    known: torch.Tensor | None = None,
-    min_steps: int = _REFINE_MIN_STEPS,
 ) -> tuple[torch.Tensor, bool, float]:
     """Block Lanczos with Rayleigh-Ritz on its whole basis, started from the rows of ``start``
     (``apply`` maps a ``(b, n)`` block), restarted from the top ``b`` Ritz vectors (whose
     images are kept, not recomputed) when the basis is full. It also stops once the top Ritz
-    value reaches ``enough``. Its error estimate is trusted after ``min_steps`` products and
-    floored by ``known``: Ritz values of ``apply`` found before (:func:`_known`), as from a
-    float32 pass whose vectors start it.
+    value reaches ``enough``.
 
     The basis ``V``, its image ``AV`` and ``H = V^T A V`` live in buffers of ``basis`` rows
     allocated once; ``size`` rows are in use. Only the last block's images reach outside the
@@ -494,11 +484,12 @@ def _block_refine(
     size = extend(_orthonormal(start, None), 0)
     last = steps = size
     error, lost = math.inf, 0.0
+    known: torch.Tensor | None = None
     while True:
         images = AV[size - last : size]
         R = _outside(images, V[:size], H[:size, size - last : size])
         full = size + b > basis
-        if steps >= min_steps or full or enough < math.inf:  # Ritz pairs: when used
+        if steps >= _REFINE_MIN_STEPS or full or enough < math.inf:  # Ritz pairs: when used
             h = H[:size, :size]
             theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
@@ -506,7 +497,7 @@ def _block_refine(
             ends = S[size - last :, -count:].T  # (count, last): the last block's coefficients
             residuals = (ends @ R).norm(dim=1) + lost
             error = _error_estimate(theta[-count:], residuals, known) / top
-            if (steps >= min_steps and error <= tol) or steps >= _MAX_STEPS or (
+            if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS or (
                     float(theta[-1]) >= enough):  # fmt: skip
                 return S[:, -1] @ V[:size], error <= tol, error
             if full:
@@ -582,23 +573,21 @@ def _rough_vectors(
     starts: torch.Tensor | None = None,
     enough: float = math.inf,
     passes: int = _BLOCK,
-) -> tuple[torch.Tensor, bool, torch.Tensor]:
+) -> tuple[torch.Tensor, bool]:
     """Up to ``passes`` float64 unit vectors spanning the top of ``side.T @ side``, from
-    float32 Lanczos passes on a copy scaled to norm ~1, each to ``tol`` (relative, on that
-    Gram matrix) from a random start (pass ``p`` from ``starts[p]`` plus a random vector
-    where ``starts`` has a nonzero row ``p``: a start alone may lie in an invariant subspace
-    without the top, as one group of a grouped layer) orthogonal to the vectors found before
-    (a start that nearly lacks the top vector, or a top just above the one found, is then
-    caught by the next pass).
+    float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (pass ``p``
+    from ``starts[p]`` plus a random vector where ``starts`` has a nonzero row ``p``: a
+    start alone may lie in an invariant subspace without the top, as one group of a grouped
+    layer) orthogonal to the vectors found before (a start that nearly lacks the top vector,
+    or a top just above the one found, is then caught by the next pass).
     A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``). Also
-    whether every pass settled to ``tol``, and the first pass's largest Ritz values by rank
-    (on ``side.T @ side``, ascending; :func:`_lanczos_top`)."""
+    whether every pass settled to :func:`_rough_tol` of ``tol``."""
     scale = float(side.weight.abs().max()) or 1.0
     fast = side.with_weight(side.weight / scale).to(torch.float32)._pinned()
     gen = torch.Generator(device=side.weight.device).manual_seed(0)
     n = side.shape[1]
     found: list[torch.Tensor] = []
-    settled, ritz = True, torch.zeros(0, dtype=torch.float64)
+    settled = True
     for index in range(min(passes, n)):
         start = torch.randn(n, dtype=torch.float64, device=gen.device, generator=gen)
         if starts is not None and index < len(starts) and bool(starts[index].any()):
@@ -611,17 +600,15 @@ def _rough_vectors(
             prior = torch.stack(found)
             start = start - (prior @ start) @ prior
             apply = _deflated(apply, prior.float())
-        vector, converged, values = _lanczos_top(
-            apply, start.float(), tol, basis, _ROUGH_MAX_STEPS, enough / scale**2
+        vector, converged = _lanczos_top(
+            apply, start.float(), _rough_tol(tol), basis, _ROUGH_MAX_STEPS, enough / scale**2
         )
-        if not found:
-            ritz = values * scale**2
         settled = settled and converged
         vector = vector.double()
         if found:
             vector = vector - (prior @ vector) @ prior
         found.append(vector / vector.norm())
-    return torch.stack(found), settled, ritz
+    return torch.stack(found), settled
 
 
 def _rough_tol(tol: float) -> float:
@@ -705,9 +692,8 @@ def _refine_basis(side: ConvOperator, blocks: int) -> int:
 
 def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResult:
     """Lanczos on ``W^T W`` (or ``W W^T``, the smaller): float32 passes find the top of the
-    spectrum (:func:`_rough_vectors`), to ``tol`` itself where float32 allows (then the float64
-    block refinement from their vectors, :func:`_block_refine`, only confirms them), else
-    roughly (and the refinement resolves it to ``tol``); the value is the Rayleigh quotient of the
+    spectrum (:func:`_rough_vectors`), a float64 block refinement from those vectors
+    (:func:`_block_refine`) resolves it to ``tol``; the value is the Rayleigh quotient of the
     final vector, the upper end the enclosing circular convolution's norm. With ``width``:
     :func:`_norm_width`."""
     if width is not None:
@@ -717,20 +703,12 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
     with torch.no_grad():
         enclosing = enclosing_norm(op.weight, op.geometry.matching_conv)
         upper = enclosing.upper
+        rough, _ = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4),
+                                  _windowed_starts(op, enclosing, side is op))  # fmt: skip
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
-        aim = max(gram_tol, _PASS_FLOOR)
-        basis = _basis_size(n, op.weight.device, itemsize=4)
-        starts = _windowed_starts(op, enclosing, side is op)
-        rough, settled, ritz = _rough_vectors(side, aim, basis, starts)
-        # Passes that settled to the goal itself: the refinement confirms them in float64 (one
-        # block), its estimate floored by the first pass's Ritz values (its own small basis
-        # would miss the eigenvalues just below the top).
-        confirm = settled and aim <= gram_tol
-        refine_basis = _refine_basis(side, rough.shape[0])
-        known, min_steps = (ritz, rough.shape[0]) if confirm else (None, _REFINE_MIN_STEPS)
         vector, converged, error = _block_refine(
-            lambda X: side.T @ (side @ X), rough, gram_tol, refine_basis, known=known,
-            min_steps=min_steps)  # fmt: skip
+            lambda X: side.T @ (side @ X), rough, gram_tol, _refine_basis(side, rough.shape[0])
+        )
         value = float((side @ vector).norm() / vector.norm())
     if not converged:
         warnings.warn(
@@ -788,10 +766,10 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
             n = side.shape[1]
             # float32 Ritz values are good to ~1e-6: aim a little above the target.
             settle = _WIDTH_SETTLED * width
-            rough, settled, _ = _rough_vectors(side, _rough_tol(settle),
-                                               _basis_size(n, op.weight.device, itemsize=4),
-                                               start[None],
-                                               (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
+            rough, settled = _rough_vectors(side, settle,
+                                            _basis_size(n, op.weight.device, itemsize=4),
+                                            start[None],
+                                            (target * (1 + 4e-6)) ** 2, passes=1)  # fmt: skip
             vector = rough[0]
             value = max(value, float((side @ vector).norm()))
             # A pass that settled this far below the target (to the accuracy the width asks,
@@ -1049,8 +1027,7 @@ def operator_norm(
 
     Exact methods (FFT, dense SVD) give an interval of rounding width. Lanczos runs on
     ``W^T W`` (or ``W W^T``, whichever is smaller): float32 passes from random starts locate the
-    top of the spectrum, a float64 block Lanczos from their vectors confirms or resolves it
-    (float32 reaches the default ``tol``, not much less). The value is
+    top of the spectrum, a float64 block Lanczos from their vectors resolves it. The value is
     the Rayleigh quotient ``||W v|| / ||v||`` of the final vector in float64, which is also the
     lower end; the upper end is the exact norm of the circular convolution that encloses W
     (times the padding's norm for reflect/replicate/circular).
