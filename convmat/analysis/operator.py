@@ -89,13 +89,10 @@ def _correlate(x: torch.Tensor, w: torch.Tensor, pads: tuple[tuple[int, int], ..
 
 def _conv_forward(geo: Geometry, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A convolution's W applied to ``(B, C_in, *input_size)``."""
-    options: dict[str, Any] = {"stride": geo.stride, "dilation": geo.dilation,
-                               "groups": geo.groups}  # fmt: skip
-    if geo.mode.folds:
-        padded = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode)
-        y = _CONV[geo.ndim](padded, w, **options)
-    else:
-        y = _correlate(x, w, geo.padding, **options)
+    pads = geo.padding
+    if geo.mode.folds:  # reflect / replicate / circular: padded by torch's own F.pad first
+        x, pads = F.pad(x, geo.pad_args, mode=geo.mode.torch_pad_mode), ((0, 0),) * geo.ndim
+    y = _correlate(x, w, pads, stride=geo.stride, dilation=geo.dilation, groups=geo.groups)
     # The matching convolution of a transposed layer with output_padding has fewer outputs than
     # its windows allow (the transposed layer never reads the last ones).
     return _crop(y, tuple((0, 0) for _ in geo.output_size), geo.output_size)
