@@ -134,6 +134,10 @@ _DEFLATION = 1e-10
 #: A remainder below this fraction of its vector's norm has lost digits to cancellation: one
 #: more projection restores its orthogonality to the basis.
 _CANCELLATION = 1e-4
+#: A projection onto the basis that leaves less than this fraction of a vector's norm is made
+#: again (Daniel, Gragg, Kaufman and Stewart's criterion: what remains may have lost its
+#: orthogonality to the rounding of the part removed).
+_REPROJECT = 0.5
 #: Smallest gap used between Ritz values (avoids dividing by zero for exact doubles).
 _GAP_FLOOR = 1e-300
 #: Ritz values the error estimate looks at: a cluster of more, above a wide gap, may lie close
@@ -449,6 +453,7 @@ def _block_refine(
     tol: float,
     basis: int,
     enough: float = math.inf,
+    cheap: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, bool, float]:
     """Block Lanczos with Rayleigh-Ritz on its whole basis, started from the rows of ``start``
     (``apply`` maps a ``(b, n)`` block), restarted from the top ``b`` Ritz vectors (whose
@@ -463,31 +468,69 @@ def _block_refine(
     the whole basis, plus at most ``lost``: the parts of ``R`` no block kept (rows dropped as
     deflated, below :data:`_DEFLATION`), which no later residual sees.
 
+    With ``cheap`` (a faster, less exact ``apply``: float32 products) every block but the
+    first, an *anchor*, is multiplied by ``cheap``; the anchor's images are ``apply``'s, and so
+    are its rows of ``H`` (``v_i^T A v_j = (A v_i)^T v_j``). A Ritz vector that is mostly the
+    anchor then has a Ritz value whose error from ``cheap`` is its other part's weight squared
+    times ``cheap``'s error (~1e-6 relative), and a residual whose error is that part's weight
+    times it. Where the estimate reaches ``tol``, the top ``b`` Ritz vectors are multiplied by
+    ``apply`` and their Ritz pairs and residuals taken again from those exact images; if the
+    estimate still holds they are the answer, otherwise they are the anchor of a restarted
+    basis (as at every restart: the kept vectors' images are ``apply``'s).
+
     Returns the top Ritz vector, whether its error estimate reached ``tol`` (relative), and the
     estimate.
     """
     b, n = start.shape
     V, AV = start.new_empty(basis, n), start.new_empty(basis, n)
     H = start.new_zeros(basis, basis)
+    anchor = 0  # the first rows of the basis, whose images are apply's (with cheap)
 
-    def extend(block: torch.Tensor, size: int) -> int:
-        """Appends ``block`` (orthonormal, orthogonal to the basis) and its image; the new
-        size."""
+    def extend(block: torch.Tensor, size: int, previous: int) -> tuple[int, torch.Tensor]:
+        """Appends ``block`` (orthonormal, orthogonal to the basis) and its image, and fills
+        the image's column of ``H``; the new size and the image's part outside the new basis.
+
+        The image is taken off the last two blocks (``previous`` rows, then the new ones: in
+        exact arithmetic its only parts in the basis), then projected once onto the whole
+        basis, whose coefficients complete the column (two passes over the basis instead of
+        four); a second projection only where the first removed much (DGKS's criterion)."""
         end = size + block.shape[0]
         V[size:end] = block
-        AV[size:end] = apply(block)
-        column = V[:end] @ AV[size:end].T
+        image = apply(block) if cheap is None or size < anchor else cheap(block)
+        AV[size:end] = image
+        near = V[size - previous : end]
+        column = V.new_zeros(end, block.shape[0])
+        column[size - previous :] = near @ image.T
+        rows = image - column[size - previous :].T @ near
+        for _ in range(2):
+            before = rows.norm(dim=1)
+            again = V[:end] @ rows.T
+            rows = rows - again.T @ V[:end]
+            column += again
+            if bool((rows.norm(dim=1) >= _REPROJECT * before).all()):
+                break
+        if cheap is not None and size >= anchor:  # the anchor's rows from its exact images
+            column[:anchor] = AV[:anchor] @ block.T
         H[:end, size:end] = column
         H[size:end, :size] = column[:size].T
-        return end
+        return end, rows
 
-    size = extend(_orthonormal(start, None), 0)
+    def anchored(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Ritz pairs of the span of the orthonormal rows ``Y`` from their exact images:
+        ``(values ascending, vectors, images)``."""
+        AY = apply(Y)
+        h = Y @ AY.T
+        values, Q = eigh((h + h.T) / 2)
+        return values, Q.T @ Y, Q.T @ AY
+
+    start = _orthonormal(start, None)
+    anchor = start.shape[0] if cheap is not None else 0
+    size, R = extend(start, 0, 0)
     last = steps = size
     error, lost = math.inf, 0.0
     known: torch.Tensor | None = None
     while True:
         images = AV[size - last : size]
-        R = _outside(images, V[:size], H[:size, size - last : size])
         full = size + b > basis
         if steps >= _REFINE_MIN_STEPS or full or enough < math.inf:  # Ritz pairs: when used
             h = H[:size, :size]
@@ -497,30 +540,51 @@ def _block_refine(
             ends = S[size - last :, -count:].T  # (count, last): the last block's coefficients
             residuals = (ends @ R).norm(dim=1) + lost
             error = _error_estimate(theta[-count:], residuals, known) / top
-            if (steps >= _REFINE_MIN_STEPS and error <= tol) or steps >= _MAX_STEPS or (
-                    float(theta[-1]) >= enough):  # fmt: skip
+            settled = steps >= _REFINE_MIN_STEPS and error <= tol
+            kept = min(b, count)
+            if settled and cheap is not None:  # the top Ritz pairs again, from exact images
+                values, Y, AY = anchored(S[:, -kept:].T @ V[:size])
+                steps += kept
+                exact = (AY - values[:, None] * Y).norm(dim=1) + lost
+                order = torch.argsort(torch.cat([theta[-count:-kept], values]))
+                theta = torch.cat([theta[-count:-kept], values])[order]
+                residuals = torch.cat([residuals[:-kept], exact])[order]
+                top = max(float(theta[-1]), _GAP_FLOOR)
+                error = _error_estimate(theta, residuals, known) / top
+                if error <= tol or steps >= _MAX_STEPS:
+                    return Y[-1], error <= tol, error
+                known = _known(theta, known)  # not settled after all: the anchor of a new basis
+            elif settled or steps >= _MAX_STEPS or float(theta[-1]) >= enough:
                 return S[:, -1] @ V[:size], error <= tol, error
-            if full:
+            elif full:
                 known = _known(theta[-count:], known)
-                kept = min(b, count)
-                Y, AY = S[:, -kept:].T @ V[:size], S[:, -kept:].T @ AV[:size]
-                images, R = AY, ends[-kept:] @ R  # their residuals: outside the new basis
-                last = size = kept
-                V[:size], AV[:size] = Y, AY
+                Y = S[:, -kept:].T @ V[:size]
+                if cheap is None:
+                    AY, values = S[:, -kept:].T @ AV[:size], theta[-kept:]
+                    R = ends[-kept:] @ R  # their residuals: outside the new basis
+                else:
+                    values, Y, AY = anchored(Y)
+                    steps += kept
+            if settled or full:  # restarted from Y, their images AY, Ritz values on H's diagonal
+                if cheap is not None:  # (the part of AY outside Y, to rounding AY - values Y)
+                    R, anchor = _outside(AY, Y, torch.diag(values)), kept
+                images, last = AY, kept
+                V[:kept], AV[:kept], size = Y, AY, kept
                 H.zero_()
-                H.diagonal()[:size] = theta[-size:]
+                H.diagonal()[:kept] = values
         block = _orthonormal(images, V[:size], R)
         if block.shape[0] == 0:  # the basis spans an invariant subspace (to _DEFLATION)
             h = H[:size, :size]
             theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
-            y, ay = S[:, -1] @ V[:size], S[:, -1] @ AV[:size]
+            y = S[:, -1] @ V[:size]
+            ay = S[:, -1] @ AV[:size] if cheap is None else apply(y[None])[0]
             error = float((ay - theta[-1] * y).norm()) / top
             return y, error <= tol, error
         if block.shape[0] < R.shape[0]:  # rows dropped: what they held is lost
             lost += float((R - (R @ block.T) @ block).norm())
+        size, R = extend(block, size, last)
         last = block.shape[0]
-        size = extend(block, size)
         steps += last
 
 
@@ -582,8 +646,7 @@ def _rough_vectors(
     or a top just above the one found, is then caught by the next pass).
     A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``). Also
     whether every pass settled to :func:`_rough_tol` of ``tol``."""
-    scale = float(side.weight.abs().max()) or 1.0
-    fast = side.with_weight(side.weight / scale).to(torch.float32)._pinned()
+    fast, scale = _single(side)
     gen = torch.Generator(device=side.weight.device).manual_seed(0)
     n = side.shape[1]
     found: list[torch.Tensor] = []
@@ -609,6 +672,25 @@ def _rough_vectors(
             vector = vector - (prior @ vector) @ prior
         found.append(vector / vector.norm())
     return torch.stack(found), settled
+
+
+def _single(side: ConvOperator) -> tuple[ConvOperator, float]:
+    """``(fast, scale)``: a float32 copy of ``side`` with its weight divided by ``scale`` (its
+    largest entry: norm ~1, far from float32's overflow and underflow)."""
+    scale = float(side.weight.abs().max()) or 1.0
+    return side.with_weight(side.weight / scale).to(torch.float32)._pinned(), scale
+
+
+def _cheap_gram(side: ConvOperator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``X -> side.T @ (side @ X)`` by float32 products (:func:`_single`), in float64: within
+    ~1e-6 of the norm's square of the float64 product, at a third to a half of its cost."""
+    fast, scale = _single(side)
+
+    def cheap(X: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = (fast.T @ (fast @ X.float())).double() * scale**2
+        return result
+
+    return cheap
 
 
 def _rough_tol(tol: float) -> float:
@@ -706,8 +788,9 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
         rough, _ = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4),
                                   _windowed_starts(op, enclosing, side is op))  # fmt: skip
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
+        basis = _refine_basis(side, rough.shape[0])
         vector, converged, error = _block_refine(
-            lambda X: side.T @ (side @ X), rough, gram_tol, _refine_basis(side, rough.shape[0])
+            lambda X: side.T @ (side @ X), rough, gram_tol, basis, cheap=_cheap_gram(side)
         )
         value = float((side @ vector).norm() / vector.norm())
     if not converged:
