@@ -415,15 +415,30 @@ def _rounding(n: int, dtype: torch.dtype) -> float:
     return gamma / (1 - 2 * gamma)
 
 
+def _below(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 ``value`` rounded down to the real ``dtype`` (at most ``value``), as float64.
+
+    >>> float(_below(torch.tensor([1 + 2.0**-30], dtype=torch.float64), torch.float32)[0])
+    1.0
+    >>> float(_below(torch.tensor([1 - 2.0**-30], dtype=torch.float64), torch.float32)[0])
+    0.9999999403953552
+    """
+    cast = value.to(dtype)
+    down = torch.nextafter(cast, torch.full_like(cast, -math.inf))
+    return torch.where(cast.double() > value, down, cast).double()
+
+
 def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor:
     """Which of the Gram matrices ``G`` (``(b, n, n)``, formed within ``form_error`` of the
     true ones) are proven to have no eigenvalue above ``level``, by a Cholesky factorisation of
     ``S = fl(s I - G)`` in ``G``'s precision, with ``s`` below ``level`` by every rounding error.
 
     ``S = s I - G + D`` with ``D`` the rounding of the diagonal's subtraction (``|d_ii| <= u (s +
-    max |g_ii|)``); a factorisation that completes proves ``lambda_min(S) >= -alpha trace(S)``
-    (:func:`_rounding`), so ``lambda_max(G_true) <= s + ||D|| + alpha trace(S) + form_error``,
-    which ``s`` keeps at or below ``level``. Overwrites ``G``."""
+    max |g_ii|)``, ``s`` rounded down to the test's precision first: a single-precision ``s``
+    rounded to nearest could lie ``u s`` above); a factorisation that completes proves
+    ``lambda_min(S) >= -alpha trace(S)`` (:func:`_rounding`), so ``lambda_max(G_true) <= s +
+    ||D|| + alpha trace(S) + form_error``, which ``s`` keeps at or below ``level``. Overwrites
+    ``G``."""
     n, u = G.shape[-1], _UNIT[G.dtype]
     alpha = _rounding(n, G.dtype)
     diagonal = G.diagonal(dim1=-2, dim2=-1).real.to(torch.float64)
@@ -435,7 +450,8 @@ def _psd_proof(G: torch.Tensor, level: float, form_error: float) -> torch.Tensor
     )
     s = s * (1 - 1e-13) - torch.finfo(torch.float64).tiny
     S = G.neg_()
-    S.diagonal(dim1=-2, dim2=-1).add_(s[:, None].to(S.device, S.real.dtype))
+    shift = _below(s, S.real.dtype)[:, None].to(S.device, S.real.dtype)
+    S.diagonal(dim1=-2, dim2=-1).add_(shift)
     result: torch.Tensor = _cholesky_completes(S).cpu() & (s > 0).cpu()
     return result
 
