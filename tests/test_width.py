@@ -480,10 +480,28 @@ def test_the_interval_to_a_width_on_cuda_equals_the_cpus():
         assert gpu.lower == pytest.approx(cpu.lower, rel=width)
 
 
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 2**16), channels=st.sampled_from([3, 8, 24]),
+       size=st.sampled_from([(6, 5), (9, 9)]))  # fmt: skip
+def test_the_ranking_estimates_lie_below_each_largest_eigenvalue(seed, channels, size):
+    """The ranking's estimates (a few single-precision Lanczos steps) are Ritz values: at most
+    each frequency's largest eigenvalue (to single precision's rounding), and the frequency
+    ranked first holds a largest eigenvalue within a few percent of the maximum."""
+    w = torch.randn(channels, channels, 3, 3, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    geo = ConvOperator(w, size, padding=1).geometry
+    grams = torus.TorusGrams(w, geo, (0, 0), torus.enclosing_torus(geo))
+    index = torch.arange(grams.count)
+    estimates = torus._estimates(grams, index)
+    largest = torch.linalg.eigvalsh(grams.at(index))[:, -1]
+    assert bool((estimates <= largest * (1 + 1e-5) + 1e-12).all())
+    assert float(largest[int(torch.argmax(estimates))]) >= 0.97 * float(largest.max())
+
+
 @given(seed=st.integers(0, 2**16), channels=st.integers(1, 6))
 def test_ranking_one_matrix_at_a_time_equals_the_batched_steps(seed, channels):
     """Wide Gram matrices are ranked one matrix at a time on the CPU (forced here on small
-    ones): the same power steps from the same starts as the batched ones, to single
+    ones): the same Lanczos steps from the same starts as the batched ones, to single
     precision's rounding."""
     w = torch.randn(channels, channels, 3, 3, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(seed))  # fmt: skip

@@ -14,7 +14,7 @@ Cholesky test of ``s I - G_f`` that proves ``lambda_max(G_f) <= level`` with eve
 error bounded (:func:`_psd_proof`). The tests run in single precision first, with a rigorous
 margin that grows like ``n^2 u``, and in double precision only for the frequencies single
 precision could not prove; eigenvalues are computed only for the few frequencies that may hold
-the maximum (ranked by a few power steps). The ``level`` is the largest eigenvalue found, times
+the maximum (ranked by a few Lanczos steps). The ``level`` is the largest eigenvalue found, times
 ``1 + room``: an exact norm asks for a room of :data:`SLACK`; an interval of a requested width
 allows more room, which most frequencies then pass in single precision.
 
@@ -53,10 +53,12 @@ from ..engine import (
 #: (far above what the rounding of double-precision Cholesky tests costs for a few thousand
 #: channels, ~4 n^2 u relative; the room grows where that does not hold).
 SLACK = 1e-10
-#: Power steps that rank the frequencies before any is decomposed (only an ordering is needed).
-_POWER_STEPS = 8
+#: Lanczos steps that rank the frequencies before any is decomposed (only an ordering is
+#: needed; six steps cost what eight power steps did, and on 512-row tori left 0-5 frequencies
+#: above the first level where power steps left 4-22).
+_RANK_STEPS = 6
 #: Frequencies decomposed per round (:func:`_top_pairs`), and in the first round this many
-#: times more where ``eigh`` decomposes them (a few estimates of power steps may lie above the
+#: times more where ``eigh`` decomposes them (a few estimates of the ranking may lie above the
 #: top's own). Wide Gram matrices (Lanczos) take one batch of 2 first: each decomposed costs a
 #: Lanczos run, and a top missed costs one more round (512 rows, 45 frequencies: 8 first
 #: 0.22-0.28 s, 2 first 0.09-0.11 s; 256 rows at 128x128 0.08 -> 0.02 s; the same levels).
@@ -550,11 +552,11 @@ class TorusTop:
     vector: torch.Tensor | None = None
 
 
-#: Every frequency is ranked (power steps) where the Gram matrices are at least this wide
+#: Every frequency is ranked (Lanczos steps) where the Gram matrices are at least this wide
 #: (single precision's rounding margin, ~4 n^2 u, then keeps many from a test they would fail)
 #: or where there are at most ``_RANK_ALL_COUNT``; otherwise about 1 / ``_SAMPLE_SHARE`` of
 #: them, on a regular grid, and the neighbourhoods of its best ``_CLIMB_FROM`` (128 rows at
-#: 112x112: ranking all took 2.9 of 5.3 s, a power step being ~34 us a matrix; 256 rows at
+#: 112x112: ranking all took 2.9 of 5.3 s, a step being ~34 us a matrix; 256 rows at
 #: 128x128, 8,580 frequencies: 13.6 of 23.3 s, the float32 tests avoided by it 9; with the
 #: sample and its best neighbourhoods 12.6-14.6 s; 128 rows at 56x56 1.46 -> 0.93 s).
 _RANK_ALL_SIDE, _RANK_ALL_COUNT, _SAMPLE_SHARE, _CLIMB_FROM = 384, 1024, 16, 16
@@ -612,20 +614,54 @@ _SINGLE_RANK_FROM = 384
 
 
 def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
-    """``||G v||`` after a few power steps in single precision, per frequency: an estimate
-    from below of the largest eigenvalue (used only to order the frequencies)."""
-    tiny = torch.finfo(torch.float32).tiny
+    """The largest Ritz value of a few Lanczos steps in single precision (:func:`_lanczos`),
+    per frequency: an estimate of the largest eigenvalue, used only to order the frequencies
+    and to send those near the top straight to double precision."""
     gen = torch.Generator().manual_seed(0)
     single = grams.device.type == "cpu" and grams.side >= _SINGLE_RANK_FROM
     out = []
     for _, G in grams.chunks(index, torch.complex64):
         v = torch.randn(G.shape[:2], dtype=torch.float32, generator=gen).to(G).unsqueeze(-1)
         for matrix, vector in zip(G, v) if single else [(G, v)]:  # the same steps
-            for _ in range(_POWER_STEPS):
-                vector = matrix @ vector
-                vector = vector / vector.norm(dim=-2, keepdim=True).clamp_min(tiny)
-            out.append((matrix @ vector).norm(dim=(-2, -1)).double().cpu().reshape(-1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+            out.append(_lanczos(matrix, vector, _RANK_STEPS).reshape(-1, _RANK_STEPS, 2))
+    if not out:
+        return torch.zeros(0, dtype=torch.float64)
+    coefficients = torch.cat(out).double().cpu()
+    a, b = coefficients[..., 0], coefficients[..., 1:, 1]
+    T = torch.diag_embed(a) + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+    with serial():
+        top: torch.Tensor = torch.linalg.eigvalsh(T)[:, -1]
+    return top
+
+
+def _lanczos(G: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
+    """``(..., steps, 2)``: the diagonal and the subdiagonal (shifted by one: ``[..., j, 1]``
+    is the entry left of the ``j``-th diagonal one, ``[..., 0, 1]`` zero) of the tridiagonal
+    matrix of ``steps`` Lanczos steps on each Hermitian ``G`` from ``v`` (``(..., n, n)`` and
+    ``(..., n, 1)``), without reorthogonalisation. Its largest eigenvalue lies far closer to
+    ``G``'s than power steps' estimate over the same products where the top is not well
+    separated (512-row tori: the first frequency decomposed after power steps lay below 22 of
+    the 45 others).
+
+    >>> G = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.complex64))
+    >>> T = _lanczos(G, torch.ones(3, 1, dtype=torch.complex64), 3).double()
+    >>> a, b = T[:, 0], T[1:, 1]
+    >>> M = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+    >>> [round(x, 4) for x in torch.linalg.eigvalsh(M).tolist()]
+    [1.0, 2.0, 3.0]
+    """
+    tiny = torch.finfo(v.real.dtype).tiny
+    v = v / v.norm(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    previous, beta = torch.zeros_like(v), v.new_zeros(*v.shape[:-2], 1, 1).real
+    out = v.new_zeros(*v.shape[:-2], steps, 2).real
+    for j in range(steps):
+        w = G @ v
+        alpha = (v.mH @ w).real
+        w = torch.addcmul(torch.addcmul(w, v, -alpha), previous, -beta)
+        out[..., j, 0], out[..., j, 1] = alpha[..., 0, 0], beta[..., 0, 0]
+        beta = w.norm(dim=(-2, -1), keepdim=True)
+        previous, v = v, w / beta.clamp_min(tiny)
+    return out
 
 
 def _unranked(count: int) -> torch.Tensor:
@@ -634,7 +670,7 @@ def _unranked(count: int) -> torch.Tensor:
 
 
 def _sample(grams: TorusGrams) -> torch.Tensor:
-    """The frequencies ranked before any is proven: all of them where a power step is cheap
+    """The frequencies ranked before any is proven: all of them where a ranking step is cheap
     against a Cholesky test (wide Gram matrices) or where they are few; otherwise every
     ``step``-th along each frequency axis, about 1 / :data:`_SAMPLE_SHARE` of them (the rest
     are ranked when they fail a test)."""
@@ -690,10 +726,10 @@ def torus_top(grams: TorusGrams, room: float = SLACK) -> TorusTop:
     relative ``room`` (on the Gram matrices' eigenvalue) of the largest one computed.
 
     The frequencies (or a regular sample of them, :func:`_sample`) are ranked by a few
-    single-precision power steps; the best few are decomposed (:func:`_top_pairs`); every
-    frequency, those included, is then proven below ``level = lambda (1 + room)`` by
-    :func:`_psd_proof`, in single precision where its margin allows, in double precision
-    otherwise; the best few of those that fail both are decomposed next.
+    single-precision Lanczos steps (:func:`_estimates`); the best few are decomposed
+    (:func:`_top_pairs`); every frequency, those included, is then proven below ``level =
+    lambda (1 + room)`` by :func:`_psd_proof`, in single precision where its margin allows, in
+    double precision otherwise; the best few of those that fail both are decomposed next.
     """
     everything = torch.arange(grams.count)
     ranking = grams.ranking  # filled in place: a later call with another room reuses it
