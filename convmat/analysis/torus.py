@@ -622,11 +622,15 @@ def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
     out = []
     for _, G in grams.chunks(index, torch.complex64):
         v = torch.randn(G.shape[:2], dtype=torch.float32, generator=gen).to(G).unsqueeze(-1)
+        # Entries at most 1 (|g_ij| <= max g_ii): the steps' squares stay in float32's range.
+        scale = float(G.diagonal(dim1=-2, dim2=-1).real.amax()) or 1.0
+        G /= scale
         for matrix, vector in zip(G, v) if single else [(G, v)]:  # the same steps
-            out.append(_lanczos(matrix, vector, _RANK_STEPS).reshape(-1, _RANK_STEPS, 2))
+            steps = _lanczos(matrix, vector, _RANK_STEPS).reshape(-1, _RANK_STEPS, 2)
+            out.append(steps.double().cpu() * scale)
     if not out:
         return torch.zeros(0, dtype=torch.float64)
-    coefficients = torch.cat(out).double().cpu()
+    coefficients = torch.cat(out)
     a, b = coefficients[..., 0], coefficients[..., 1:, 1]
     T = torch.diag_embed(a) + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
     with serial():
