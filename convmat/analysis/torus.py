@@ -638,11 +638,16 @@ def _estimates(grams: TorusGrams, index: torch.Tensor) -> torch.Tensor:
     return top
 
 
+#: A ranking step's remainder below this (on Gram matrices scaled to entries at most 1: ~100
+#: units of single precision's rounding) ends its Lanczos recurrence.
+_EXHAUSTED = 1e-5
+
+
 def _lanczos(G: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
     """``(..., steps, 2)``: the diagonal and the subdiagonal (shifted by one: ``[..., j, 1]``
     is the entry left of the ``j``-th diagonal one, ``[..., 0, 1]`` zero) of the tridiagonal
     matrix of ``steps`` Lanczos steps on each Hermitian ``G`` from ``v`` (``(..., n, n)`` and
-    ``(..., n, 1)``), without reorthogonalisation. Its largest eigenvalue lies far closer to
+    ``(..., n, 1)``; ``G`` scaled to entries at most 1), without reorthogonalisation. Its largest eigenvalue lies far closer to
     ``G``'s than power steps' estimate over the same products where the top is not well
     separated (512-row tori: the first frequency decomposed after power steps lay below 22 of
     the 45 others).
@@ -664,7 +669,10 @@ def _lanczos(G: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
         w = torch.addcmul(torch.addcmul(w, v, -alpha), previous, -beta)
         out[..., j, 0], out[..., j, 1] = alpha[..., 0, 0], beta[..., 0, 0]
         beta = w.norm(dim=(-2, -1), keepdim=True)
-        previous, v = v, w / beta.clamp_min(tiny)
+        # The Krylov space exhausted (a side below the steps, or an invariant start): the
+        # remainder is rounding, and the steps stop there (zeros below).
+        beta = torch.where(beta > _EXHAUSTED, beta, 0.0)
+        previous, v = v, torch.where(beta > 0, w / beta.clamp_min(tiny), 0.0)
     return out
 
 
