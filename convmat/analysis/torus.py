@@ -647,10 +647,10 @@ def _lanczos(G: torch.Tensor, v: torch.Tensor, steps: int) -> torch.Tensor:
     """``(..., steps, 2)``: the diagonal and the subdiagonal (shifted by one: ``[..., j, 1]``
     is the entry left of the ``j``-th diagonal one, ``[..., 0, 1]`` zero) of the tridiagonal
     matrix of ``steps`` Lanczos steps on each Hermitian ``G`` from ``v`` (``(..., n, n)`` and
-    ``(..., n, 1)``; ``G`` scaled to entries at most 1), without reorthogonalisation. Its largest eigenvalue lies far closer to
-    ``G``'s than power steps' estimate over the same products where the top is not well
-    separated (512-row tori: the first frequency decomposed after power steps lay below 22 of
-    the 45 others).
+    ``(..., n, 1)``; ``G`` scaled to entries at most 1), without reorthogonalisation. Its
+    largest eigenvalue lies far closer to ``G``'s than power steps' estimate over the same
+    products where the top is not well separated (512-row tori: the first frequency decomposed
+    after power steps lay below 22 of the 45 others).
 
     >>> G = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.complex64))
     >>> T = _lanczos(G, torch.ones(3, 1, dtype=torch.complex64), 3).double()
