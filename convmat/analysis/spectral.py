@@ -637,6 +637,7 @@ def _rough_vectors(
     starts: torch.Tensor | None = None,
     enough: float = math.inf,
     passes: int = _BLOCK,
+    single: tuple[ConvOperator, float] | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Up to ``passes`` float64 unit vectors spanning the top of ``side.T @ side``, from
     float32 Lanczos passes on a copy scaled to norm ~1, each from a random start (pass ``p``
@@ -645,8 +646,9 @@ def _rough_vectors(
     layer) orthogonal to the vectors found before (a start that nearly lacks the top vector,
     or a top just above the one found, is then caught by the next pass).
     A pass stops early once its Ritz value reaches ``enough`` (on ``side.T @ side``). Also
-    whether every pass settled to :func:`_rough_tol` of ``tol``."""
-    fast, scale = _single(side)
+    whether every pass settled to :func:`_rough_tol` of ``tol``. ``single``: the float32
+    copy (:func:`_single`), where the caller has made it."""
+    fast, scale = single or _single(side)
     gen = torch.Generator(device=side.weight.device).manual_seed(0)
     n = side.shape[1]
     found: list[torch.Tensor] = []
@@ -681,10 +683,11 @@ def _single(side: ConvOperator) -> tuple[ConvOperator, float]:
     return side.with_weight(side.weight / scale).to(torch.float32)._pinned(), scale
 
 
-def _cheap_gram(side: ConvOperator) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``X -> side.T @ (side @ X)`` by float32 products (:func:`_single`), in float64: within
-    ~1e-6 of the norm's square of the float64 product, at a third to a half of its cost."""
-    fast, scale = _single(side)
+def _cheap_gram(single: tuple[ConvOperator, float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``X -> side.T @ (side @ X)`` by float32 products on ``single`` (:func:`_single` of
+    ``side``), in float64: within ~1e-6 of the norm's square of the float64 product, at a third
+    to a half of its cost."""
+    fast, scale = single
 
     def cheap(X: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = (fast.T @ (fast @ X.float())).double() * scale**2
@@ -785,12 +788,14 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
     with torch.no_grad():
         enclosing = enclosing_norm(op.weight, op.geometry.matching_conv)
         upper = enclosing.upper
+        single = _single(side)  # one float32 copy for the passes and the refinement
         rough, _ = _rough_vectors(side, tol, _basis_size(n, op.weight.device, itemsize=4),
-                                  _windowed_starts(op, enclosing, side is op))  # fmt: skip
+                                  _windowed_starts(op, enclosing, side is op),
+                                  single=single)  # fmt: skip
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
         basis = _refine_basis(side, rough.shape[0])
         vector, converged, error = _block_refine(
-            lambda X: side.T @ (side @ X), rough, gram_tol, basis, cheap=_cheap_gram(side)
+            lambda X: side.T @ (side @ X), rough, gram_tol, basis, cheap=_cheap_gram(single)
         )
         value = float((side @ vector).norm() / vector.norm())
     if not converged:
