@@ -28,6 +28,11 @@ def dense(cfg, w):
     return jac.reshape(int(np.prod(out)), x.numel())
 
 
+#: ``_BLOCK_PASS_MAX`` for each way of running the float32 passes (one block of two vectors up
+#: to it, two single-vector passes beyond): the tests below run on small layers, both ways.
+_PASSES = {"block": 2**62, "two passes": 0}
+
+
 def spectrum(cfg, w, **kw):
     return singular_values(
         w, cfg.input_size, transposed=cfg.transposed, **cfg.matrix_kwargs(), **kw
@@ -121,14 +126,16 @@ def test_lanczos_on_one_unknown_whose_windowed_start_opposes_the_random_one(valu
     assert r.lower <= abs(value) * (1 + 1e-12) and abs(value) <= r.upper * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("passes", list(_PASSES))
 @pytest.mark.parametrize("seed", [6, 0])
-def test_lanczos_resolves_a_top_cluster_of_eight_at_the_default_tol(seed):
+def test_lanczos_resolves_a_top_cluster_of_eight_at_the_default_tol(seed, passes, monkeypatch):
     """Two groups whose kernels differ by a factor ``1 + 1e-7``, dilation 2 on a 30x30 grid
     (four identical phases a group): the top is a cluster of eight singular values, four equal
     and four ``1e-7`` above them. The value is within the default tol of the top, which is
     group B's (exactly: its kernel is group A's scaled). Float32 passes only confirmed in
     float64 by a block or two of products, instead of refined, came out 2.6e-6 low here (seed
     6) with an estimate of 4.5e-9."""
+    monkeypatch.setattr(spectral, "_BLOCK_PASS_MAX", _PASSES[passes])
     gen = torch.Generator().manual_seed(seed)
     half = torch.randn(2, 4, 3, 3, dtype=torch.float64, generator=gen)
     w = torch.cat([half, half * (1 + 1e-7)])
@@ -141,16 +148,19 @@ def test_lanczos_resolves_a_top_cluster_of_eight_at_the_default_tol(seed):
 
 
 @settings(deadline=None)
-@given(cfg=st.one_of(conv_configs(), conv_transpose_configs()), seed=st.integers(0, 2**16))
-def test_lanczos_interval_contains_the_norm_at_the_default_tol(cfg, seed):
-    """Lanczos forced on every draw (any shape, rank-deficient and repeated tops included): the
-    interval holds and the value is within the default tol of the dense SVD's."""
+@given(cfg=st.one_of(conv_configs(), conv_transpose_configs()), seed=st.integers(0, 2**16),
+       passes=st.sampled_from(list(_PASSES)))  # fmt: skip
+def test_lanczos_interval_contains_the_norm_at_the_default_tol(cfg, seed, passes):
+    """Lanczos forced on every draw (any shape, rank-deficient and repeated tops included; the
+    float32 passes as a block or as two): the interval holds and the value is within the
+    default tol of the dense SVD's."""
     w = cfg.weight(generator=torch.Generator().manual_seed(seed))
     W = dense(cfg, w)
     values = torch.linalg.svdvals(W)
     expected = values[0].item()
-    r = operator_norm(w, cfg.input_size, transposed=cfg.transposed, **cfg.matrix_kwargs(),
-                      method="lanczos")  # fmt: skip
+    with patch.object(spectral, "_BLOCK_PASS_MAX", _PASSES[passes]):
+        r = operator_norm(w, cfg.input_size, transposed=cfg.transposed, **cfg.matrix_kwargs(),
+                          method="lanczos")  # fmt: skip
     assert r.method == "lanczos" and r.converged and r.tol == 1e-7 and 0 <= r.error <= r.tol
     assert r.lower <= expected * (1 + 1e-12) and expected <= r.upper * (1 + 1e-12)
     assert abs(r.value - expected) <= r.tol * expected + 1e-13
@@ -209,10 +219,12 @@ def _svds_top(op):
     return float(np.max(top))
 
 
+@pytest.mark.parametrize("passes", list(_PASSES))
 @pytest.mark.parametrize("seed", [0, 3])
-def test_default_tol_is_delivered_on_near_double_tops(seed):
+def test_default_tol_is_delivered_on_near_double_tops(seed, passes, monkeypatch):
     """16->16 3x3 24x24 zero padding ("auto" picks Lanczos): seeds 0 and 3 have two singular
     values within 2.2e-7 and 3.1e-7 of each other at the top; tol=1e-7 once gave 1.9e-7."""
+    monkeypatch.setattr(spectral, "_BLOCK_PASS_MAX", _PASSES[passes])
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(16, 16, 3, 3, dtype=torch.float64, generator=gen) / 12
     r = operator_norm(w, (24, 24), padding=1)
@@ -233,7 +245,10 @@ def test_default_tol_is_delivered_on_near_double_tops(seed):
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_tol_is_delivered_against_dense_svd(shape, size, config, seed):
+@pytest.mark.parametrize("passes", list(_PASSES))
+def test_default_tol_is_delivered_against_dense_svd(shape, size, config, seed, passes,
+                                                     monkeypatch):  # fmt: skip
+    monkeypatch.setattr(spectral, "_BLOCK_PASS_MAX", _PASSES[passes])
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, dtype=torch.float64, generator=gen)
     r = operator_norm(w, size, method="lanczos", **config)
@@ -426,6 +441,7 @@ def test_the_windowed_starts_hold_most_of_the_top_singular_vectors(config, seed)
 def test_not_converged_is_a_field_and_a_warning(monkeypatch):
     monkeypatch.setattr(spectral, "_MAX_STEPS", 2)
     monkeypatch.setattr(spectral, "_ROUGH_MAX_STEPS", 2)
+    monkeypatch.setattr(spectral, "_REFINE_MIN_STEPS", 2)  # (a block stops only after these)
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match=r"did not reach tol=1e-07.*lower bound"):
         r = operator_norm(w, (12, 12), padding=1, method="lanczos")
