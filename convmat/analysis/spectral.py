@@ -471,8 +471,9 @@ def _block_lanczos(
 ) -> tuple[torch.Tensor, bool, float]:
     """Block Lanczos with Rayleigh-Ritz on its whole basis, started from the rows of ``start``
     (``apply`` maps a ``(b, n)`` block), restarted from the top ``b`` Ritz vectors (whose
-    images are kept, not recomputed) when the basis is full, for at most ``max_steps`` products (default :data:`_MAX_STEPS`).
-    It also stops once the top Ritz value reaches ``enough``.
+    images are kept, not recomputed) when the basis is full, for at most ``max_steps``
+    products (default :data:`_MAX_STEPS`). It also stops once the top Ritz value reaches
+    ``enough``.
 
     The basis ``V``, its image ``AV`` and ``H = V^T A V`` live in buffers of ``basis`` rows
     allocated once; ``size`` rows are in use. Only the last block's images reach outside the
@@ -593,7 +594,7 @@ def _block_lanczos(
             h = H[:size, :size]
             theta, S = eigh((h + h.T) / 2)
             top = max(float(theta[-1]), _GAP_FLOOR)
-            Y = S[:, -min(b, size):].T @ V[:size]
+            Y = S[:, -min(b, size) :].T @ V[:size]
             ay = S[:, -1] @ AV[:size] if cheap is None else apply(Y[-1:])[0]
             error = float((ay - theta[-1] * Y[-1]).norm()) / top
             return Y, error <= tol, error
