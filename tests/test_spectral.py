@@ -233,6 +233,25 @@ def test_default_tol_is_delivered_on_near_double_tops(seed, passes, monkeypatch)
     assert abs(r.value - expected) <= 1e-7 * expected
 
 
+@pytest.mark.parametrize("passes", list(_PASSES))
+def test_the_float32_passes_run_as_a_block_up_to_their_threshold(passes, monkeypatch):
+    """Which way the float32 passes run (the tests above take both): one block of two vectors
+    up to ``_BLOCK_PASS_MAX`` unknowns, two single-vector passes beyond."""
+    monkeypatch.setattr(spectral, "_BLOCK_PASS_MAX", _PASSES[passes])
+    calls = []
+    for name in ("_block_pass", "_rough_vectors"):
+        original = getattr(spectral, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(spectral, name, recorded)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert operator_norm(w, (12, 12), padding=1, method="lanczos").converged
+    assert calls == (["_block_pass"] if passes == "block" else ["_rough_vectors"])
+
+
 @pytest.mark.parametrize(
     "shape, size, config",
     [
