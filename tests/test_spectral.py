@@ -8,7 +8,7 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.sparse.linalg import svds
 from torch import nn
@@ -231,6 +231,47 @@ def test_default_tol_is_delivered_on_near_double_tops(seed, passes, monkeypatch)
     expected = _svds_top(ConvOperator(w, (24, 24), padding=1))
     assert r.method == "lanczos" and r.converged
     assert abs(r.value - expected) <= 1e-7 * expected
+
+
+@settings(deadline=None, max_examples=150)
+@given(cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3), n=st.integers(1, 6),
+       stride=st.integers(1, 2), pad=st.integers(0, 2), seed=st.integers(0, 2**16),
+       passes=st.sampled_from(list(_PASSES)))  # fmt: skip
+def test_the_norm_of_a_handful_of_unknowns(cin, cout, k, n, stride, pad, seed, passes):
+    """One to a few unknowns on the smaller side, both ways of running the float32 passes: the
+    value within the default tol of the dense SVD's, never an error."""
+    assume(pad < k and (n + 2 * pad - k) >= 0)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, k, dtype=torch.float64, generator=gen)
+    with patch.object(spectral, "_BLOCK_PASS_MAX", _PASSES[passes]):
+        _check_against_dense(w, n, stride, pad)
+
+
+def _check_against_dense(w, n, stride, pad):
+    op = ConvOperator(w, (n,), stride=stride, padding=pad)
+    expected = float(np.linalg.svd(op.to_dense().numpy(), compute_uv=False)[0])
+    r = operator_norm(w, (n,), stride=stride, padding=pad, method="lanczos")
+    assert abs(r.value - expected) <= 1e-7 * expected
+    assert r.lower <= expected * (1 + 1e-12) and expected <= r.upper * (1 + 1e-12)
+
+
+@pytest.mark.parametrize(
+    "weight, n, pad",
+    [
+        ([-0.5914098788925598, 1.4047732989712243, 0.43855143187481627, -0.5304369357547039],
+         3, 0),
+        ([-1.8531504576990938, 0.07312503500453346, -0.7413040549832268, -1.1918640795840685,
+          -0.15335358071704458, 0.08438454694529199, -0.20650312122486503, 0.12906356779495334,
+          0.0670914013905614], 1, 2),
+    ],
+)  # fmt: skip
+def test_a_float32_block_on_three_unknowns_drops_what_is_rounding(weight, n, pad):
+    """Two layers (1 -> 2 channels, kernel 2, on 3 inputs; 3 -> 1, kernel 3, on 1 input with
+    padding 2) on which the float32 block once kept a remainder of rounding and, projecting it
+    again, normalised one of exactly 0: a NaN basis, and ``eigh`` failed."""
+    cout, cin, k = (2, 1, 2) if len(weight) == 4 else (1, 3, 3)
+    w = torch.tensor(weight, dtype=torch.float64).reshape(cout, cin, k)
+    _check_against_dense(w, n, 1, pad)
 
 
 @pytest.mark.parametrize("passes", list(_PASSES))

@@ -131,6 +131,10 @@ _BREAKDOWN = 1e-14
 #: nothing at float64 precision (the basis is invariant to that level); keeping it would break
 #: the basis's orthogonality.
 _DEFLATION = 1e-10
+#: The same in single precision (:func:`_block_pass`), whose rounding after two projections is
+#: ~1e-6 of a vector's norm: a remainder below it is rounding, its direction meaningless (on
+#: three unknowns it was exactly 0 once, and made the basis NaN).
+_DEFLATION_SINGLE = 1e-5
 #: A remainder below this fraction of its vector's norm has lost digits to cancellation: one
 #: more projection restores its orthogonality to the basis.
 _CANCELLATION = 1e-4
@@ -422,9 +426,11 @@ def _orthonormal(
     """The rows of ``block`` made orthonormal and orthogonal to the (orthonormal) rows of
     ``against``: projected out twice as a block (classical Gram-Schmidt twice; ``outside``: that
     projection, already made), then row by row against each other; a row whose remainder is
-    below :data:`_DEFLATION` of its norm is dropped, and one with heavy cancellation (below
-    :data:`_CANCELLATION`) is projected once more."""
+    below :data:`_DEFLATION` (:data:`_DEFLATION_SINGLE` in single precision) of its norm is
+    dropped, and one with heavy cancellation (below :data:`_CANCELLATION`) is projected once
+    more (and dropped if that leaves as little of it)."""
     scale = block.norm(dim=1).tolist()
+    deflation = _DEFLATION if block.dtype == torch.float64 else _DEFLATION_SINGLE
 
     def project(rows: torch.Tensor) -> torch.Tensor:
         return rows if against is None else rows - (rows @ against.T) @ against
@@ -436,13 +442,15 @@ def _orthonormal(
             for k in kept:
                 row = row - torch.dot(k, row) * k
         norm = float(row.norm())
-        if norm <= _DEFLATION * max(norm0, _GAP_FLOOR):
+        if norm <= deflation * max(norm0, _GAP_FLOOR):
             continue
         if norm <= _CANCELLATION * norm0:
             row = project((row / norm)[None])[0]
             for k in kept:
                 row = row - torch.dot(k, row) * k
             norm = float(row.norm())
+            if norm <= deflation:  # (of a unit row)
+                continue
         kept.append(row / norm)
     return torch.stack(kept) if kept else block.new_empty(0, block.shape[1])
 
