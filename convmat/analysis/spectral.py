@@ -455,19 +455,6 @@ def _orthonormal(
     return torch.stack(kept) if kept else block.new_empty(0, block.shape[1])
 
 
-def _block_refine(
-    apply: Callable[[torch.Tensor], torch.Tensor],
-    start: torch.Tensor,
-    tol: float,
-    basis: int,
-    enough: float = math.inf,
-    cheap: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, bool, float]:
-    """:func:`_block_lanczos`'s top Ritz vector, whether it converged, and its estimate."""
-    block, converged, error = _block_lanczos(apply, start, tol, basis, enough, cheap)
-    return block[-1], converged, error
-
-
 def _block_lanczos(
     apply: Callable[[torch.Tensor], torch.Tensor],
     start: torch.Tensor,
@@ -777,8 +764,8 @@ def _gram_top(
     gen = torch.Generator(device=device).manual_seed(0)
     start = torch.randn(min(_BLOCK, n), n, dtype=torch.float64, device=device, generator=gen)
     basis = max(min(_PRODUCT_BASIS, _basis_size(n, device, arrays=2), n), 2 * start.shape[0])
-    vector, converged, error = _block_refine(gram, start, tol / (_SAFETY * _GRAM_TO_NORM), basis)
-    return vector, converged, error * _GRAM_TO_NORM
+    block, converged, error = _block_lanczos(gram, start, tol / (_SAFETY * _GRAM_TO_NORM), basis)
+    return block[-1], converged, error * _GRAM_TO_NORM
 
 
 # -- the norm methods --------------------------------------------------------------------------
@@ -841,7 +828,7 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
     """Lanczos on ``W^T W`` (or ``W W^T``, the smaller): float32 passes find the top of the
     spectrum (:func:`_rough_vectors`; as one block of two vectors up to
     :data:`_BLOCK_PASS_MAX` unknowns, :func:`_block_pass`), a float64 block refinement from
-    those vectors (:func:`_block_refine`) resolves it to ``tol``; the value is the Rayleigh
+    those vectors (:func:`_block_lanczos`) resolves it to ``tol``; the value is the Rayleigh
     quotient of the final vector, the upper end the enclosing circular convolution's norm.
     With ``width``: :func:`_norm_width`."""
     if width is not None:
@@ -860,9 +847,10 @@ def _norm_lanczos(op: ConvOperator, tol: float, width: float | None) -> NormResu
                                       starts, single=single)  # fmt: skip
         gram_tol = tol / (_SAFETY * _GRAM_TO_NORM)
         basis = _refine_basis(side, rough.shape[0])
-        vector, converged, error = _block_refine(
+        block, converged, error = _block_lanczos(
             lambda X: side.T @ (side @ X), rough, gram_tol, basis, cheap=_cheap_gram(single)
         )
+        vector = block[-1]
         value = float((side @ vector).norm() / vector.norm())
     if not converged:
         warnings.warn(
@@ -933,14 +921,14 @@ def _norm_width(op: ConvOperator, width: float) -> NormResult:
             within = _GRAM_TO_NORM * _rough_tol(settle) + _FLOAT32_RITZ
             settled = settled and _rough_tol(settle) <= 2 * settle
             if value < target and not (settled and value * (1 + within) < target):
-                vector, _, _ = _block_refine(
+                block, _, _ = _block_lanczos(
                     lambda X: side.T @ (side @ X),
                     rough,
                     _WIDTH_SETTLED * width,
                     _refine_basis(side, 1),
                     target**2,
                 )
-                value = max(value, float((side @ vector).norm() / vector.norm()))
+                value = max(value, float((side @ block[-1]).norm() / block[-1].norm()))
         # The room left above the largest eigenvalue found may be all that is missing: certify
         # again with less (the torus costs a fraction of the products already spent).
         closest = enclosing.top.value * enclosing.fold
